@@ -1,0 +1,1 @@
+"""Intake: SMTP sessions in, durable parts out."""

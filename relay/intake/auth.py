@@ -1,0 +1,100 @@
+"""SMTP AUTH (PLAIN, LOGIN): users from the config, passwords stored hashed.
+
+Input: the credentials a client sends.  Output: accepted or not, and per
+client IP a count of failures that locks the address out for a while.
+
+Passwords are stored as scrypt hashes (``scrypt$n$r$p$salt$hash``, made
+by ``relayctl hash-password``).  A successful check is remembered by a
+keyed digest of the password, so an application that authenticates on
+every connection pays for scrypt once, not per session.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import time
+
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from relay.config import User
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+
+
+def hash_password(password: str) -> str:
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
+    b64 = base64.b64encode
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def verify_password(password: bytes, encoded: str) -> bool:
+    try:
+        _, n, r, p, salt, digest = encoded.split("$")
+        expected = base64.b64decode(digest)
+        actual = hashlib.scrypt(
+            password, salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p),
+            dklen=len(expected),
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+class Authenticator:
+    """aiosmtpd authenticator over the configured users."""
+
+    def __init__(self, users: tuple[User, ...]) -> None:
+        self._users = {user.name: user.password_hash for user in users}
+        self._key = os.urandom(32)
+        self._verified: set[tuple[str, bytes]] = set()
+
+    def check(self, login: bytes, password: bytes) -> bool:
+        try:
+            name = login.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        encoded = self._users.get(name)
+        if encoded is None:
+            return False
+        token = (encoded, hmac.digest(self._key, password, "sha256"))
+        if token in self._verified:
+            return True
+        if verify_password(password, encoded):
+            self._verified.add(token)
+            return True
+        return False
+
+    def __call__(self, server, session, envelope, mechanism, auth_data) -> AuthResult:
+        if mechanism not in ("PLAIN", "LOGIN") or not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        if self.check(auth_data.login, auth_data.password):
+            return AuthResult(success=True, auth_data=auth_data.login.decode("utf-8"))
+        return AuthResult(success=False, handled=False)
+
+
+class FailureLockout:
+    """Failed authentications per client IP; too many locks the IP out."""
+
+    def __init__(self, max_failures: int, lockout: float, clock=time.monotonic) -> None:
+        self.max_failures = max_failures
+        self.lockout = lockout
+        self._clock = clock
+        self._failures: dict[str, tuple[int, float]] = {}  # ip -> (count, last failure)
+
+    def failed(self, ip: str) -> None:
+        count, _ = self._current(ip)
+        self._failures[ip] = (count + 1, self._clock())
+
+    def is_locked(self, ip: str) -> bool:
+        return self._current(ip)[0] >= self.max_failures
+
+    def _current(self, ip: str) -> tuple[int, float]:
+        count, last = self._failures.get(ip, (0, 0.0))
+        if count and self._clock() - last > self.lockout:
+            del self._failures[ip]
+            return 0, 0.0
+        return count, last

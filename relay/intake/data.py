@@ -1,0 +1,104 @@
+"""The DATA transfer (sans-IO): lines in, a message or a refusal out.
+
+Input: the lines the client sends after ``354``, each ending in CRLF as the
+reader split them (``feed_line``), and the pieces of lines too long to
+buffer (``feed_overrun``).  Output: ``finish()`` -> (reply or None, body).
+
+Theory of operation: the only end of data is CRLF "." CRLF (RFC 5321
+4.1.1.4), which the reader sees as a line that is exactly ``.\\r\\n`` at the
+start of a line.  Anything else that looks like an end (``\\n.\\n``,
+``\\r.\\r``, ``\\r\\n.\\n``, ...) is data; a bare CR or LF inside a line is
+refused (``550 5.5.2``) or rewritten as CRLF, per
+``intake.bare_line_endings`` — so a receiver that would take such a
+sequence as an end never gets one from us (SMTP smuggling).  NUL is always
+refused.  The first problem found is the verdict; from then on data is
+dropped as it arrives, so memory stays bounded whatever the client sends,
+and the reply is given after the final dot (RFC 5321 4.2.5).
+"""
+
+from __future__ import annotations
+
+import re
+
+from relay.intake import replies
+
+# RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF.
+MAX_TEXT_LINE = 998
+
+_ANY_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+class DataReader:
+    def __init__(self, *, max_size: int, normalize: bool, max_received: int) -> None:
+        self._max_size = max_size
+        self._normalize = normalize
+        self._max_received = max_received
+        self._body = bytearray()
+        self._size = 0
+        self._received = 0
+        self._in_headers = True
+        self._mid_line = False  # inside a line whose start was fed by feed_overrun
+        self.verdict: str | None = None
+
+    def feed_line(self, line: bytes) -> bool:
+        """Take one line ending in CRLF; True when it was the end of data."""
+        if self._mid_line:
+            # The tail of an over-long line: never an end marker.
+            self._mid_line = False
+            self._refuse(replies.S500_LINE_TOO_LONG)
+            return False
+        if line == b".\r\n":
+            return True
+        if line[:1] == b".":
+            line = line[1:]  # RFC 5321 4.5.2 transparency
+        self._size += len(line)
+        if self.verdict is not None:
+            return False
+        if self._size > self._max_size:
+            self._refuse(replies.S552_TOO_BIG)
+            return False
+        content = line[:-2]
+        if len(content) > MAX_TEXT_LINE:
+            self._refuse(replies.S500_LINE_TOO_LONG)
+            return False
+        if b"\0" in line:
+            self._refuse(replies.S550_NUL)
+            return False
+        if b"\r" in content or b"\n" in content:
+            if not self._normalize:
+                self._refuse(replies.S550_BARE_LINE_ENDING)
+                return False
+            line = _ANY_LINE_END.sub(b"\r\n", content) + b"\r\n"
+        if self._in_headers:
+            self._check_header(line)
+            if self.verdict is not None:
+                return False
+        self._body += line
+        return False
+
+    def feed_overrun(self, piece: bytes) -> None:
+        """Take a piece of a line longer than the reader buffers."""
+        self._mid_line = True
+        self._size += len(piece)
+        self._refuse(replies.S500_LINE_TOO_LONG)
+
+    def finish(self) -> tuple[str | None, bytes]:
+        """The refusal, or None and the message (dot-unstuffed, CRLF lines)."""
+        if self.verdict is not None:
+            return self.verdict, b""
+        body = bytes(self._body)
+        self._body = bytearray()
+        return None, body
+
+    def _check_header(self, line: bytes) -> None:
+        if line == b"\r\n":
+            self._in_headers = False
+        elif line[:9].lower() == b"received:":
+            self._received += 1
+            if self._received > self._max_received:
+                self._refuse(replies.S554_LOOP)
+
+    def _refuse(self, reply: str) -> None:
+        if self.verdict is None:
+            self.verdict = reply
+        self._body = bytearray()  # drop what was kept: memory stays bounded

@@ -1,0 +1,429 @@
+"""SMTP sessions: aiosmtpd hooks -> policy -> the worker's accept step.
+
+Input: client connections (from intake.listener).  Output: a
+``Transaction`` handed to ``accept`` (injected by the worker: DKIM, routing
+and the spool are later stages), and a reply that says what happened to it:
+``250 ... queued as ID`` only once every part is durable.
+
+aiosmtpd parses commands and runs the session; ``RelaySMTP`` narrows it
+where a production MTA must differ: RFC 5321 paths instead of RFC 5322
+headers, our own DATA reader (intake.data: smuggling, bare line endings,
+bounded memory, minimum data rate), enhanced status codes on every reply,
+connection limits and drain on SIGTERM, and no internal detail in any
+error reply.  ``Handler`` holds the decisions (the aiosmtpd hooks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import ssl
+import time
+from typing import Awaitable, Callable
+
+from aiosmtpd.smtp import SMTP, AuthResult
+
+from relay.config import Settings
+from relay.errors import RelayError
+from relay.intake import policy, replies
+from relay.intake.auth import Authenticator, FailureLockout
+from relay.intake.data import DataReader
+from relay.intake.received import protocol_name, received_header
+from relay.model import QueueIds, Transaction
+
+log = logging.getLogger("relay.intake")
+
+# aiosmtpd logs every command at INFO; our own log says what matters.
+logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+NULL_SENDER = "<>"  # how an empty reverse-path sits in envelope.mail_from
+DATA_WATCH_INTERVAL = 1.0  # seconds between checks of a DATA transfer's progress
+FREE_SPACE_CACHE = 1.0  # seconds a statvfs() reading is trusted
+
+Accept = Callable[[Transaction], Awaitable[None]]
+
+
+class IntakeState:
+    """What the sessions of one worker share: settings, limits, counters."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        worker: int,
+        accept: Accept,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.worker = worker
+        self.accept = accept
+        self.queue_ids = QueueIds(worker)
+        self.sessions: set[RelaySMTP] = set()
+        self.connections: collections.Counter[str] = collections.Counter()
+        self.draining = False
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._free_checked = 0.0
+        self._low_disk = False
+        self.apply(settings, tls_context)
+
+    def apply(self, settings: Settings, tls_context: ssl.SSLContext | None) -> None:
+        """Take new settings (SIGHUP): later sessions see them."""
+        self.settings = settings
+        self.intake = settings.intake
+        self.hostname = settings.hostname
+        self.tls_context = tls_context
+        self.authenticator = Authenticator(settings.intake.users)
+        self.lockout = FailureLockout(settings.intake.max_auth_failures, settings.intake.auth_lockout)
+
+    def admit(self, ip: str) -> str | None:
+        """The refusal for a new connection, or None to serve it."""
+        if self.draining:
+            return replies.S421_SHUTTING_DOWN
+        if self.connections[ip] >= self.intake.max_connections_per_ip:
+            self.counters["rejected.connection_limit"] += 1
+            return replies.S421_TOO_MANY_CONNECTIONS
+        if self.lockout.is_locked(ip):
+            self.counters["rejected.auth_lockout"] += 1
+            return replies.S421_AUTH_LOCKED
+        return None
+
+    def low_disk(self) -> bool:
+        now = time.monotonic()
+        if now - self._free_checked > FREE_SPACE_CACHE:
+            self._free_checked = now
+            try:
+                stat = os.statvfs(self.settings.relay.spool_dir)
+                self._low_disk = stat.f_bavail * stat.f_frsize < self.intake.min_free_space
+            except OSError:
+                self._low_disk = True
+        return self._low_disk
+
+    def authenticate(self, server, session, envelope, mechanism, auth_data) -> AuthResult:
+        result = self.authenticator(server, session, envelope, mechanism, auth_data)
+        if not result.success:
+            self.lockout.failed(session.peer[0])
+            self.counters["rejected.auth"] += 1
+        return result
+
+    def drain(self) -> None:
+        """SIGTERM: refuse new sessions, let the ones in flight finish."""
+        self.draining = True
+        for session in list(self.sessions):
+            session.drain()
+
+    def factory(self) -> RelaySMTP:
+        intake = self.intake
+        return RelaySMTP(
+            Handler(self),
+            state=self,
+            data_size_limit=intake.max_message_size,
+            enable_SMTPUTF8=True,
+            hostname=self.hostname,
+            ident="ESMTP relay",
+            tls_context=self.tls_context,
+            timeout=intake.idle_timeout,
+            auth_require_tls=True,
+            authenticator=self.authenticate,
+        )
+
+
+class Handler:
+    """The aiosmtpd hooks: the decisions of a session."""
+
+    def __init__(self, state: IntakeState) -> None:
+        self.state = state
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        capabilities = [line for line in responses[:-1]]
+        if not self.state.intake.users:
+            capabilities = [line for line in capabilities if not line.startswith("250-AUTH")]
+        capabilities += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+        return capabilities
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        state = self.state
+        if state.draining:
+            server.close_after_reply = True
+            return replies.S421_SHUTTING_DOWN
+        if state.low_disk():
+            state.counters["rejected.low_disk"] += 1
+            return replies.S452_LOW_DISK
+        if address != NULL_SENDER and not address.isascii() and "SMTPUTF8" not in mail_options:
+            return replies.S553_UTF8_NEEDS_SMTPUTF8
+        path = server.last_path
+        envelope.mail_from = path.address if path is not None else NULL_SENDER
+        envelope.mail_options.extend(mail_options)
+        return replies.S250_SENDER_OK
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        state = self.state
+        if len(envelope.rcpt_tos) >= state.intake.max_recipients:
+            state.counters["rejected.too_many_recipients"] += 1
+            return replies.S452_TOO_MANY_RCPTS
+        path = server.last_path
+        if path is None:  # RCPT TO:<>
+            return replies.S553_BAD_RCPT
+        if not path.address.isascii() and not envelope.smtp_utf8:
+            return replies.S553_UTF8_NEEDS_SMTPUTF8
+        may_relay = session.authenticated or policy.is_trusted(
+            session.peer[0], state.intake.mynetworks
+        )
+        refusal = policy.check_recipient(path, may_relay=may_relay)
+        if refusal is not None:
+            state.counters["rejected.relay"] += 1
+            trick = policy.relay_trick(path)
+            log.warning(
+                "refused RCPT <%s> from [%s]%s", path.address, session.peer[0],
+                f" ({trick})" if trick else "",
+            )
+            return refusal
+        try:
+            policy.routing_domain(path.domain)
+        except policy.BadDomain:
+            return replies.S553_BAD_DOMAIN
+        envelope.rcpt_tos.append(path.address)
+        return replies.S250_RCPT_OK
+
+    async def handle_DATA(self, server, session, envelope):
+        state = self.state
+        queue_id = state.queue_ids.next()
+        now = time.time()
+        trace = received_header(
+            helo=session.host_name or "unknown",
+            peer_ip=session.peer[0],
+            hostname=state.hostname,
+            protocol=protocol_name(
+                session.extended_smtp, session.ssl is not None, bool(session.authenticated)
+            ),
+            queue_id=queue_id,
+            recipients=envelope.rcpt_tos,
+            when=now,
+        )
+        sender = "" if envelope.mail_from == NULL_SENDER else envelope.mail_from
+        transaction = Transaction(
+            queue_id=queue_id,
+            sender=sender,
+            recipients=tuple(envelope.rcpt_tos),
+            body=trace + envelope.content,
+            received_at=now,
+            smtputf8=envelope.smtp_utf8,
+        )
+        try:
+            await state.accept(transaction)
+        except RelayError as exc:
+            state.counters["rejected.spool"] += 1
+            log.warning("%s: not accepted: %s", queue_id, exc)
+            return replies.S451_TRY_AGAIN
+        state.counters["accepted.messages"] += 1
+        state.counters["accepted.recipients"] += len(envelope.rcpt_tos)
+        state.counters["accepted.bytes"] += len(transaction.body)
+        log.info(
+            "%s: accepted from=<%s> nrcpt=%d size=%d client=[%s]",
+            queue_id, sender, len(envelope.rcpt_tos), len(transaction.body), session.peer[0],
+        )
+        return replies.queued(queue_id)
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's session, narrowed to what a production relay must do."""
+
+    def __init__(self, handler: Handler, *, state: IntakeState, **kwargs) -> None:
+        super().__init__(handler, **kwargs)
+        self.state = state
+        self.last_path: policy.Path | None = None
+        self.close_after_reply = False
+        self._refused = False
+        self._counted_ip: str | None = None
+        self._raw_250 = False  # EHLO/HELO lines carry no enhanced code
+        self._in_transaction = False
+        self._data_watch: asyncio.TimerHandle | None = None
+        self._data_bytes = 0
+        self._data_started = 0.0
+        self._data_seen = 0
+
+    # -- connection life ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # the TCP connection (not STARTTLS' second call)
+            ip = (transport.get_extra_info("peername") or ("?",))[0]
+            refusal = self.state.admit(ip)
+            if refusal is not None:
+                self._refused = True
+                transport.write(refusal.encode("ascii") + b"\r\n")
+                transport.close()
+                return
+            self._counted_ip = ip
+            self.state.connections[ip] += 1
+            self.state.sessions.add(self)
+            self.state.counters["connections"] += 1
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        self._stop_data_watch()
+        if self._counted_ip is not None:
+            ip, self._counted_ip = self._counted_ip, None
+            self.state.connections[ip] -= 1
+            if self.state.connections[ip] <= 0:
+                del self.state.connections[ip]
+            self.state.sessions.discard(self)
+        super().connection_lost(error)
+
+    def drain(self) -> None:
+        """Close now if idle; otherwise after the transaction in flight."""
+        if self._in_transaction or (self.envelope is not None and self.envelope.mail_from):
+            self.close_after_reply = True
+        else:
+            self._close_with(replies.S421_SHUTTING_DOWN)
+
+    def _close_with(self, reply: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(reply.encode("ascii") + b"\r\n")
+            self.transport.close()
+
+    # -- replies ------------------------------------------------------------
+
+    async def push(self, status) -> None:
+        if isinstance(status, str) and not (self._raw_250 and status.startswith("250")):
+            status = replies.enhance(status)
+        await super().push(status)
+        if self.close_after_reply and not self._in_transaction and self.transport is not None:
+            if not status.startswith("421"):
+                await super().push(replies.S421_SHUTTING_DOWN)
+            self.transport.close()
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd would answer "500 Error: (Type) text": never show internals.
+        log.exception("internal error in session from %s", self.session and self.session.peer)
+        self._in_transaction = False
+        self._set_post_data_state()
+        return replies.S451_TRY_AGAIN
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._raw_250 = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._raw_250 = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._raw_250 = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._raw_250 = False
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        ip = self.session.peer[0]
+        if self.state.lockout.is_locked(ip):
+            await self.push(replies.S421_AUTH_LOCKED)
+            self.transport.close()
+            return
+        await super().smtp_AUTH(arg)
+        if self.state.lockout.is_locked(ip) and self.transport is not None:
+            await self.push(replies.S421_AUTH_LOCKED)
+            self.transport.close()
+
+    # -- paths --------------------------------------------------------------
+
+    def _getaddr(self, arg: str):
+        """RFC 5321 path parsing (aiosmtpd uses RFC 5322's header grammar,
+        which silently drops source routes)."""
+        try:
+            path, rest = policy.parse_path(arg, utf8=True)
+        except policy.PathError:
+            self.last_path = None
+            return None, None
+        self.last_path = path
+        if path is None:
+            return NULL_SENDER, rest
+        return path.address, rest
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        await super().smtp_MAIL(arg)
+        if self.envelope is not None and self.envelope.mail_from:
+            self._in_transaction = True
+
+    async def smtp_RSET(self, arg: str) -> None:
+        self._in_transaction = False
+        await super().smtp_RSET(arg)
+
+    # -- DATA ---------------------------------------------------------------
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        intake = self.state.intake
+        reader = DataReader(
+            max_size=intake.max_message_size,
+            normalize=intake.bare_line_endings == "normalize",
+            max_received=intake.max_received_headers,
+        )
+        self._start_data_watch()
+        try:
+            while self.transport is not None:
+                try:
+                    line = await self._reader.readuntil(b"\r\n")
+                except asyncio.LimitOverrunError as exc:
+                    piece = await self._reader.read(exc.consumed)
+                    self._data_bytes += len(piece)
+                    reader.feed_overrun(piece)
+                    continue
+                self._data_bytes += len(line)
+                if reader.feed_line(line):
+                    break
+        finally:
+            self._stop_data_watch()
+        verdict, body = reader.finish()
+        if verdict is None:
+            self.envelope.content = self.envelope.original_content = body
+            verdict = await self._call_handler_hook("DATA")
+        else:
+            self.state.counters["rejected.data"] += 1
+        self._set_post_data_state()
+        self._in_transaction = False
+        await self.push(verdict)
+
+    def _start_data_watch(self) -> None:
+        self._data_bytes = self._data_seen = 0
+        self._data_started = self.loop.time()
+        self._data_watch = self.loop.call_later(DATA_WATCH_INTERVAL, self._check_data_progress)
+
+    def _stop_data_watch(self) -> None:
+        if self._data_watch is not None:
+            self._data_watch.cancel()
+            self._data_watch = None
+
+    def _check_data_progress(self) -> None:
+        """Every second of DATA: keep the idle timer fed while bytes arrive,
+        and drop a client slower than intake.min_data_rate."""
+        intake = self.state.intake
+        elapsed = self.loop.time() - self._data_started
+        if self._data_bytes > self._data_seen:
+            self._data_seen = self._data_bytes
+            self._reset_timeout()
+        if (
+            intake.min_data_rate
+            and elapsed > intake.data_rate_grace
+            and self._data_bytes / elapsed < intake.min_data_rate
+        ):
+            log.warning("dropping %s: DATA slower than %d B/s", self.session.peer, intake.min_data_rate)
+            self.state.counters["rejected.slow_data"] += 1
+            self._data_watch = None
+            self._close_with(replies.S421_TOO_SLOW)
+            return
+        self._data_watch = self.loop.call_later(DATA_WATCH_INTERVAL, self._check_data_progress)
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd closes silently; RFC 5321 4.5.3.2 wants a 421 first.
+        self._close_with(replies.S421_IDLE)
+        super()._timeout_cb()

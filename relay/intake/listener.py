@@ -1,0 +1,63 @@
+"""Listen sockets and TLS contexts for the SMTP intake.
+
+Input: ``[[listen]]`` addresses and ``[tls]``.  Output: bound, listening
+sockets with SO_REUSEPORT, so every worker opens its own socket on each
+address and the kernel spreads new connections across the workers; and
+the server-side SSL context for STARTTLS.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+from relay.config import Settings, TlsSettings
+from relay.errors import ConfigError
+
+BACKLOG = 4096
+
+
+def open_listen_socket(host: str, port: int, listen: bool = True) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        if listen:  # a bound socket that does not listen is given no connections
+            sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def open_listen_sockets(settings: Settings, listen: bool = True) -> list[socket.socket]:
+    sockets = []
+    try:
+        for item in settings.listen:
+            sockets.append(open_listen_socket(*item.address, listen=listen))
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        host, port = item.address
+        raise ConfigError(f"[[listen]] address: cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sockets
+
+
+def server_tls_context(tls: TlsSettings | None) -> ssl.SSLContext | None:
+    """The STARTTLS context, or None when [tls] is absent (not offered)."""
+    if tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"[tls] cert_file/key_file: cannot load {tls.cert_file} / {tls.key_file}: {exc}"
+        ) from None
+    return context

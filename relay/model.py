@@ -1,0 +1,62 @@
+"""Frozen records that flow between the stages: recipients and spool parts.
+
+A transaction accepted at intake is split by shard slot into parts; each
+part holds the recipients one owner worker is responsible for, and the
+whole message body (stored once per part).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    address: str  # as the client wrote it in RCPT TO (without angle brackets)
+    domain: str  # lower-cased A-label routing domain
+    slot: int  # shard slot of the domain
+    index: int  # position in the transaction, unique within a queue id
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """The share of one transaction that one owner worker stores and delivers."""
+
+    queue_id: str
+    sender: str  # envelope sender; "" for <>
+    recipients: tuple[Recipient, ...]
+    body: bytes
+    received_at: float  # wall-clock seconds
+    smtputf8: bool = False
+    # Worker that coordinates a transaction split across several owners.
+    # None: the only part, stored ready for delivery.  Otherwise the part
+    # is stored held until that coordinator's decision releases it.
+    coordinator: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """One message accepted at intake, before it is split by owner."""
+
+    queue_id: str
+    sender: str
+    recipients: tuple[str, ...]
+    body: bytes
+    received_at: float
+    smtputf8: bool = False
+
+
+class QueueIds:
+    """Unique, time-ordered queue ids: 13 hex digits of microseconds,
+    2 of worker id, 3 of a counter that starts at a random point."""
+
+    def __init__(self, worker: int) -> None:
+        self._worker = worker & 0xFF
+        self._counter = itertools.count(int.from_bytes(os.urandom(2), "big"))
+
+    def next(self) -> str:
+        micros = time.time_ns() // 1000
+        return f"{micros:013X}{self._worker:02X}{next(self._counter) & 0xFFF:03X}"

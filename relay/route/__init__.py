@@ -1,0 +1,1 @@
+"""Routing: which worker owns a recipient, and handing parts to owners."""

@@ -1,0 +1,312 @@
+"""Hand each part of a transaction to its owner worker and wait for the acks.
+
+Input: a ``Transaction`` accepted at intake.  Output: its parts durable in
+their owners' spools, or an exception (and then no part is ever delivered).
+
+Theory of operation.  The recipients are split by owner (route.shard).
+A transaction with one owner is one part, stored ready for delivery: the
+ack of that store is the whole answer.  A transaction with several owners
+is a two-phase commit with this worker as coordinator:
+
+1. every owner stores its part *held* (durable, but not deliverable);
+2. when all have acked, the coordinator records its decision in its own
+   spool (group committed like any write) and only then may intake say 250;
+3. the coordinator tells the owners to release their parts (best effort);
+4. an owner with a part held for long asks the coordinator: decided ->
+   release; still in flight -> wait; otherwise (the coordinator crashed
+   before deciding, so no 250 was sent) -> drop the part.
+
+If any owner fails in phase 1, the held parts already stored are aborted.
+
+Between workers, parts travel over a Unix stream socket per owner
+(``run_dir/worker-N.sock``): frames of ``!II`` (header length, body length),
+a JSON header and the raw body.  Requests carry ids and are answered out
+of order, so one connection carries many concurrent stores and the owner's
+group commit batches them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import struct
+import time
+
+import orjson
+
+from relay.errors import OwnerUnavailable, RelayError, SpoolError
+from relay.model import Part, Transaction
+from relay.route import shard
+from relay.spool.format import envelope_of, part_from
+from relay.spool.store import Spool
+
+log = logging.getLogger("relay.route")
+
+FRAME = struct.Struct("!II")
+REQUEST_TIMEOUT = 30.0  # an owner that takes longer than this is treated as down
+HELD_CHECK_INTERVAL = 10.0
+HELD_GRACE = 30.0  # a held part younger than this is left to the normal release
+
+
+def socket_path(run_dir: str, worker: int) -> str:
+    return os.path.join(run_dir, f"worker-{worker}.sock")
+
+
+async def _write_frame(writer: asyncio.StreamWriter, header: dict, body: bytes = b"") -> None:
+    encoded = orjson.dumps(header)
+    writer.write(FRAME.pack(len(encoded), len(body)) + encoded)
+    if body:
+        writer.write(body)
+    await writer.drain()
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[dict, bytes]:
+    header_len, body_len = FRAME.unpack(await reader.readexactly(FRAME.size))
+    header = orjson.loads(await reader.readexactly(header_len))
+    body = await reader.readexactly(body_len) if body_len else b""
+    return header, body
+
+
+class PeerClient:
+    """Requests to one other worker over one multiplexed connection."""
+
+    def __init__(self, owner: int, path: str) -> None:
+        self.owner = owner
+        self.path = path
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+        self._connecting = asyncio.Lock()
+
+    async def request(self, header: dict, body: bytes = b"") -> dict:
+        writer = await self._connection()
+        request_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            await _write_frame(writer, {**header, "rid": request_id}, body)
+            return await asyncio.wait_for(future, REQUEST_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self._drop(exc)
+            raise OwnerUnavailable(f"worker {self.owner} did not answer") from None
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _connection(self) -> asyncio.StreamWriter:
+        async with self._connecting:
+            if self._writer is None or self._writer.is_closing():
+                try:
+                    reader, self._writer = await asyncio.open_unix_connection(self.path)
+                except OSError:
+                    raise OwnerUnavailable(f"worker {self.owner} is not reachable") from None
+                self._reader_task = asyncio.create_task(self._read_replies(reader, self._writer))
+            return self._writer
+
+    async def _read_replies(self, reader: asyncio.StreamReader, writer) -> None:
+        try:
+            while True:
+                header, _ = await _read_frame(reader)
+                future = self._pending.get(header.get("rid"))
+                if future is not None and not future.done():
+                    future.set_result(header)
+        except (OSError, asyncio.IncompleteReadError, orjson.JSONDecodeError) as exc:
+            if self._writer is writer:
+                self._drop(exc)
+
+    def _drop(self, exc: BaseException) -> None:
+        """The connection broke: every request on it failed."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(OwnerUnavailable(f"worker {self.owner} went away"))
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+
+
+class Router:
+    """The worker's side of routing: submit transactions, serve peers."""
+
+    def __init__(self, worker: int, workers: int, spool: Spool, run_dir: str) -> None:
+        self.worker = worker
+        self.workers = workers
+        self.spool = spool
+        self.run_dir = run_dir
+        self.peers = {
+            owner: PeerClient(owner, socket_path(run_dir, owner))
+            for owner in range(workers)
+            if owner != worker
+        }
+        self.in_flight: set[str] = set()  # transactions this worker coordinates now
+        self._server: asyncio.AbstractServer | None = None
+        self._background: set[asyncio.Task] = set()
+        self._held_task: asyncio.Task | None = None
+        self.last_request = 0.0  # monotonic time of the last peer request served
+
+    # -- intake side ------------------------------------------------------
+
+    async def submit(self, txn: Transaction) -> None:
+        """Store every part durably; raises RelayError if any owner fails."""
+        recipients = [shard.recipient(address, i) for i, address in enumerate(txn.recipients)]
+        groups = shard.split(recipients, self.workers)
+        if len(groups) == 1:
+            [(owner, rcpts)] = groups.items()
+            await self._store(owner, self._part(txn, rcpts, coordinator=None))
+            return
+        parts = {owner: self._part(txn, rcpts, self.worker) for owner, rcpts in groups.items()}
+        self.in_flight.add(txn.queue_id)
+        try:
+            results = await asyncio.gather(
+                *(self._store(owner, part) for owner, part in parts.items()),
+                return_exceptions=True,
+            )
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if not failed:
+                try:
+                    await self.spool.decide(txn.queue_id)
+                except RelayError as exc:
+                    failed.append(exc)
+            if failed:
+                for owner, result in zip(parts, results):
+                    if not isinstance(result, BaseException):
+                        self._in_background(self._send(owner, "abort", txn.queue_id))
+                for exc in failed:
+                    if not isinstance(exc, RelayError):
+                        raise exc
+                raise failed[0]
+        finally:
+            self.in_flight.discard(txn.queue_id)
+        for owner in parts:
+            self._in_background(self._send(owner, "release", txn.queue_id))
+
+    @staticmethod
+    def _part(txn: Transaction, recipients, coordinator: int | None) -> Part:
+        return Part(
+            queue_id=txn.queue_id,
+            sender=txn.sender,
+            recipients=recipients,
+            body=txn.body,
+            received_at=txn.received_at,
+            smtputf8=txn.smtputf8,
+            coordinator=coordinator,
+        )
+
+    async def _store(self, owner: int, part: Part) -> None:
+        if owner == self.worker:
+            await self.spool.store(part)
+            return
+        reply = await self.peers[owner].request(
+            {"op": "store", "part": envelope_of(part)}, part.body
+        )
+        if not reply.get("ok"):
+            raise SpoolError(f"worker {owner} could not store its part")
+
+    async def _send(self, owner: int, op: str, queue_id: str) -> str | None:
+        """release / abort / status of a transaction at a worker (maybe this one)."""
+        if owner == self.worker:
+            return await self._local(op, queue_id)
+        reply = await self.peers[owner].request({"op": op, "id": queue_id})
+        return reply.get("status")
+
+    async def _local(self, op: str, queue_id: str) -> str | None:
+        if op == "release":
+            await self.spool.release(queue_id)
+        elif op == "abort":
+            await self.spool.abort(queue_id)
+        elif op == "status":
+            if queue_id in self.in_flight:
+                return "pending"
+            return "decided" if await self.spool.is_decided(queue_id) else "aborted"
+        return None
+
+    def _in_background(self, coro) -> None:
+        async def run():
+            try:
+                await coro
+            except RelayError as exc:  # the held-part check settles it later
+                log.info("deferred to the held-part check: %s", exc)
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- owner side ---------------------------------------------------------
+
+    async def serve(self) -> None:
+        path = socket_path(self.run_dir, self.worker)
+        os.makedirs(self.run_dir, exist_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self._server = await asyncio.start_unix_server(self._serve_peer, path=path)
+        self._held_task = asyncio.create_task(self._settle_held_parts())
+
+    async def _serve_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tasks: set[asyncio.Task] = set()
+        try:
+            while True:
+                header, body = await _read_frame(reader)
+                task = asyncio.create_task(self._answer(writer, header, body))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        except (asyncio.IncompleteReadError, OSError, orjson.JSONDecodeError):
+            pass
+        finally:
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            writer.close()
+
+    async def _answer(self, writer: asyncio.StreamWriter, header: dict, body: bytes) -> None:
+        self.last_request = time.monotonic()
+        reply = {"rid": header.get("rid"), "ok": True}
+        try:
+            if header["op"] == "store":
+                await self.spool.store(part_from(header["part"], body))
+            else:
+                reply["status"] = await self._local(header["op"], header["id"])
+        except RelayError as exc:
+            log.warning("request %s from a peer failed: %s", header.get("op"), exc)
+            reply["ok"] = False
+        try:
+            await _write_frame(writer, reply)
+        except OSError:
+            pass  # the requester went away; it treats the request as failed
+
+    async def _settle_held_parts(self) -> None:
+        """Ask coordinators about parts held too long (step 4 above)."""
+        while True:
+            await asyncio.sleep(HELD_CHECK_INTERVAL)
+            try:
+                held = await self.spool.held_parts(time.time() - HELD_GRACE)
+                for queue_id, coordinator in held:
+                    if coordinator is None or coordinator >= self.workers:
+                        continue  # settled by the supervisor's recovery at next start
+                    status = await self._send(coordinator, "status", queue_id)
+                    if status == "decided":
+                        await self.spool.release(queue_id)
+                    elif status == "aborted":
+                        log.info("%s: dropping a held part its coordinator never decided", queue_id)
+                        await self.spool.abort(queue_id)
+                await self.spool.prune_decisions(time.time() - 86400)
+            except RelayError as exc:
+                log.info("held-part check postponed: %s", exc)
+
+    async def close(self) -> None:
+        if self._held_task is not None:
+            self._held_task.cancel()
+        if self._server is not None:
+            self._server.close()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        for peer in self.peers.values():
+            await peer.close()

@@ -1,0 +1,159 @@
+"""Offline spool recovery, run by the supervisor before any worker starts.
+
+Input: the spool directory and the worker count of this start.  Output:
+every spool database holding exactly the mail of its worker's slots.
+
+1. Held parts (multi-owner transactions caught mid-way by a crash) are
+   settled: if any spool holds the coordinator's decision the part is
+   released, otherwise the client never got a 250 and the part is dropped.
+2. Mail whose slot now belongs to another worker (the worker count changed)
+   moves to its new owner: copied and committed there first, then deleted
+   at the source.  A crash in between leaves a copy on both sides, and the
+   next run's INSERT OR IGNORE makes the copy a no-op before the delete.
+3. Databases of workers that no longer exist are removed once empty.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+
+from relay.spool.format import MessageState
+from relay.spool.store import connect, spool_path
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"worker-(\d+)\.db$")
+
+
+def existing_spools(spool_dir: str) -> dict[int, str]:
+    found = {}
+    for path in glob.glob(os.path.join(spool_dir, "worker-*.db")):
+        match = _NAME.search(path)
+        if match:
+            found[int(match.group(1))] = path
+    return found
+
+
+def recover(spool_dir: str, workers: int) -> dict[str, int]:
+    """Settle held parts and re-home slots; returns counts for the log."""
+    os.makedirs(spool_dir, exist_ok=True)
+    paths = existing_spools(spool_dir)
+    for worker in range(workers):
+        paths.setdefault(worker, spool_path(spool_dir, worker))
+    conns = {worker: connect(path) for worker, path in paths.items()}
+    counts = {"released": 0, "dropped": 0, "moved": 0}
+    try:
+        _settle_held(conns, counts)
+        for source, conn in conns.items():
+            _rehome(source, conn, conns, workers, counts)
+    finally:
+        for conn in conns.values():
+            conn.close()
+    for worker, path in paths.items():
+        if worker >= workers:
+            _remove_if_empty(path)
+    if any(counts.values()):
+        log.info(
+            "spool recovery: %(released)d held parts released, %(dropped)d dropped,"
+            " %(moved)d recipients re-homed",
+            counts,
+        )
+    return counts
+
+
+def _settle_held(conns: dict, counts: dict[str, int]) -> None:
+    decided = set()
+    for conn in conns.values():
+        decided.update(row[0] for row in conn.execute("SELECT id FROM txn"))
+    for conn in conns.values():
+        held = [
+            row[0]
+            for row in conn.execute(
+                "SELECT id FROM message WHERE state = ?", (int(MessageState.HELD),)
+            )
+        ]
+        if not held:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        for queue_id in held:
+            if queue_id in decided:
+                conn.execute(
+                    "UPDATE message SET state = ? WHERE id = ?",
+                    (int(MessageState.ACTIVE), queue_id),
+                )
+                counts["released"] += 1
+            else:
+                for table, column in (("recipient", "message_id"), ("body", "id"), ("message", "id")):
+                    conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (queue_id,))
+                counts["dropped"] += 1
+        conn.execute("COMMIT")
+
+
+def _rehome(source: int, conn, conns: dict, workers: int, counts: dict[str, int]) -> None:
+    # "slot % workers" in SQL is route.shard.owner_of(slot, workers).
+    targets = [
+        row[0]
+        for row in conn.execute(
+            "SELECT DISTINCT slot % ? FROM recipient", (workers,)
+        )
+    ]
+    for target in targets:
+        if target == source:
+            continue
+        dest = conns[target]
+        dest.execute("ATTACH DATABASE ? AS src", (conn_path(conn),))
+        try:
+            dest.execute("BEGIN IMMEDIATE")
+            moving = "SELECT message_id FROM src.recipient WHERE slot % ? = ?"
+            dest.execute(
+                f"INSERT OR IGNORE INTO main.message SELECT * FROM src.message WHERE id IN ({moving})",
+                (workers, target),
+            )
+            dest.execute(
+                f"INSERT OR IGNORE INTO main.body SELECT * FROM src.body WHERE id IN ({moving})",
+                (workers, target),
+            )
+            moved = dest.execute(
+                "INSERT OR IGNORE INTO main.recipient SELECT * FROM src.recipient"
+                " WHERE slot % ? = ?",
+                (workers, target),
+            ).rowcount
+            dest.execute("COMMIT")
+        finally:
+            dest.execute("DETACH DATABASE src")
+        # Only now that the copy is durable at its owner does the source let go.
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("DELETE FROM recipient WHERE slot % ? = ?", (workers, target))
+        conn.execute(
+            "DELETE FROM body WHERE id NOT IN (SELECT message_id FROM recipient)"
+        )
+        conn.execute(
+            "DELETE FROM message WHERE id NOT IN (SELECT message_id FROM recipient)"
+        )
+        conn.execute("COMMIT")
+        counts["moved"] += max(moved, 0)
+        log.info("spool: re-homed %d recipients from worker %d to %d", moved, source, target)
+
+
+def conn_path(conn) -> str:
+    return conn.execute("PRAGMA database_list").fetchone()[2]
+
+
+def _remove_if_empty(path: str) -> None:
+    conn = connect(path)
+    try:
+        left = conn.execute("SELECT COUNT(*) FROM message").fetchone()[0]
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    if left:
+        log.error("spool %s still holds %d messages; kept", os.path.basename(path), left)
+        return
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass

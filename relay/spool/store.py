@@ -1,0 +1,310 @@
+"""One owner worker's spool: SQLite in WAL mode with group commit.
+
+Input: parts handed over by intake (this worker's or another's), decisions
+and releases for multi-owner transactions.  Output: durable rows, and an
+acknowledgement only once the commit that holds them has been fsynced
+(``synchronous=FULL``).
+
+Theory of operation: every write is an operation queued to a single writer
+thread that owns the database connection.  The writer takes everything that
+queued up while the previous commit was running, applies each operation in
+its own SAVEPOINT (so one bad operation fails alone) and commits them all at
+once: many concurrent transactions share one fsync (group commit).  If the
+commit itself fails (disk full, I/O error) every operation in the batch
+fails and the transaction is rolled back, so nothing is half written.
+
+Schema: ``message`` (envelope, state held|active), ``body`` (stored once per
+part), ``recipient`` (per-recipient state and next attempt, indexed by due
+time), ``txn`` (this worker's decisions as the coordinator of multi-owner
+transactions), ``meta`` (format version and slot count).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from relay.errors import SpoolError, SpoolFull
+from relay.model import Part
+from relay.route.shard import SLOT_COUNT
+from relay.spool.format import FORMAT_VERSION, MessageState, RecipientState
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS message (
+    id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    received REAL NOT NULL,
+    smtputf8 INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    coordinator INTEGER
+);
+CREATE TABLE IF NOT EXISTS body (id TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS recipient (
+    message_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    address TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_reply TEXT,
+    PRIMARY KEY (message_id, idx)
+);
+CREATE INDEX IF NOT EXISTS recipient_due ON recipient (state, next_attempt);
+CREATE INDEX IF NOT EXISTS message_held ON message (state) WHERE state = 0;
+CREATE TABLE IF NOT EXISTS txn (id TEXT PRIMARY KEY, decided REAL NOT NULL);
+"""
+
+# A batch never grows past this many operations, so one commit stays short.
+MAX_BATCH = 512
+
+
+def spool_path(spool_dir: str, worker: int) -> str:
+    return os.path.join(spool_dir, f"worker-{worker}.db")
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """Open a spool database with the durability settings of the contract."""
+    new = not os.path.exists(path)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.executescript(SCHEMA)
+    conn.execute(
+        "INSERT OR IGNORE INTO meta VALUES ('version', ?), ('slot_count', ?)",
+        (str(FORMAT_VERSION), str(SLOT_COUNT)),
+    )
+    slots = conn.execute("SELECT value FROM meta WHERE key = 'slot_count'").fetchone()[0]
+    if int(slots) != SLOT_COUNT:
+        raise SpoolError(f"spool was made with {slots} slots, this relay uses {SLOT_COUNT}")
+    if new:
+        # The new file's directory entry must survive a crash too.
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return conn
+
+
+def insert_part(conn: sqlite3.Connection, part: Part, next_attempt: float) -> None:
+    """Write one part.  Idempotent: a part handed over twice is stored once."""
+    state = MessageState.ACTIVE if part.coordinator is None else MessageState.HELD
+    conn.execute(
+        "INSERT OR IGNORE INTO message VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            part.queue_id,
+            part.sender,
+            part.received_at,
+            int(part.smtputf8),
+            len(part.body),
+            int(state),
+            part.coordinator,
+        ),
+    )
+    conn.execute("INSERT OR IGNORE INTO body VALUES (?, ?)", (part.queue_id, part.body))
+    conn.executemany(
+        "INSERT OR IGNORE INTO recipient (message_id, idx, address, domain, slot, state,"
+        " next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (part.queue_id, r.index, r.address, r.domain, r.slot, int(RecipientState.QUEUED),
+             next_attempt)
+            for r in part.recipients
+        ],
+    )
+
+
+def delete_message(conn: sqlite3.Connection, queue_id: str) -> None:
+    conn.execute("DELETE FROM recipient WHERE message_id = ?", (queue_id,))
+    conn.execute("DELETE FROM body WHERE id = ?", (queue_id,))
+    conn.execute("DELETE FROM message WHERE id = ?", (queue_id,))
+
+
+class _Op:
+    __slots__ = ("apply", "future")
+
+    def __init__(self, apply: Callable[[sqlite3.Connection], Any], future: asyncio.Future):
+        self.apply = apply
+        self.future = future
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+
+
+class Spool:
+    """A worker's spool.  Every method is called from the worker's event loop."""
+
+    def __init__(self, spool_dir: str, worker: int) -> None:
+        self.path = spool_path(spool_dir, worker)
+        self.worker = worker
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"spool-{worker}")
+        self._conn: sqlite3.Connection | None = None
+        self._pending: list[_Op] = []
+        self._wakeup: asyncio.Event | None = None
+        self._writer: asyncio.Task | None = None
+        self.commits = 0  # how many group commits ran (for stats and tests)
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self._conn = await loop.run_in_executor(self._executor, connect, self.path)
+        self._wakeup = asyncio.Event()
+        self._writer = asyncio.create_task(self._write_loop(), name=f"spool-writer-{self.worker}")
+
+    async def close(self) -> None:
+        """Commit what is queued, then close the database."""
+        if self._writer is not None:
+            while self._pending:
+                await asyncio.sleep(0.001)
+            self._writer.cancel()
+            try:
+                await self._writer
+            except asyncio.CancelledError:
+                pass
+            self._writer = None
+        if self._conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
+            self._conn = None
+        self._executor.shutdown(wait=True)
+
+    # -- writes (group committed) -----------------------------------------
+
+    async def store(self, part: Part) -> None:
+        """Store a part durably; held if it belongs to a multi-owner transaction."""
+        now = time.time()
+        await self._submit(lambda conn: insert_part(conn, part, now))
+
+    async def decide(self, queue_id: str) -> None:
+        """As coordinator: record that every part of a transaction is durable."""
+        now = time.time()
+        await self._submit(
+            lambda conn: conn.execute("INSERT OR IGNORE INTO txn VALUES (?, ?)", (queue_id, now))
+        )
+
+    async def release(self, queue_id: str) -> None:
+        """Make a held part ready for delivery (its transaction was decided)."""
+        await self._submit(
+            lambda conn: conn.execute(
+                "UPDATE message SET state = ? WHERE id = ? AND state = ?",
+                (int(MessageState.ACTIVE), queue_id, int(MessageState.HELD)),
+            )
+        )
+
+    async def abort(self, queue_id: str) -> None:
+        """Withdraw a held part whose transaction failed."""
+
+        def apply(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT state FROM message WHERE id = ?", (queue_id,)).fetchone()
+            if row is not None and row[0] == MessageState.HELD:
+                delete_message(conn, queue_id)
+
+        await self._submit(apply)
+
+    async def prune_decisions(self, older_than: float) -> None:
+        await self._submit(
+            lambda conn: conn.execute("DELETE FROM txn WHERE decided < ?", (older_than,))
+        )
+
+    # -- reads --------------------------------------------------------------
+
+    async def read(self, query: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run a read on the writer thread (serialised with the writes)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, query, self._conn
+        )
+
+    async def held_parts(self, received_before: float) -> list[tuple[str, int]]:
+        """(queue id, coordinator) of held parts received before a time."""
+        return await self.read(
+            lambda conn: conn.execute(
+                "SELECT id, coordinator FROM message WHERE state = ? AND received < ?",
+                (int(MessageState.HELD), received_before),
+            ).fetchall()
+        )
+
+    async def is_decided(self, queue_id: str) -> bool:
+        return await self.read(
+            lambda conn: conn.execute("SELECT 1 FROM txn WHERE id = ?", (queue_id,)).fetchone()
+            is not None
+        )
+
+    # -- the writer ---------------------------------------------------------
+
+    async def _submit(self, apply: Callable[[sqlite3.Connection], Any]) -> Any:
+        if self._writer is None:
+            raise SpoolError("spool is not open")
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Op(apply, future))
+        self._wakeup.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch = self._pending[:MAX_BATCH]
+                del self._pending[:MAX_BATCH]
+                try:
+                    results = await loop.run_in_executor(self._executor, self._commit, batch)
+                except Exception as exc:  # the commit failed: the whole batch did
+                    log.error("spool commit failed: %s", exc)
+                    error = SpoolFull("spool disk is full") if _is_disk_full(exc) else SpoolError(
+                        "spool write failed"
+                    )
+                    for op in batch:
+                        if not op.future.done():
+                            op.future.set_exception(error)
+                    continue
+                self.commits += 1
+                for op, (ok, value) in zip(batch, results):
+                    if op.future.done():
+                        continue
+                    if ok:
+                        op.future.set_result(value)
+                    else:
+                        op.future.set_exception(value)
+
+    def _commit(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
+        """Writer thread: apply a batch in one transaction and commit it."""
+        conn = self._conn
+        results: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for op in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = op.apply(conn)
+                except sqlite3.Error as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    if _is_disk_full(exc):
+                        raise
+                    log.error("spool operation failed: %s", exc)
+                    results.append((False, SpoolError("spool write failed")))
+                else:
+                    conn.execute("RELEASE op")
+                    results.append((True, None if isinstance(value, sqlite3.Cursor) else value))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as exc:  # the commit's own failure is what matters
+                    log.error("spool rollback failed: %s", exc)
+            raise
+        return results

@@ -1,0 +1,233 @@
+"""The supervisor: ``relay -c FILE`` — starts, watches and stops the workers.
+
+Input: the configuration file and signals.  Output: one forked worker per
+``relay.workers`` (0 = one per core), restarted with backoff when one dies;
+SIGTERM drains them all and exits 0; SIGHUP validates the file again, says
+which changed keys need a restart and passes the reload on.  No mail logic
+lives here: before the first fork it only runs the spool's offline
+recovery (relay.spool.recover), while no worker can be writing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+
+from relay import config
+from relay.errors import ConfigError, SpoolError
+from relay.intake.listener import open_listen_sockets, server_tls_context
+from relay.spool.recover import recover
+
+log = logging.getLogger("relay.supervisor")
+
+SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 60.0  # a worker that ran this long restarts without backoff
+KILL_GRACE = 5.0  # past shutdown_timeout, a worker still running gets SIGKILL
+
+
+def setup_logging(level: str, worker: int | None = None) -> None:
+    who = "supervisor" if worker is None else f"worker {worker}"
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper()),
+        format=f"%(asctime)s relay[{who}] %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def raise_nofile_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit; returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+class Slot:
+    """One worker index: its process and its restart history."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.pid: int | None = None
+        self.started = 0.0
+        self.failures = 0
+        self.restart_at: float | None = None
+
+
+class Supervisor:
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+        self.workers = settings.worker_count
+        self.slots = [Slot(i) for i in range(self.workers)]
+        self.stopping = False
+
+    def run(self) -> int:
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        for slot in self.slots:
+            self._fork(slot)
+        log.info(
+            "relay started: %d workers, listening on %s",
+            self.workers,
+            ", ".join(f"{h}:{p}" for h, p in (l.address for l in self.settings.listen)),
+        )
+        while True:
+            info = signal.sigtimedwait(SIGNALS, self._wait_time())
+            if info is not None:
+                if info.si_signo == signal.SIGCHLD:
+                    self._reap()
+                elif info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                    return self._stop()
+                elif info.si_signo == signal.SIGHUP:
+                    self._reload()
+            self._restart_due()
+
+    def _wait_time(self) -> float:
+        due = [s.restart_at for s in self.slots if s.restart_at is not None]
+        if not due:
+            return 1.0
+        return max(0.0, min(min(due) - time.monotonic(), 1.0))
+
+    def _fork(self, slot: Slot) -> None:
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 2
+            try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+                for signum in SIGNALS:
+                    signal.signal(signum, signal.SIG_DFL)
+                setup_logging(self.settings.relay.log_level, slot.index)
+                from relay import worker
+
+                code = worker.main(self.settings, slot.index, self.workers)
+            except BaseException:
+                log.exception("worker %d crashed", slot.index)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        slot.pid = pid
+        slot.started = time.monotonic()
+        slot.restart_at = None
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for slot in self.slots:
+                if slot.pid == pid:
+                    self._schedule_restart(slot, status)
+                    slot.pid = None
+
+    def _schedule_restart(self, slot: Slot, status: int) -> None:
+        if os.WIFSIGNALED(status):
+            how = f"killed by signal {os.WTERMSIG(status)}"
+        else:
+            how = f"exited with status {os.waitstatus_to_exitcode(status)}"
+        ran = time.monotonic() - slot.started
+        slot.failures = 1 if ran > STABLE_AFTER else slot.failures + 1
+        delay = 0.0 if slot.failures == 1 else min(BACKOFF_FIRST * 2 ** (slot.failures - 2), BACKOFF_MAX)
+        slot.restart_at = time.monotonic() + delay
+        log.error("worker %d (pid %d) %s after %.1fs; restarting in %.1fs",
+                  slot.index, slot.pid or 0, how, ran, delay)
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.pid is None and slot.restart_at is not None and slot.restart_at <= now:
+                self._fork(slot)
+                log.info("worker %d restarted (pid %d)", slot.index, slot.pid)
+
+    def _reload(self) -> None:
+        try:
+            new = config.load(self.settings.source)
+            server_tls_context(new.tls)
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration not reloaded: %s", exc)
+            return
+        needs_restart = config.restart_needed(self.settings, new)
+        if needs_restart:
+            log.warning("SIGHUP: these changes take effect only after a restart: %s",
+                        ", ".join(needs_restart))
+        self.settings = new
+        for slot in self.slots:
+            if slot.pid is not None:
+                os.kill(slot.pid, signal.SIGHUP)
+        log.info("SIGHUP: configuration reloaded")
+
+    def _stop(self) -> int:
+        self.stopping = True
+        log.info("stopping: draining workers")
+        for slot in self.slots:
+            if slot.pid is not None:
+                os.kill(slot.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.relay.shutdown_timeout + KILL_GRACE
+        while any(slot.pid is not None for slot in self.slots):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                for slot in self.slots:
+                    if slot.pid is not None:
+                        log.error("worker %d did not stop in time: SIGKILL", slot.index)
+                        os.kill(slot.pid, signal.SIGKILL)
+                deadline = time.monotonic() + 5
+            signal.sigtimedwait({signal.SIGCHLD}, min(max(remaining, 0.05), 0.5))
+            while True:
+                try:
+                    pid, _ = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    pid = 0
+                    for slot in self.slots:
+                        slot.pid = None
+                if pid == 0:
+                    break
+                for slot in self.slots:
+                    if slot.pid == pid:
+                        slot.pid = None
+        log.info("relay stopped")
+        return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="relay", description="Run the SMTP relay.")
+    parser.add_argument("-c", "--config", default="conf/relay.toml", help="TOML configuration file")
+    return parser.parse_args(argv)
+
+
+def prepare(settings: config.Settings) -> None:
+    """Checks and recovery before the first fork; raises ConfigError/SpoolError."""
+    for sock in open_listen_sockets(settings, listen=False):  # fail early on a bad address
+        sock.close()
+    server_tls_context(settings.tls)
+    os.makedirs(settings.relay.run_dir, exist_ok=True)
+    recover(settings.relay.spool_dir, settings.worker_count)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = config.load(args.config)
+    except ConfigError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.relay.log_level)
+    nofile = raise_nofile_limit()
+    log.info("open files limit: %d", nofile)
+    try:
+        prepare(settings)
+    except (ConfigError, SpoolError) as exc:
+        log.error("%s", exc)
+        return 2
+    return Supervisor(settings).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

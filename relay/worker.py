@@ -1,0 +1,104 @@
+"""One worker process: a uvloop event loop that wires the stages together.
+
+Input: the settings, this worker's index and the worker count.  Output: an
+SMTP intake on every listen address (its own SO_REUSEPORT sockets), the
+spool of the shard slots it owns, and the peer socket other workers hand
+their parts to.  Exit status 0 after a drain (SIGTERM), 2 on a startup
+error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import uvloop
+
+from relay import config
+from relay.errors import ConfigError, RelayError
+from relay.intake.handler import IntakeState
+from relay.intake.listener import open_listen_sockets, server_tls_context
+from relay.model import Transaction
+from relay.route.forward import Router
+from relay.spool.store import Spool
+
+log = logging.getLogger("relay.worker")
+
+PEER_QUIET = 0.5  # seconds without peer requests before a draining worker exits
+
+
+class Worker:
+    def __init__(self, settings: config.Settings, index: int, workers: int) -> None:
+        self.settings = settings
+        self.index = index
+        self.workers = workers
+        self._stop = asyncio.Event()
+
+    async def accept(self, txn: Transaction) -> None:
+        """Intake's last step: hand the message to its owners."""
+        await self.router.submit(txn)
+
+    async def run(self) -> int:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        self.spool = Spool(settings.relay.spool_dir, self.index)
+        await self.spool.open()
+        self.router = Router(self.index, self.workers, self.spool, settings.relay.run_dir)
+        await self.router.serve()
+        self.intake = IntakeState(
+            settings, self.index, self.accept, server_tls_context(settings.tls)
+        )
+        servers = [
+            await loop.create_server(self.intake.factory, sock=sock)
+            for sock in open_listen_sockets(settings)
+        ]
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        log.info("worker %d of %d ready", self.index, self.workers)
+        await self._stop.wait()
+        await self._drain(servers)
+        return 0
+
+    async def _drain(self, servers) -> None:
+        """New connections get 421 4.3.2, sessions in flight finish, every
+        write is committed; then exit, within relay.shutdown_timeout."""
+        deadline = time.monotonic() + self.settings.relay.shutdown_timeout
+        self.intake.drain()
+        log.info("worker %d draining %d sessions", self.index, len(self.intake.sessions))
+        while self.intake.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.intake.sessions):
+            session.transport and session.transport.abort()
+        for server in servers:
+            server.close()
+        # Other workers' sessions may still hand parts to this one.
+        while time.monotonic() < deadline and time.monotonic() - self.router.last_request < PEER_QUIET:
+            await asyncio.sleep(0.05)
+        await self.router.close()
+        await self.spool.close()
+        log.info("worker %d stopped", self.index)
+
+    def _reload(self) -> None:
+        try:
+            settings = config.load(self.settings.source)
+            tls_context = server_tls_context(settings.tls)
+        except ConfigError as exc:
+            log.error("reload refused: %s", exc)
+            return
+        self.settings = settings
+        self.intake.apply(settings, tls_context)
+        log.info("worker %d reloaded %s", self.index, settings.source)
+
+
+def main(settings: config.Settings, index: int, workers: int) -> int:
+    """Entry point in the forked child."""
+    worker = Worker(settings, index, workers)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(worker.run())
+    except (ConfigError, RelayError, OSError) as exc:
+        log.error("worker %d cannot run: %s", index, exc)
+        return 2
