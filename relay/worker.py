@@ -26,9 +26,6 @@ from relay.spool.store import Spool
 
 log = logging.getLogger("relay.worker")
 
-PEER_QUIET = 0.5  # seconds without peer requests before a draining worker exits
-
-
 class Worker:
     def __init__(self, settings: config.Settings, index: int, workers: int) -> None:
         self.settings = settings
@@ -75,8 +72,9 @@ class Worker:
         for server in servers:
             server.close()
         # Other workers' sessions may still hand parts to this one.
-        while time.monotonic() < deadline and time.monotonic() - self.router.last_request < PEER_QUIET:
-            await asyncio.sleep(0.05)
+        await self.router.announce_done()
+        if not await self.router.wait_peers_done(deadline - time.monotonic()):
+            log.warning("worker %d: not every peer finished draining in time", self.index)
         await self.router.close()
         await self.spool.close()
         log.info("worker %d stopped", self.index)

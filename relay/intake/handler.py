@@ -238,8 +238,9 @@ class RelaySMTP(SMTP):
         self._raw_250 = False  # EHLO/HELO lines carry no enhanced code
         self._in_transaction = False
         self._data_watch: asyncio.TimerHandle | None = None
-        self._data_bytes = 0
+        self._bytes_in = 0  # every byte received, partial lines included
         self._data_started = 0.0
+        self._data_start_bytes = 0
         self._data_seen = 0
 
     # -- connection life ----------------------------------------------------
@@ -270,6 +271,10 @@ class RelaySMTP(SMTP):
                 del self.state.connections[ip]
             self.state.sessions.discard(self)
         super().connection_lost(error)
+
+    def data_received(self, data: bytes) -> None:
+        self._bytes_in += len(data)
+        super().data_received(data)
 
     def drain(self) -> None:
         """Close now if idle; otherwise after the transaction in flight."""
@@ -374,11 +379,8 @@ class RelaySMTP(SMTP):
                 try:
                     line = await self._reader.readuntil(b"\r\n")
                 except asyncio.LimitOverrunError as exc:
-                    piece = await self._reader.read(exc.consumed)
-                    self._data_bytes += len(piece)
-                    reader.feed_overrun(piece)
+                    reader.feed_overrun(await self._reader.read(exc.consumed))
                     continue
-                self._data_bytes += len(line)
                 if reader.feed_line(line):
                     break
         finally:
@@ -394,7 +396,7 @@ class RelaySMTP(SMTP):
         await self.push(verdict)
 
     def _start_data_watch(self) -> None:
-        self._data_bytes = self._data_seen = 0
+        self._data_start_bytes = self._data_seen = self._bytes_in
         self._data_started = self.loop.time()
         self._data_watch = self.loop.call_later(DATA_WATCH_INTERVAL, self._check_data_progress)
 
@@ -408,13 +410,13 @@ class RelaySMTP(SMTP):
         and drop a client slower than intake.min_data_rate."""
         intake = self.state.intake
         elapsed = self.loop.time() - self._data_started
-        if self._data_bytes > self._data_seen:
-            self._data_seen = self._data_bytes
+        if self._bytes_in > self._data_seen:
+            self._data_seen = self._bytes_in
             self._reset_timeout()
         if (
             intake.min_data_rate
             and elapsed > intake.data_rate_grace
-            and self._data_bytes / elapsed < intake.min_data_rate
+            and (self._bytes_in - self._data_start_bytes) / elapsed < intake.min_data_rate
         ):
             log.warning("dropping %s: DATA slower than %d B/s", self.session.peer, intake.min_data_rate)
             self.state.counters["rejected.slow_data"] += 1

@@ -33,14 +33,13 @@ import logging
 import os
 import struct
 import time
+from typing import Protocol
 
 import orjson
 
-from relay.errors import OwnerUnavailable, RelayError, SpoolError
-from relay.model import Part, Transaction
+from relay.errors import CorruptEntry, OwnerUnavailable, RelayError, SpoolError
+from relay.model import Part, Recipient, Transaction
 from relay.route import shard
-from relay.spool.format import envelope_of, part_from
-from relay.spool.store import Spool
 
 log = logging.getLogger("relay.route")
 
@@ -48,6 +47,53 @@ FRAME = struct.Struct("!II")
 REQUEST_TIMEOUT = 30.0  # an owner that takes longer than this is treated as down
 HELD_CHECK_INTERVAL = 10.0
 HELD_GRACE = 30.0  # a held part younger than this is left to the normal release
+
+
+WIRE_VERSION = 1
+
+
+class Store(Protocol):
+    """What the router needs of its worker's spool (spool.store.Spool).
+
+    Injected by the worker: the spool is a later stage than routing."""
+
+    async def store(self, part: Part) -> None: ...
+    async def decide(self, queue_id: str) -> None: ...
+    async def release(self, queue_id: str) -> None: ...
+    async def abort(self, queue_id: str) -> None: ...
+    async def is_decided(self, queue_id: str) -> bool: ...
+    async def held_parts(self, received_before: float) -> list[tuple[str, int]]: ...
+    async def prune_decisions(self, older_than: float) -> None: ...
+
+
+def envelope_of(part: Part) -> dict:
+    """A part's envelope as plain data for the wire (the body goes beside it)."""
+    return {
+        "v": WIRE_VERSION,
+        "id": part.queue_id,
+        "from": part.sender,
+        "at": part.received_at,
+        "utf8": part.smtputf8,
+        "coord": part.coordinator,
+        "rcpt": [[r.address, r.domain, r.slot, r.index] for r in part.recipients],
+    }
+
+
+def part_from(envelope: dict, body: bytes) -> Part:
+    try:
+        if envelope["v"] != WIRE_VERSION:
+            raise CorruptEntry(f"unknown part format version {envelope['v']!r}")
+        return Part(
+            queue_id=envelope["id"],
+            sender=envelope["from"],
+            recipients=tuple(Recipient(a, d, s, i) for a, d, s, i in envelope["rcpt"]),
+            body=body,
+            received_at=envelope["at"],
+            smtputf8=envelope["utf8"],
+            coordinator=envelope["coord"],
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptEntry(f"undecodable part envelope: {exc}") from None
 
 
 def socket_path(run_dir: str, worker: int) -> str:
@@ -136,7 +182,7 @@ class PeerClient:
 class Router:
     """The worker's side of routing: submit transactions, serve peers."""
 
-    def __init__(self, worker: int, workers: int, spool: Spool, run_dir: str) -> None:
+    def __init__(self, worker: int, workers: int, spool: Store, run_dir: str) -> None:
         self.worker = worker
         self.workers = workers
         self.spool = spool
@@ -150,7 +196,7 @@ class Router:
         self._server: asyncio.AbstractServer | None = None
         self._background: set[asyncio.Task] = set()
         self._held_task: asyncio.Task | None = None
-        self.last_request = 0.0  # monotonic time of the last peer request served
+        self.peers_done: set[int] = set()  # peers that will hand over no more parts (drain)
 
     # -- intake side ------------------------------------------------------
 
@@ -267,14 +313,15 @@ class Router:
             writer.close()
 
     async def _answer(self, writer: asyncio.StreamWriter, header: dict, body: bytes) -> None:
-        self.last_request = time.monotonic()
         reply = {"rid": header.get("rid"), "ok": True}
         try:
             if header["op"] == "store":
                 await self.spool.store(part_from(header["part"], body))
+            elif header["op"] == "done":
+                self.peers_done.add(header["from"])
             else:
                 reply["status"] = await self._local(header["op"], header["id"])
-        except RelayError as exc:
+        except RelayError as exc:  # CorruptEntry included
             log.warning("request %s from a peer failed: %s", header.get("op"), exc)
             reply["ok"] = False
         try:
@@ -300,6 +347,21 @@ class Router:
                 await self.spool.prune_decisions(time.time() - 86400)
             except RelayError as exc:
                 log.info("held-part check postponed: %s", exc)
+
+    async def announce_done(self) -> None:
+        """Drain: tell every peer this worker hands over no more parts."""
+        for peer in self.peers.values():
+            try:
+                await peer.request({"op": "done", "from": self.worker})
+            except RelayError:
+                pass  # a peer that is gone needs no notice
+
+    async def wait_peers_done(self, timeout: float) -> bool:
+        """Drain: serve peers until each said it is done (or the timeout)."""
+        deadline = time.monotonic() + timeout
+        while not self.peers_done >= set(self.peers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.peers_done >= set(self.peers)
 
     async def close(self) -> None:
         if self._held_task is not None:

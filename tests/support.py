@@ -1,0 +1,340 @@
+"""Test support: the real relay in a child process, raw SMTP clients, spool
+readers and generated TLS certificates.  Everything talks to 127.0.0.0/8."""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import os
+import signal
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+# -- configuration -------------------------------------------------------
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def toml_dumps(doc: dict) -> str:
+    """Enough TOML for relay configs: tables, arrays of tables, scalars, lists."""
+    out = []
+    for section, body in doc.items():
+        if isinstance(body, list):
+            for item in body:
+                out.append(f"[[{section}]]")
+                out += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+            continue
+        out.append(f"[{section}]")
+        nested = {k: v for k, v in body.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+        out += [f"{_key(k)} = {_toml_value(v)}" for k, v in body.items() if k not in nested]
+        for name, items in nested.items():
+            for item in items:
+                out.append(f"[[{section}.{name}]]")
+                out += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+    return "\n".join(out) + "\n"
+
+
+def _key(key: str) -> str:
+    return key if key.replace("_", "").isalnum() else _toml_value(key)
+
+
+# -- the relay process ---------------------------------------------------
+
+
+@dataclass
+class RelayProcess:
+    """``relay -c FILE`` in its own session, with its log in a file."""
+
+    directory: str
+    workers: int = 2
+    overrides: dict = field(default_factory=dict)
+    port: int = 0
+    proc: subprocess.Popen | None = None
+    preexec_fn: object = None
+
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port()
+        self.config_path = os.path.join(self.directory, "relay.toml")
+        self.log_path = os.path.join(self.directory, "relay.log")
+        self.spool_dir = os.path.join(self.directory, "spool")
+        self.write_config()
+
+    def config(self) -> dict:
+        doc = {
+            "relay": {
+                "hostname": "relay.test",
+                "workers": self.workers,
+                "spool_dir": self.spool_dir,
+                "run_dir": os.path.join(self.directory, "run"),
+                "shutdown_timeout": "10s",
+            },
+            "listen": [{"address": f"127.0.0.1:{self.port}"}],
+            "intake": {"min_free_space": 0},
+        }
+        for section, values in self.overrides.items():
+            if isinstance(values, dict):
+                doc.setdefault(section, {}).update(values)
+            else:
+                doc[section] = values
+        return doc
+
+    def write_config(self) -> None:
+        with open(self.config_path, "w") as file:
+            file.write(toml_dumps(self.config()))
+
+    def start(self, wait: bool = True) -> "RelayProcess":
+        self._log_offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay.supervisor", "-c", self.config_path],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.directory,
+            env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")},
+            preexec_fn=self.preexec_fn,
+        )
+        log.close()
+        if wait:
+            self.wait_log(f"worker {self.workers - 1} of {self.workers} ready", count=1)
+            self.wait_ready()
+        return self
+
+    def log(self) -> str:
+        with open(self.log_path, "rb") as file:
+            file.seek(getattr(self, "_log_offset", 0))
+            return file.read().decode("utf-8", "replace")
+
+    def wait_log(self, text: str, count: int = 1, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log().count(text) >= count:
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"relay exited {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {text!r} in the log:\n{self.log()}")
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Every worker answers on the listen port (SO_REUSEPORT spreads us)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready = self.log().count(" ready")
+            if ready >= self.workers and self.worker_pids_count() == self.workers:
+                try:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+                        if sock.recv(100).startswith(b"220"):
+                            return
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        raise AssertionError(f"relay not ready:\n{self.log()}")
+
+    def worker_pids(self) -> list[int]:
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as file:
+                return [int(pid) for pid in file.read().split()]
+        except FileNotFoundError:
+            return []
+
+    def worker_pids_count(self) -> int:
+        return len(self.worker_pids())
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"relay did not stop within {timeout}s:\n{self.log()}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+# -- clients -------------------------------------------------------------
+
+
+class RawClient:
+    """A line-level SMTP client for sending exactly the bytes a test wants."""
+
+    def __init__(self, port: int, source: str | None = None, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout,
+            source_address=(source, 0) if source else None,
+        )
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> tuple[int, str]:
+        """Read one (possibly multi-line) reply: (code, text of the last line)."""
+        lines = []
+        while True:
+            while b"\r\n" not in self.buffer:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError(f"closed by server after {lines!r} {self.buffer!r}")
+                self.buffer += chunk
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            lines.append(line.decode("utf-8", "replace"))
+            if line[3:4] != b"-":
+                return int(line[:3]), line[4:].decode("utf-8", "replace")
+
+    def command(self, line: str | bytes) -> tuple[int, str]:
+        self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        return self.reply()
+
+    def ehlo(self, name: str = "client.test") -> list[str]:
+        self.send(f"EHLO {name}\r\n".encode())
+        lines = []
+        while True:
+            while b"\r\n" not in self.buffer:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed during EHLO")
+                self.buffer += chunk
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            lines.append(line.decode())
+            if line[3:4] != b"-":
+                return lines
+
+    def read_all(self, timeout: float = 5.0) -> bytes:
+        """Everything until the server closes (or the timeout)."""
+        self.sock.settimeout(timeout)
+        data = self.buffer
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except (socket.timeout, ConnectionResetError):
+            pass
+        self.buffer = b""
+        return data
+
+    def starttls(self) -> None:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        self.sock = context.wrap_socket(self.sock)
+        self.buffer = b""
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# -- the spool, read from outside ------------------------------------------
+
+
+@dataclass
+class SpooledMessage:
+    queue_id: str
+    sender: str
+    state: int
+    body: bytes
+    recipients: list[tuple[str, int]]  # (address, slot)
+    worker: int
+
+
+def read_spool(spool_dir: str) -> list[SpooledMessage]:
+    """Every part in every worker's spool (read-only, the relay stopped or not)."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(spool_dir, "worker-*.db"))):
+        worker = int(path.rsplit("-", 1)[1].split(".")[0])
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            for queue_id, sender, state in conn.execute("SELECT id, sender, state FROM message"):
+                body = conn.execute("SELECT data FROM body WHERE id = ?", (queue_id,)).fetchone()
+                rcpts = conn.execute(
+                    "SELECT address, slot FROM recipient WHERE message_id = ? ORDER BY idx",
+                    (queue_id,),
+                ).fetchall()
+                found.append(
+                    SpooledMessage(queue_id, sender, state, body[0] if body else None, rcpts, worker)
+                )
+        finally:
+            conn.close()
+    return found
+
+
+def recipients_by_id(spool_dir: str) -> dict[str, set[str]]:
+    merged: dict[str, set[str]] = {}
+    for message in read_spool(spool_dir):
+        merged.setdefault(message.queue_id, set()).update(a for a, _ in message.recipients)
+    return merged
+
+
+# -- TLS -----------------------------------------------------------------
+
+
+def make_certificate(directory: str, hostname: str = "relay.test") -> tuple[str, str]:
+    """A self-signed certificate and key (PEM files) for the test relay."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path = os.path.join(directory, "relay.crt")
+    key_path = os.path.join(directory, "relay.key")
+    with open(cert_path, "wb") as file:
+        file.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as file:
+        file.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return cert_path, key_path
