@@ -307,6 +307,8 @@ class Router:
                 task.add_done_callback(tasks.discard)
         except (asyncio.IncompleteReadError, OSError, orjson.JSONDecodeError):
             pass
+        except asyncio.CancelledError:
+            pass  # the worker is stopping; this handler is the top of its task
         finally:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
