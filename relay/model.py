@@ -60,3 +60,22 @@ class QueueIds:
     def next(self) -> str:
         micros = time.time_ns() // 1000
         return f"{micros:013X}{self._worker:02X}{next(self._counter) & 0xFFF:03X}"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An SMTP reply from a remote server (or one we made up for a local
+    failure such as a refused connection, with code 0)."""
+
+    code: int
+    enhanced: str | None  # "5.1.1", or None when the server sent none
+    text: str
+    mx: str | None = None  # the host that said it
+
+    @property
+    def transient(self) -> bool:
+        return self.code < 500
+
+    def __str__(self) -> str:
+        enhanced = f"{self.enhanced} " if self.enhanced else ""
+        return f"{self.code} {enhanced}{self.text}"
