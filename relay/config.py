@@ -223,8 +223,20 @@ DELIVER_KEYS = _keys(
         "tls",
         _choice("none", "opportunistic", "required", "verify"),
         "opportunistic",
-        "outbound STARTTLS policy",
+        "outbound STARTTLS policy ([tls_policy] overrides it per domain)",
     ),
+    Key("ca_file", _str, "", "CA bundle for tls = verify; empty = the system's"),
+    Key("max_connections_per_destination", _int(1), 20, "open connections per destination, per worker"),
+    Key("max_messages_per_connection", _int(1), 100, "transactions before a connection is closed"),
+    Key("connection_idle_timeout", parse_duration, 10.0, "close a pooled connection idle this long"),
+    Key("connect_timeout", parse_duration, 30.0, "TCP connect to an MX host"),
+    Key("command_timeout", parse_duration, 300.0, "each reply (RFC 5321 4.5.3.2: 5 minutes)"),
+    Key("data_timeout", parse_duration, 600.0, "the reply after the final dot (10 minutes)"),
+    Key("exclude_domains", lambda v: tuple(d.lower() for d in _strs(v)), (),
+        "recipient domains never sent to: dropped with an event"),
+    Key("event_log_dir", _path, "var/log", "where each worker appends its delivery-N.jsonl"),
+    Key("event_retention", parse_duration, 7 * 86400.0, "delivery events kept in the spool"),
+    Key("max_loaded", _int(1), 20000, "recipients held in memory for delivery, per worker"),
 )
 
 DKIM_KEYS = _keys(
@@ -252,85 +264,40 @@ def _strs(value: Any) -> tuple[str, ...]:
 # -- the settings tree -----------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RelaySettings:
-    hostname: str
-    workers: int
-    spool_dir: str
-    run_dir: str
-    source_ips: tuple[str, ...]
-    log_level: str
-    shutdown_timeout: float
+def _section_class(name: str, keys: dict[str, Key], *extra) -> type:
+    """A frozen dataclass with one field per declared key (declared once, above)."""
+    fields = [
+        (name, Any) if key.default is None else (name, Any, dataclasses.field(default=key.default))
+        for name, key in keys.items()
+    ]
+    return dataclasses.make_dataclass(name, fields + list(extra), frozen=True)
 
 
-@dataclass(frozen=True)
-class Listen:
-    address: tuple[str, int]
+RelaySettings = _section_class("RelaySettings", RELAY_KEYS)
+Listen = _section_class("Listen", LISTEN_KEYS)
+TlsSettings = _section_class("TlsSettings", TLS_KEYS)
+User = _section_class("User", USER_KEYS)
+IntakeSettings = _section_class(
+    "IntakeSettings", INTAKE_KEYS, ("users", tuple, dataclasses.field(default=()))
+)
+DnsSettings = _section_class("DnsSettings", DNS_KEYS)
+DeliverSettings = _section_class("DeliverSettings", DELIVER_KEYS)
 
 
-@dataclass(frozen=True)
-class TlsSettings:
-    cert_file: str
-    key_file: str
-
-
-@dataclass(frozen=True)
-class User:
-    name: str
-    password_hash: str
-
-
-@dataclass(frozen=True)
-class IntakeSettings:
-    mynetworks: tuple
-    max_message_size: int
-    max_recipients: int
-    bare_line_endings: str
-    idle_timeout: float
-    min_data_rate: int
-    data_rate_grace: float
-    max_connections_per_ip: int
-    max_auth_failures: int
-    auth_lockout: float
-    max_received_headers: int
-    min_free_space: int
-    users: tuple[User, ...] = ()
-
-
-@dataclass(frozen=True)
-class DnsSettings:
-    nameservers: tuple[tuple[str, int], ...]
-
-
-@dataclass(frozen=True)
-class DeliverSettings:
-    mx_port: int
-    retry_schedule: tuple[float, ...]
-    max_lifetime: float
-    tls: str
-
-
-@dataclass(frozen=True)
-class DkimIdentity:
-    domain: str
-    selector: str
-    key_file: str
-    algorithm: str = "rsa-sha256"
-    canonicalization: str = "relaxed/relaxed"
-    headers: tuple[str, ...] = ()
-    default: bool = False
+DkimIdentity = _section_class("DkimIdentity", DKIM_KEYS)
 
 
 @dataclass(frozen=True)
 class Settings:
-    relay: RelaySettings
-    listen: tuple[Listen, ...]
-    tls: TlsSettings | None
-    intake: IntakeSettings
-    dns: DnsSettings
-    deliver: DeliverSettings
+    relay: Any  # RelaySettings
+    listen: tuple  # of Listen
+    tls: Any  # TlsSettings or None
+    intake: Any  # IntakeSettings
+    dns: Any  # DnsSettings
+    deliver: Any  # DeliverSettings
     routes: dict = field(default_factory=dict)  # domain -> (host, port)
-    dkim: tuple[DkimIdentity, ...] = ()
+    tls_policy: dict = field(default_factory=dict)  # domain -> none|opportunistic|required|verify
+    dkim: tuple = ()  # of DkimIdentity
     source: str = ""  # the file these came from, for messages
 
     @property
@@ -372,7 +339,8 @@ def _array(label: str, raw: Any) -> list:
     return raw
 
 
-TOP_LEVEL = ("relay", "listen", "tls", "intake", "dns", "deliver", "routes", "dkim")
+TOP_LEVEL = ("relay", "listen", "tls", "intake", "dns", "deliver", "routes", "tls_policy", "dkim")
+TLS_MODES = ("none", "opportunistic", "required", "verify")
 
 
 def from_dict(raw: dict, source: str = "") -> Settings:
@@ -416,6 +384,16 @@ def from_dict(raw: dict, source: str = "") -> Settings:
             routes[domain.lower()] = parse_hostport(target)
         except ValueError as exc:
             raise ConfigError(f"[routes] {domain}: expected {exc}, got {target!r}") from None
+    tls_policy_raw = raw.get("tls_policy", {})
+    if not isinstance(tls_policy_raw, dict):
+        raise ConfigError("[tls_policy]: expected a table")
+    tls_policy = {}
+    for domain, mode in tls_policy_raw.items():
+        if mode not in TLS_MODES:
+            raise ConfigError(
+                f"[tls_policy] {domain}: expected one of {', '.join(TLS_MODES)}, got {mode!r}"
+            )
+        tls_policy[domain.lower()] = mode
     dkim = tuple(
         DkimIdentity(**_section("[[dkim]]", item, DKIM_KEYS))
         for item in _array("[[dkim]]", raw.get("dkim", []))
@@ -428,6 +406,7 @@ def from_dict(raw: dict, source: str = "") -> Settings:
         dns=dns,
         deliver=deliver,
         routes=routes,
+        tls_policy=tls_policy,
         dkim=dkim,
         source=source,
     )

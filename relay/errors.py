@@ -39,3 +39,18 @@ class CorruptEntry(SpoolError):
 
 class OwnerUnavailable(SpoolError):
     """The worker owning a shard slot did not take its part."""
+
+
+class DeliveryError(RelayError):
+    """A delivery attempt failed: the reply (made up for local failures,
+    with code 0) and the stage it failed at.  Raised only inside deliver/;
+    after it, failures are values (outcome.classify)."""
+
+    def __init__(self, reply, stage) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        self.stage = stage
+
+
+class TlsUnavailable(DeliveryError):
+    """STARTTLS was not offered or its handshake failed."""

@@ -7,6 +7,7 @@ whole message body (stored once per part).
 
 from __future__ import annotations
 
+import enum
 import itertools
 import os
 import time
@@ -79,3 +80,17 @@ class Reply:
     def __str__(self) -> str:
         enhanced = f"{self.enhanced} " if self.enhanced else ""
         return f"{self.code} {enhanced}{self.text}"
+
+
+class Stage(enum.Enum):
+    """Where in an SMTP delivery a reply (or a local failure) happened."""
+
+    CONNECT = "connect"
+    GREETING = "greeting"
+    EHLO = "ehlo"
+    STARTTLS = "starttls"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"  # the reply to DATA itself (354 expected)
+    DOT = "dot"  # the reply after the final dot
+    LOCAL = "local"  # no server reply: DNS, refused, timeout, TLS failure

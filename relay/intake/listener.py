@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import ssl
 
-from relay.config import Settings, TlsSettings
+from relay.config import Settings
 from relay.errors import ConfigError
 
 BACKLOG = 4096
@@ -48,8 +48,9 @@ def open_listen_sockets(settings: Settings, listen: bool = True) -> list[socket.
     return sockets
 
 
-def server_tls_context(tls: TlsSettings | None) -> ssl.SSLContext | None:
-    """The STARTTLS context, or None when [tls] is absent (not offered)."""
+def server_tls_context(tls) -> ssl.SSLContext | None:
+    """The STARTTLS context from ``[tls]`` (config.TlsSettings), or None
+    when it is absent: STARTTLS is not offered then."""
     if tls is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -18,3 +18,4 @@ class RecipientState(enum.IntEnum):
     DEFERRED = 1
     DELIVERED = 2
     BOUNCED = 3
+    SENDING = 4  # claimed by the delivery loop; back to QUEUED at restart

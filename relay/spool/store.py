@@ -27,6 +27,7 @@ import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from relay.errors import SpoolError, SpoolFull
@@ -63,7 +64,59 @@ CREATE TABLE IF NOT EXISTS recipient (
 CREATE INDEX IF NOT EXISTS recipient_due ON recipient (state, next_attempt);
 CREATE INDEX IF NOT EXISTS message_held ON message (state) WHERE state = 0;
 CREATE TABLE IF NOT EXISTS txn (id TEXT PRIMARY KEY, decided REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS event (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    queue_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    destination TEXT,
+    mx TEXT,
+    source_ip TEXT,
+    tls INTEGER NOT NULL,
+    code INTEGER NOT NULL,
+    enhanced TEXT,
+    text TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    class TEXT,
+    latency REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS event_recipient ON event (recipient, time);
+CREATE INDEX IF NOT EXISTS event_queue_id ON event (queue_id);
 """
+
+# Recipients that still wait for delivery (claimable once due).
+PENDING_STATES = (int(RecipientState.QUEUED), int(RecipientState.DEFERRED))
+
+
+@dataclass(frozen=True, slots=True)
+class DueRecipient:
+    queue_id: str
+    index: int
+    address: str
+    domain: str
+    attempts: int
+    sender: str
+    received: float
+    smtputf8: bool
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientUpdate:
+    """The new state of one recipient after an attempt."""
+
+    queue_id: str
+    index: int
+    state: RecipientState
+    attempts: int
+    next_attempt: float
+    last_reply: str | None
+
+
+EVENT_COLUMNS = (
+    "time", "queue_id", "recipient", "destination", "mx", "source_ip", "tls", "code",
+    "enhanced", "text", "outcome", "class", "latency",
+)
 
 # A batch never grows past this many operations, so one commit stays short.
 MAX_BATCH = 512
@@ -132,11 +185,13 @@ def delete_message(conn: sqlite3.Connection, queue_id: str) -> None:
 
 
 class _Op:
-    __slots__ = ("apply", "future")
+    __slots__ = ("apply", "future", "wakes")
 
-    def __init__(self, apply: Callable[[sqlite3.Connection], Any], future: asyncio.Future):
+    def __init__(self, apply: Callable[[sqlite3.Connection], Any], future: asyncio.Future,
+                 wakes: bool):
         self.apply = apply
         self.future = future
+        self.wakes = wakes  # commits mail that may be delivered now
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -156,13 +211,24 @@ class Spool:
         self._wakeup: asyncio.Event | None = None
         self._writer: asyncio.Task | None = None
         self.commits = 0  # how many group commits ran (for stats and tests)
+        self.on_ready: Callable[[], None] | None = None  # new deliverable mail committed
+        self._read_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"spool-read-{worker}")
+        self._read_conn: sqlite3.Connection | None = None
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         self._conn = await loop.run_in_executor(self._executor, connect, self.path)
+        self._read_conn = await loop.run_in_executor(self._read_executor, self._open_reader)
         self._wakeup = asyncio.Event()
         self._writer = asyncio.create_task(self._write_loop(), name=f"spool-writer-{self.worker}")
+
+    def _open_reader(self) -> sqlite3.Connection:
+        # WAL readers never block the writer: bodies are read here while
+        # the writer commits.
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA query_only=1")
+        return conn
 
     async def close(self) -> None:
         """Commit what is queued, then close the database."""
@@ -175,17 +241,23 @@ class Spool:
             except asyncio.CancelledError:
                 pass
             self._writer = None
+        loop = asyncio.get_running_loop()
+        if self._read_conn is not None:
+            await loop.run_in_executor(self._read_executor, self._read_conn.close)
+            self._read_conn = None
         if self._conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
+            await loop.run_in_executor(self._executor, self._conn.close)
             self._conn = None
         self._executor.shutdown(wait=True)
+        self._read_executor.shutdown(wait=True)
 
     # -- writes (group committed) -----------------------------------------
 
     async def store(self, part: Part) -> None:
         """Store a part durably; held if it belongs to a multi-owner transaction."""
         now = time.time()
-        await self._submit(lambda conn: insert_part(conn, part, now))
+        await self._submit(lambda conn: insert_part(conn, part, now),
+                           wakes=part.coordinator is None)
 
     async def decide(self, queue_id: str) -> None:
         """As coordinator: record that every part of a transaction is durable."""
@@ -200,7 +272,8 @@ class Spool:
             lambda conn: conn.execute(
                 "UPDATE message SET state = ? WHERE id = ? AND state = ?",
                 (int(MessageState.ACTIVE), queue_id, int(MessageState.HELD)),
-            )
+            ),
+            wakes=True,
         )
 
     async def abort(self, queue_id: str) -> None:
@@ -218,7 +291,105 @@ class Spool:
             lambda conn: conn.execute("DELETE FROM txn WHERE decided < ?", (older_than,))
         )
 
+    # -- delivery -----------------------------------------------------------
+
+    async def unclaim_all(self) -> int:
+        """At start: recipients claimed by a previous run go back in the queue
+        (delivery is at-least-once: one may have been sent already)."""
+        def apply(conn):
+            return conn.execute(
+                "UPDATE recipient SET state = ? WHERE state = ?",
+                (int(RecipientState.QUEUED), int(RecipientState.SENDING)),
+            ).rowcount
+        return await self._submit(apply)
+
+    async def claim_due(self, now: float, limit: int) -> list[DueRecipient]:
+        """Take up to ``limit`` recipients that are due, oldest first, and
+        mark them as being sent so no later claim returns them again."""
+
+        def apply(conn: sqlite3.Connection) -> list[DueRecipient]:
+            rows = []
+            for state in PENDING_STATES:
+                rows += conn.execute(
+                    "SELECT r.message_id, r.idx, r.address, r.domain, r.attempts, m.sender,"
+                    " m.received, m.smtputf8, m.size FROM recipient r"
+                    " JOIN message m ON m.id = r.message_id"
+                    " WHERE r.state = ? AND r.next_attempt <= ? AND m.state = ?"
+                    " ORDER BY r.next_attempt LIMIT ?",
+                    (state, now, int(MessageState.ACTIVE), limit - len(rows)),
+                ).fetchall()
+                if len(rows) >= limit:
+                    break
+            conn.executemany(
+                "UPDATE recipient SET state = ? WHERE message_id = ? AND idx = ?",
+                [(int(RecipientState.SENDING), row[0], row[1]) for row in rows],
+            )
+            return [DueRecipient(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8])
+                    for r in rows]
+
+        return await self._submit(apply)
+
+    async def next_due(self) -> float | None:
+        """When the earliest waiting recipient becomes due (None: none waits)."""
+
+        def query(conn: sqlite3.Connection) -> float | None:
+            times = []
+            for state in PENDING_STATES:
+                row = conn.execute(
+                    "SELECT r.next_attempt FROM recipient r JOIN message m ON m.id = r.message_id"
+                    " WHERE r.state = ? AND m.state = ? ORDER BY r.next_attempt LIMIT 1",
+                    (state, int(MessageState.ACTIVE)),
+                ).fetchone()
+                if row:
+                    times.append(row[0])
+            return min(times) if times else None
+
+        return await self._read(query)
+
+    async def body(self, queue_id: str) -> bytes | None:
+        row = await self._read(
+            lambda conn: conn.execute("SELECT data FROM body WHERE id = ?", (queue_id,)).fetchone()
+        )
+        return row[0] if row else None
+
+    async def complete(self, updates: list[RecipientUpdate], events: list[tuple]) -> None:
+        """Record the outcome of attempts and their events in one transaction;
+        a message whose recipients are all final leaves the queue."""
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE recipient SET state = ?, attempts = ?, next_attempt = ?, last_reply = ?"
+                " WHERE message_id = ? AND idx = ?",
+                [(int(u.state), u.attempts, u.next_attempt, u.last_reply, u.queue_id, u.index)
+                 for u in updates],
+            )
+            conn.executemany(
+                f"INSERT INTO event ({', '.join(EVENT_COLUMNS)})"
+                f" VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
+                events,
+            )
+            for queue_id in {u.queue_id for u in updates}:
+                left = conn.execute(
+                    "SELECT 1 FROM recipient WHERE message_id = ? AND state IN (?, ?, ?) LIMIT 1",
+                    (queue_id, *PENDING_STATES, int(RecipientState.SENDING)),
+                ).fetchone()
+                if left is None:
+                    delete_message(conn, queue_id)
+
+        await self._submit(apply, wakes=any(u.state == RecipientState.QUEUED for u in updates))
+
+    async def prune_events(self, older_than: float) -> None:
+        await self._submit(
+            lambda conn: conn.execute("DELETE FROM event WHERE time < ?", (older_than,))
+        )
+
     # -- reads --------------------------------------------------------------
+
+    async def _read(self, query: Callable[[sqlite3.Connection], Any]) -> Any:
+        """A read on the reader connection (concurrent with the writer)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._read_executor, query, self._read_conn
+        )
 
     async def read(self, query: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run a read on the writer thread (serialised with the writes)."""
@@ -243,11 +414,11 @@ class Spool:
 
     # -- the writer ---------------------------------------------------------
 
-    async def _submit(self, apply: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def _submit(self, apply: Callable[[sqlite3.Connection], Any], wakes: bool = False) -> Any:
         if self._writer is None:
             raise SpoolError("spool is not open")
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Op(apply, future))
+        self._pending.append(_Op(apply, future, wakes))
         self._wakeup.set()
         return await future
 
@@ -271,6 +442,8 @@ class Spool:
                             op.future.set_exception(error)
                     continue
                 self.commits += 1
+                if self.on_ready is not None and any(op.wakes for op in batch):
+                    self.on_ready()
                 for op, (ok, value) in zip(batch, results):
                     if op.future.done():
                         continue
