@@ -118,7 +118,7 @@ def _hostports(value: Any) -> tuple[tuple[str, int], ...]:
 
 
 def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    if not isinstance(value, list):
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError('a list of networks such as ["127.0.0.0/8"]')
     try:
         return tuple(ipaddress.ip_network(item, strict=False) for item in value)
@@ -127,7 +127,7 @@ def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _ips(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list):
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError('a list of IP addresses such as ["192.0.2.10"]')
     try:
         return tuple(str(ipaddress.ip_address(item)) for item in value)
@@ -358,7 +358,10 @@ def from_dict(raw: dict, source: str = "") -> Settings:
     tls = None
     if "tls" in raw:
         tls = TlsSettings(**_section("[tls]", raw["tls"], TLS_KEYS))
-    intake_raw = dict(raw.get("intake", {}))
+    intake_raw = raw.get("intake", {})
+    if not isinstance(intake_raw, dict):
+        raise ConfigError("[intake]: expected a table")
+    intake_raw = dict(intake_raw)
     users_raw = intake_raw.pop("users", [])
     intake = IntakeSettings(
         **_section("[intake]", intake_raw, INTAKE_KEYS),

@@ -19,6 +19,7 @@ import sys
 import time
 
 from relay import config
+from relay.dkim.sign import Signer
 from relay.errors import ConfigError, SpoolError
 from relay.intake.listener import open_listen_sockets, server_tls_context
 from relay.spool.recover import recover
@@ -151,6 +152,7 @@ class Supervisor:
         try:
             new = config.load(self.settings.source)
             server_tls_context(new.tls)
+            Signer.from_identities(new.dkim)
         except ConfigError as exc:
             log.error("SIGHUP: configuration not reloaded: %s", exc)
             return
@@ -207,6 +209,7 @@ def prepare(settings: config.Settings) -> None:
     for sock in open_listen_sockets(settings, listen=False):  # fail early on a bad address
         sock.close()
     server_tls_context(settings.tls)
+    Signer.from_identities(settings.dkim)  # a missing or bad key file stops the start
     os.makedirs(settings.relay.run_dir, exist_ok=True)
     recover(settings.relay.spool_dir, settings.worker_count)
 

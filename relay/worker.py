@@ -2,14 +2,15 @@
 
 Input: the settings, this worker's index and the worker count.  Output: an
 SMTP intake on every listen address (its own SO_REUSEPORT sockets), the
-spool of the shard slots it owns, and the peer socket other workers hand
-their parts to.  Exit status 0 after a drain (SIGTERM), 2 on a startup
+spool of the shard slots it owns, the peer socket other workers hand their
+parts to, and the delivery loop of its slots' mail.  Exit status 0 after a drain (SIGTERM), 2 on a startup
 error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
@@ -17,6 +18,8 @@ import time
 import uvloop
 
 from relay import config
+from relay.dispatch import Dispatcher
+from relay.dkim.sign import Signer
 from relay.errors import ConfigError, RelayError
 from relay.intake.handler import IntakeState
 from relay.intake.listener import open_listen_sockets, server_tls_context
@@ -34,16 +37,23 @@ class Worker:
         self._stop = asyncio.Event()
 
     async def accept(self, txn: Transaction) -> None:
-        """Intake's last step: hand the message to its owners."""
+        """Intake's last step: sign once, then hand the message to its owners.
+        The signed bytes are the bytes that will be sent."""
+        signature = self.signer.sign(txn.body, txn.sender)
+        if signature:
+            txn = dataclasses.replace(txn, body=signature + txn.body)
         await self.router.submit(txn)
 
     async def run(self) -> int:
         settings = self.settings
         loop = asyncio.get_running_loop()
+        self.signer = Signer.from_identities(settings.dkim)
         self.spool = Spool(settings.relay.spool_dir, self.index)
         await self.spool.open()
         self.router = Router(self.index, self.workers, self.spool, settings.relay.run_dir)
         await self.router.serve()
+        self.dispatcher = Dispatcher(settings, self.index, self.workers, self.spool, self.router.submit)
+        dispatching = asyncio.create_task(self.dispatcher.run(), name="dispatch")
         self.intake = IntakeState(
             settings, self.index, self.accept, server_tls_context(settings.tls)
         )
@@ -57,6 +67,11 @@ class Worker:
         log.info("worker %d of %d ready", self.index, self.workers)
         await self._stop.wait()
         await self._drain(servers)
+        dispatching.cancel()
+        await self.dispatcher.close()
+        await self.router.close()
+        await self.spool.close()
+        log.info("worker %d stopped", self.index)
         return 0
 
     async def _drain(self, servers) -> None:
@@ -75,18 +90,17 @@ class Worker:
         await self.router.announce_done()
         if not await self.router.wait_peers_done(deadline - time.monotonic()):
             log.warning("worker %d: not every peer finished draining in time", self.index)
-        await self.router.close()
-        await self.spool.close()
-        log.info("worker %d stopped", self.index)
 
     def _reload(self) -> None:
         try:
             settings = config.load(self.settings.source)
             tls_context = server_tls_context(settings.tls)
+            signer = Signer.from_identities(settings.dkim)
         except ConfigError as exc:
             log.error("reload refused: %s", exc)
             return
         self.settings = settings
+        self.signer = signer
         self.intake.apply(settings, tls_context)
         log.info("worker %d reloaded %s", self.index, settings.source)
 

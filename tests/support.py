@@ -78,6 +78,7 @@ class RelayProcess:
 
     def __post_init__(self) -> None:
         self.port = self.port or free_port()
+        self.dead_dns_port = free_port()
         self.config_path = os.path.join(self.directory, "relay.toml")
         self.log_path = os.path.join(self.directory, "relay.log")
         self.spool_dir = os.path.join(self.directory, "spool")
@@ -94,6 +95,10 @@ class RelayProcess:
             },
             "listen": [{"address": f"127.0.0.1:{self.port}"}],
             "intake": {"min_free_space": 0},
+            # Never the system resolver: by default lookups go to a loopback
+            # port where nothing answers, so mail waits in the spool.
+            "dns": {"nameservers": [f"127.0.0.1:{self.dead_dns_port}"]},
+            "deliver": {"event_log_dir": os.path.join(self.directory, "log")},
         }
         for section, values in self.overrides.items():
             if isinstance(values, dict):

@@ -88,6 +88,11 @@ class FailureLockout:
     def failed(self, ip: str) -> None:
         count, _ = self._current(ip)
         self._failures[ip] = (count + 1, self._clock())
+        if len(self._failures) > 10000:  # addresses that never came back
+            now = self._clock()
+            self._failures = {
+                k: v for k, v in self._failures.items() if now - v[1] <= self.lockout
+            }
 
     def is_locked(self, ip: str) -> bool:
         return self._current(ip)[0] >= self.max_failures

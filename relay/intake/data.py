@@ -58,9 +58,6 @@ class DataReader:
             self._refuse(replies.S552_TOO_BIG)
             return False
         content = line[:-2]
-        if len(content) > MAX_TEXT_LINE:
-            self._refuse(replies.S500_LINE_TOO_LONG)
-            return False
         if b"\0" in line:
             self._refuse(replies.S550_NUL)
             return False
@@ -68,13 +65,26 @@ class DataReader:
             if not self._normalize:
                 self._refuse(replies.S550_BARE_LINE_ENDING)
                 return False
-            line = _ANY_LINE_END.sub(b"\r\n", content) + b"\r\n"
+            # Each piece between bare line ends is a line of its own: the
+            # limits and the header checks apply to it as to any line.
+            for piece in _ANY_LINE_END.split(content):
+                if not self._keep(piece + b"\r\n"):
+                    return False
+            return False
+        self._keep(line)
+        return False
+
+    def _keep(self, line: bytes) -> bool:
+        """Check one CRLF line and keep it; False once a verdict is reached."""
+        if len(line) - 2 > MAX_TEXT_LINE:
+            self._refuse(replies.S500_LINE_TOO_LONG)
+            return False
         if self._in_headers:
             self._check_header(line)
             if self.verdict is not None:
                 return False
         self._body += line
-        return False
+        return True
 
     def feed_overrun(self, piece: bytes) -> None:
         """Take a piece of a line longer than the reader buffers."""

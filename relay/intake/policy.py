@@ -25,7 +25,9 @@ MAX_DOMAIN = 255
 MAX_PATH = 256
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
-_UTF8 = r"\u0080-\U0010FFFF"
+# UTF8-non-ascii (RFC 6532 3.1) without C1 controls and without the lone
+# surrogates that stand for undecodable bytes (aiosmtpd's surrogateescape).
+_UTF8 = r"\u00a0-\ud7ff\ue000-\U0010FFFF"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
 _ULABEL = rf"[A-Za-z0-9{_UTF8}](?:[A-Za-z0-9\-{_UTF8}]*[A-Za-z0-9{_UTF8}])?"
 
@@ -69,7 +71,7 @@ def parse_path(text: str, *, utf8: bool) -> tuple[Path | None, str]:
     """
     text = text.strip()
     if text.startswith("<"):
-        end = text.find(">")
+        end = _closing_bracket(text)
         if end < 0:
             raise PathError(replies.S553_BAD_RCPT)
         inner, rest = text[1:end], text[end + 1 :]
@@ -93,7 +95,30 @@ def parse_path(text: str, *, utf8: bool) -> tuple[Path | None, str]:
         raise PathError(replies.S553_BAD_RCPT)
     if domain.startswith("[") and not _valid_literal(domain[1:-1]):
         raise PathError(replies.S553_BAD_RCPT)
+    if not domain.startswith("["):
+        try:  # a label's limit (63 octets) is on its A-label form
+            routing_domain(domain)
+        except BadDomain:
+            raise PathError(replies.S553_BAD_RCPT) from None
+        if any(len(label) > 63 for label in routing_domain(domain).split(".")):
+            raise PathError(replies.S553_BAD_RCPT)
     return Path(f"{local}@{domain}", local, domain, match.group("route") or ""), rest.strip()
+
+
+def _closing_bracket(text: str) -> int:
+    """Index of the ">" that closes a path starting with "<", skipping
+    quoted strings and quoted pairs (``<"a>b"@x>``); -1 if none."""
+    quoted = escaped = False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return index
+    return -1
 
 
 def _valid_literal(text: str) -> bool:
@@ -167,5 +192,5 @@ def routing_domain(domain: str) -> str:
         return domain
     try:
         return idna.encode(domain, uts46=True).decode("ascii")
-    except idna.IDNAError as exc:
+    except (idna.IDNAError, UnicodeError) as exc:
         raise BadDomain(str(exc)) from None

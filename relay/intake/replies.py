@@ -81,12 +81,13 @@ _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 
 
 def enhance(reply: str) -> str:
-    """Give a one-line reply an enhanced status code if it has none."""
-    if _HAS_ENHANCED.match(reply):
-        return reply
+    """Our catalogue's wording for aiosmtpd's replies; an enhanced status
+    code for any other one-line reply that has none."""
     for start, ours in _REWRITES:
         if reply.startswith(start):
             return ours
+    if _HAS_ENHANCED.match(reply):
+        return reply
     code, sep, text = reply[:3], reply[3:4], reply[4:]
     default = _DEFAULTS.get(code)
     if default is None or sep not in (" ", "-"):

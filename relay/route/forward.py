@@ -80,9 +80,22 @@ def envelope_of(part: Part) -> dict:
 
 
 def part_from(envelope: dict, body: bytes) -> Part:
+    """The part a peer sent; CorruptEntry unless every field has its type."""
     try:
         if envelope["v"] != WIRE_VERSION:
             raise CorruptEntry(f"unknown part format version {envelope['v']!r}")
+        fields_ok = (
+            isinstance(envelope["id"], str) and isinstance(envelope["from"], str)
+            and isinstance(envelope["at"], (int, float)) and isinstance(envelope["utf8"], bool)
+            and (envelope["coord"] is None or isinstance(envelope["coord"], int))
+            and envelope["rcpt"]
+            and all(
+                isinstance(a, str) and isinstance(d, str) and isinstance(s, int)
+                and isinstance(i, int) for a, d, s, i in envelope["rcpt"]
+            )
+        )
+        if not fields_ok:
+            raise CorruptEntry("part envelope with a field of the wrong type")
         return Part(
             queue_id=envelope["id"],
             sender=envelope["from"],
@@ -136,6 +149,7 @@ class PeerClient:
             await _write_frame(writer, {**header, "rid": request_id}, body)
             return await asyncio.wait_for(future, REQUEST_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
+            self._pending.pop(request_id, None)  # answered here, not by _drop
             self._drop(exc)
             raise OwnerUnavailable(f"worker {self.owner} did not answer") from None
         finally:

@@ -7,7 +7,8 @@ every spool database holding exactly the mail of its worker's slots.
    settled: if any spool holds the coordinator's decision the part is
    released, otherwise the client never got a 250 and the part is dropped.
 2. Mail whose slot now belongs to another worker (the worker count changed)
-   moves to its new owner: copied and committed there first, then deleted
+   moves to its new owner, with the suppression list entries and delivery
+   events of its domains: copied and committed there first, then deleted
    at the source.  A crash in between leaves a copy on both sides, and the
    next run's INSERT OR IGNORE makes the copy a no-op before the delete.
 3. Databases of workers that no longer exist are removed once empty.
@@ -20,6 +21,8 @@ import logging
 import os
 import re
 
+from relay.intake.policy import BadDomain, routing_domain
+from relay.route.shard import slot_of
 from relay.spool.format import MessageState
 from relay.spool.store import connect, spool_path
 
@@ -44,6 +47,8 @@ def recover(spool_dir: str, workers: int) -> dict[str, int]:
     for worker in range(workers):
         paths.setdefault(worker, spool_path(spool_dir, worker))
     conns = {worker: connect(path) for worker, path in paths.items()}
+    for conn in conns.values():
+        conn.create_function("address_slot", 1, _address_slot, deterministic=True)
     counts = {"released": 0, "dropped": 0, "moved": 0}
     try:
         _settle_held(conns, counts)
@@ -92,14 +97,24 @@ def _settle_held(conns: dict, counts: dict[str, int]) -> None:
         conn.execute("COMMIT")
 
 
+def _address_slot(address: str) -> int:
+    try:
+        return slot_of(routing_domain(address.rpartition("@")[2]))
+    except BadDomain:
+        return 0
+
+
 def _rehome(source: int, conn, conns: dict, workers: int, counts: dict[str, int]) -> None:
     # "slot % workers" in SQL is route.shard.owner_of(slot, workers).
-    targets = [
+    targets = {
         row[0]
-        for row in conn.execute(
-            "SELECT DISTINCT slot % ? FROM recipient", (workers,)
+        for query in (
+            "SELECT DISTINCT slot % ? FROM recipient",
+            "SELECT DISTINCT address_slot(address) % ? FROM suppression",
+            "SELECT DISTINCT address_slot(recipient) % ? FROM event",
         )
-    ]
+        for row in conn.execute(query, (workers,))
+    }
     for target in targets:
         if target == source:
             continue
@@ -121,12 +136,27 @@ def _rehome(source: int, conn, conns: dict, workers: int, counts: dict[str, int]
                 " WHERE slot % ? = ?",
                 (workers, target),
             ).rowcount
+            dest.execute(
+                "INSERT OR IGNORE INTO main.suppression SELECT * FROM src.suppression"
+                " WHERE address_slot(address) % ? = ?",
+                (workers, target),
+            )
+            dest.execute(
+                "INSERT INTO main.event (time, queue_id, recipient, destination, mx, source_ip,"
+                " tls, code, enhanced, text, outcome, class, latency)"
+                " SELECT time, queue_id, recipient, destination, mx, source_ip, tls, code,"
+                " enhanced, text, outcome, class, latency FROM src.event"
+                " WHERE address_slot(recipient) % ? = ?",
+                (workers, target),
+            )
             dest.execute("COMMIT")
         finally:
             dest.execute("DETACH DATABASE src")
         # Only now that the copy is durable at its owner does the source let go.
         conn.execute("BEGIN IMMEDIATE")
         conn.execute("DELETE FROM recipient WHERE slot % ? = ?", (workers, target))
+        conn.execute("DELETE FROM suppression WHERE address_slot(address) % ? = ?", (workers, target))
+        conn.execute("DELETE FROM event WHERE address_slot(recipient) % ? = ?", (workers, target))
         conn.execute(
             "DELETE FROM body WHERE id NOT IN (SELECT message_id FROM recipient)"
         )
@@ -145,12 +175,15 @@ def conn_path(conn) -> str:
 def _remove_if_empty(path: str) -> None:
     conn = connect(path)
     try:
-        left = conn.execute("SELECT COUNT(*) FROM message").fetchone()[0]
+        left = sum(
+            conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+            for table in ("message", "suppression", "event")
+        )
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         conn.close()
     if left:
-        log.error("spool %s still holds %d messages; kept", os.path.basename(path), left)
+        log.error("spool %s still holds %d rows; kept", os.path.basename(path), left)
         return
     for suffix in ("", "-wal", "-shm"):
         try:

@@ -81,6 +81,11 @@ CREATE TABLE IF NOT EXISTS event (
     latency REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS event_recipient ON event (recipient, time);
+CREATE TABLE IF NOT EXISTS suppression (
+    address TEXT PRIMARY KEY,
+    time REAL NOT NULL,
+    reply TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS event_queue_id ON event (queue_id);
 """
 
@@ -99,6 +104,7 @@ class DueRecipient:
     received: float
     smtputf8: bool
     size: int
+    suppressed: str | None = None  # the hard bounce that put the address on the list
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +160,10 @@ def connect(path: str) -> sqlite3.Connection:
 def insert_part(conn: sqlite3.Connection, part: Part, next_attempt: float) -> None:
     """Write one part.  Idempotent: a part handed over twice is stored once."""
     state = MessageState.ACTIVE if part.coordinator is None else MessageState.HELD
+    # ON CONFLICT DO NOTHING, not OR IGNORE: only a repeated key is skipped;
+    # a NULL where none belongs fails the operation instead of half-writing it.
     conn.execute(
-        "INSERT OR IGNORE INTO message VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO message VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         (
             part.queue_id,
             part.sender,
@@ -166,10 +174,10 @@ def insert_part(conn: sqlite3.Connection, part: Part, next_attempt: float) -> No
             part.coordinator,
         ),
     )
-    conn.execute("INSERT OR IGNORE INTO body VALUES (?, ?)", (part.queue_id, part.body))
+    conn.execute("INSERT INTO body VALUES (?, ?) ON CONFLICT DO NOTHING", (part.queue_id, part.body))
     conn.executemany(
-        "INSERT OR IGNORE INTO recipient (message_id, idx, address, domain, slot, state,"
-        " next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO recipient (message_id, idx, address, domain, slot, state,"
+        " next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         [
             (part.queue_id, r.index, r.address, r.domain, r.slot, int(RecipientState.QUEUED),
              next_attempt)
@@ -212,6 +220,7 @@ class Spool:
         self._writer: asyncio.Task | None = None
         self.commits = 0  # how many group commits ran (for stats and tests)
         self.on_ready: Callable[[], None] | None = None  # new deliverable mail committed
+        self._closing = False
         self._read_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"spool-read-{worker}")
         self._read_conn: sqlite3.Connection | None = None
 
@@ -231,15 +240,11 @@ class Spool:
         return conn
 
     async def close(self) -> None:
-        """Commit what is queued, then close the database."""
+        """Commit what is queued, answer every caller, then close the database."""
         if self._writer is not None:
-            while self._pending:
-                await asyncio.sleep(0.001)
-            self._writer.cancel()
-            try:
-                await self._writer
-            except asyncio.CancelledError:
-                pass
+            self._closing = True
+            self._wakeup.set()
+            await self._writer  # it returns once nothing is queued or committing
             self._writer = None
         loop = asyncio.get_running_loop()
         if self._read_conn is not None:
@@ -312,8 +317,9 @@ class Spool:
             for state in PENDING_STATES:
                 rows += conn.execute(
                     "SELECT r.message_id, r.idx, r.address, r.domain, r.attempts, m.sender,"
-                    " m.received, m.smtputf8, m.size FROM recipient r"
+                    " m.received, m.smtputf8, m.size, s.reply FROM recipient r"
                     " JOIN message m ON m.id = r.message_id"
+                    " LEFT JOIN suppression s ON s.address = r.address"
                     " WHERE r.state = ? AND r.next_attempt <= ? AND m.state = ?"
                     " ORDER BY r.next_attempt LIMIT ?",
                     (state, now, int(MessageState.ACTIVE), limit - len(rows)),
@@ -324,7 +330,7 @@ class Spool:
                 "UPDATE recipient SET state = ? WHERE message_id = ? AND idx = ?",
                 [(int(RecipientState.SENDING), row[0], row[1]) for row in rows],
             )
-            return [DueRecipient(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8])
+            return [DueRecipient(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8], r[9])
                     for r in rows]
 
         return await self._submit(apply)
@@ -352,11 +358,19 @@ class Spool:
         )
         return row[0] if row else None
 
-    async def complete(self, updates: list[RecipientUpdate], events: list[tuple]) -> None:
+    async def complete(self, updates: list[RecipientUpdate], events: list[tuple],
+                       suppress: list[tuple[str, str]] = ()) -> None:
         """Record the outcome of attempts and their events in one transaction;
-        a message whose recipients are all final leaves the queue."""
+        a message whose recipients are all final leaves the queue.  Addresses
+        in ``suppress`` (address, reply) hard-bounced: they are not tried
+        again until removed from the suppression list."""
+        now = time.time()
 
         def apply(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT OR REPLACE INTO suppression VALUES (?, ?, ?)",
+                [(address, now, reply) for address, reply in suppress],
+            )
             conn.executemany(
                 "UPDATE recipient SET state = ?, attempts = ?, next_attempt = ?, last_reply = ?"
                 " WHERE message_id = ? AND idx = ?",
@@ -415,7 +429,7 @@ class Spool:
     # -- the writer ---------------------------------------------------------
 
     async def _submit(self, apply: Callable[[sqlite3.Connection], Any], wakes: bool = False) -> Any:
-        if self._writer is None:
+        if self._writer is None or self._closing:
             raise SpoolError("spool is not open")
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_Op(apply, future, wakes))
@@ -424,7 +438,7 @@ class Spool:
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not (self._closing and not self._pending):
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
@@ -463,10 +477,12 @@ class Spool:
                 try:
                     value = op.apply(conn)
                 except sqlite3.Error as exc:
+                    # On SQLITE_FULL (and I/O errors) SQLite has already
+                    # rolled the whole transaction back: the batch failed.
+                    if _is_disk_full(exc) or not conn.in_transaction:
+                        raise
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
-                    if _is_disk_full(exc):
-                        raise
                     log.error("spool operation failed: %s", exc)
                     results.append((False, SpoolError("spool write failed")))
                 else:

@@ -1,0 +1,79 @@
+"""Per-destination ready queues and their connection bookkeeping (pure).
+
+Input: jobs (one message's recipients for one domain) routed to a
+destination.  Output: decisions — whether another sender should start,
+which idle connection to reuse — with no I/O: the dispatcher acts on them.
+
+A destination is the set of MX hosts of a domain (plus the TLS mode), so
+domains sharing MX hosts share one queue and one pool.  The limits that
+shape traffic (connections per destination, messages per connection) are
+enforced here; per-destination rate limits, adaptive backoff, suspension
+and priority lanes are meant to plug in at ``next_job`` and ``may_open``.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+from relay.deliver.resolve import Destination
+from relay.spool.store import DueRecipient
+
+
+@dataclass
+class Job:
+    """One message's recipients at one domain: one SMTP transaction."""
+
+    queue_id: str
+    sender: str
+    smtputf8: bool
+    received: float
+    size: int
+    domain: str
+    recipients: list[DueRecipient]
+
+
+def jobs_from(due: list[DueRecipient]) -> list[Job]:
+    """Group claimed recipients by (message, domain), keeping claim order."""
+    jobs: dict[tuple[str, str], Job] = {}
+    for row in due:
+        job = jobs.get((row.queue_id, row.domain))
+        if job is None:
+            job = jobs[(row.queue_id, row.domain)] = Job(
+                row.queue_id, row.sender, row.smtputf8, row.received, row.size, row.domain, []
+            )
+        job.recipients.append(row)
+    return list(jobs.values())
+
+
+@dataclass
+class DestinationQueue:
+    destination: Destination
+    tls_mode: str
+    max_connections: int
+    jobs: collections.deque = field(default_factory=collections.deque)
+    idle: list = field(default_factory=list)  # parked sessions, oldest first
+    senders: int = 0  # sender tasks running (each holds or is opening a connection)
+
+    @property
+    def connections(self) -> int:
+        return self.senders + len(self.idle)
+
+    def push(self, job: Job, front: bool = False) -> None:
+        if front:
+            self.jobs.appendleft(job)
+        else:
+            self.jobs.append(job)
+
+    def next_job(self) -> Job | None:
+        return self.jobs.popleft() if self.jobs else None
+
+    def wants_sender(self) -> bool:
+        """Start another sender?  Only for work no running sender will reach
+        soon, and within the connection limit (idle ones count)."""
+        if not self.jobs or self.senders >= len(self.jobs):
+            return False
+        return bool(self.idle) or self.connections < self.max_connections
+
+    def take_idle(self):
+        return self.idle.pop() if self.idle else None

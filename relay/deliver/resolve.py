@@ -1,0 +1,197 @@
+"""MX resolution: recipient domain -> Destination (the hops to try, in order).
+
+Input: a routing domain.  Output: a ``Destination`` — its key (the set of
+MX host names, so domains sharing MX hosts share connections) and its hops
+(one per MX address, by MX preference, equal preferences shuffled) — or a
+``DeliveryError`` whose reply says whether the failure is permanent:
+
+* static ``[routes]`` bypass DNS;
+* MX records -> their A/AAAA addresses (RFC 5321 5.1);
+* no MX (NODATA) -> the domain's own A/AAAA (the implicit MX);
+* null MX ``MX 0 .`` (RFC 7505) -> ``556 5.1.10``, permanent;
+* NXDOMAIN -> ``550 5.1.2``, permanent;
+* SERVFAIL, timeouts, MX hosts without addresses -> ``451 4.4.3``, temporary.
+
+Answers are cached for their TTL; failures too (permanent ones for
+``NEGATIVE_TTL``, temporary ones for ``TEMPFAIL_TTL``), so a burst of mail
+to a broken domain costs one lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import time
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from relay.deliver.session import Hop
+from relay.errors import DeliveryError
+from relay.model import Reply, Stage
+
+NEGATIVE_TTL = 300.0
+TEMPFAIL_TTL = 30.0
+MAX_TTL = 3600.0
+MIN_TTL = 5.0
+LOOKUP_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Destination:
+    key: tuple[str, ...]  # sorted MX host names (or the static route)
+    hops: tuple[Hop, ...]
+
+    @property
+    def name(self) -> str:
+        return ",".join(self.key)
+
+
+def _fail(code: int, enhanced: str, text: str) -> DeliveryError:
+    return DeliveryError(Reply(code, enhanced, text, None), Stage.LOCAL)
+
+
+class Resolver:
+    def __init__(self, *, nameservers: tuple[tuple[str, int], ...], routes: dict,
+                 mx_port: int, clock=time.monotonic, rng: random.Random | None = None) -> None:
+        self.routes = routes
+        self.mx_port = mx_port
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._cache: dict[str, tuple[float, Destination | DeliveryError]] = {}
+        self._pending: dict[str, asyncio.Future] = {}
+        if nameservers:
+            self._dns = dns.asyncresolver.Resolver(configure=False)
+            self._dns.nameservers = [
+                dns.nameserver.Do53Nameserver(host, port) for host, port in nameservers
+            ]
+        else:
+            self._dns = dns.asyncresolver.Resolver()
+        self._dns.lifetime = LOOKUP_TIMEOUT
+        self._dns.timeout = LOOKUP_TIMEOUT / 3
+        self.lookups = 0
+
+    async def resolve(self, domain: str) -> Destination:
+        """The destination of a domain; raises DeliveryError (cached too)."""
+        cached = self._cache.get(domain)
+        if cached is not None and cached[0] > self._clock():
+            return self._order(cached[1])
+        # Concurrent callers for one domain share one lookup.
+        pending = self._pending.get(domain)
+        if pending is None:
+            pending = asyncio.ensure_future(self._lookup(domain))
+            self._pending[domain] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(domain, None))
+        return self._order(await asyncio.shield(pending))
+
+    def _order(self, entry: Destination | DeliveryError) -> Destination:
+        if isinstance(entry, DeliveryError):
+            raise entry
+        return entry
+
+    async def _lookup(self, domain: str) -> Destination | DeliveryError:
+        try:
+            destination, ttl = await self._find(domain)
+            entry: Destination | DeliveryError = destination
+        except DeliveryError as exc:
+            entry, ttl = exc, (TEMPFAIL_TTL if exc.reply.code < 500 else NEGATIVE_TTL)
+        self._cache[domain] = (self._clock() + ttl, entry)
+        return entry
+
+    async def _find(self, domain: str) -> tuple[Destination, float]:
+        route = self.routes.get(domain)
+        if route is not None:
+            host, port = route
+            ips, ttl = await self._addresses(host) if not _is_ip(host) else ([host], MAX_TTL)
+            if not ips:
+                raise _fail(451, "4.4.3", f"static route host {host} has no address")
+            return Destination((f"{host}:{port}",), tuple(Hop(host, ip, port) for ip in ips)), ttl
+        if domain.startswith("["):  # an address literal: deliver to it
+            literal = domain[1:-1]
+            literal = literal[5:] if literal.lower().startswith("ipv6:") else literal
+            return Destination((domain,), (Hop(literal, literal, self.mx_port),)), MAX_TTL
+        mx_records, ttl = await self._mx(domain)
+        if mx_records is None:  # no MX: the implicit MX is the domain itself
+            mx_records = [(0, domain)]
+        elif len(mx_records) == 1 and mx_records[0][1] == "":
+            raise _fail(556, "5.1.10", f"{domain} accepts no mail (null MX)")
+        mx_records = [(pref, host) for pref, host in mx_records if host]
+        hosts = await asyncio.gather(*(self._addresses(host) for _, host in mx_records))
+        hops, ttls = [], [ttl]
+        for (pref, host), (ips, host_ttl) in zip(mx_records, hosts):
+            ttls.append(host_ttl)
+            hops.extend((pref, Hop(host, ip, self.mx_port)) for ip in ips)
+        if not hops:
+            raise _fail(451, "4.4.3", f"no MX host of {domain} has an address")
+        # Preference order; equal preferences in random order (RFC 5321 5.1).
+        self._rng.shuffle(hops)
+        hops.sort(key=lambda item: item[0])
+        key = tuple(sorted({host for _, host in mx_records}))
+        return Destination(key, tuple(hop for _, hop in hops)), _clamp(min(ttls))
+
+    async def _mx(self, domain: str) -> tuple[list[tuple[int, str]] | None, float]:
+        try:
+            answer = await self._query(domain, "MX")
+        except dns.resolver.NoAnswer:
+            return None, NEGATIVE_TTL
+        except dns.resolver.NXDOMAIN:
+            raise _fail(550, "5.1.2", f"domain {domain} does not exist") from None
+        records = [
+            (r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in answer
+        ]
+        records = [(pref, "" if host in ("", ".") else host) for pref, host in records]
+        return sorted(records), float(answer.rrset.ttl)
+
+    async def _addresses(self, host: str) -> tuple[list[str], float]:
+        results = await asyncio.gather(
+            self._records(host, "A"), self._records(host, "AAAA"), return_exceptions=True
+        )
+        ips, ttls, errors = [], [], []
+        for result in results:
+            if isinstance(result, DeliveryError):
+                errors.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                ips.extend(result[0])
+                ttls.append(result[1])
+        if not ips and errors and any(e.reply.code < 500 for e in errors):
+            raise errors[0]
+        return ips, min(ttls) if ttls else NEGATIVE_TTL
+
+    async def _records(self, host: str, rdtype: str) -> tuple[list[str], float]:
+        try:
+            answer = await self._query(host, rdtype)
+        except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+            return [], NEGATIVE_TTL
+        return [r.address for r in answer], float(answer.rrset.ttl)
+
+    async def _query(self, name: str, rdtype: str):
+        self.lookups += 1
+        try:
+            return await self._dns.resolve(name, rdtype, search=False)
+        except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+            raise
+        except dns.resolver.NoNameservers:
+            raise _fail(451, "4.4.3", f"DNS server failure for {name}/{rdtype}") from None
+        except (dns.exception.Timeout, dns.resolver.LifetimeTimeout):
+            raise _fail(451, "4.4.3", f"DNS timeout for {name}/{rdtype}") from None
+        except dns.exception.DNSException as exc:
+            raise _fail(451, "4.4.3", f"DNS error for {name}/{rdtype}: {exc}") from None
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _clamp(ttl: float) -> float:
+    return max(MIN_TTL, min(ttl, MAX_TTL))

@@ -1,0 +1,241 @@
+"""One outbound SMTP connection (I/O): connect, EHLO, STARTTLS, transactions.
+
+Input: a hop (MX host, IP, port), the source IP to bind, a TLS mode and
+timeouts.  Output: per-recipient replies of each transaction; failures as
+``DeliveryError(reply, stage)``.  The protocol itself lives in
+deliver.smtp_proto; this module only drives it.  ``map_exceptions`` is the
+one place that turns OSError, timeouts, ssl.SSLError and protocol errors
+into a ``DeliveryError`` with a made-up reply (code 0) and the stage.
+
+Timeouts follow RFC 5321 4.5.3.2 (configurable): connect, each command
+reply, and the reply after the final dot, which may take longest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from dataclasses import dataclass, field
+
+from relay.errors import DeliveryError, RemoteProtocolError, TlsUnavailable
+from relay.model import Reply, Stage
+from relay.deliver import smtp_proto
+
+
+@dataclass(frozen=True)
+class Hop:
+    host: str  # the MX host name (for TLS verification and logs)
+    ip: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 30.0
+    command: float = 300.0  # RFC 5321: MAIL 5 min, RCPT 5 min, greeting 5 min
+    data: float = 600.0  # RFC 5321: DATA termination 10 min
+
+
+@dataclass
+class TransactionResult:
+    """Replies of one transaction: a failure before any RCPT counts for all."""
+
+    mail: Reply | None = None
+    rcpt: list[Reply] = field(default_factory=list)
+    data: Reply | None = None  # the 354 step
+    dot: Reply | None = None  # after the final dot
+
+
+@contextlib.contextmanager
+def map_exceptions(stage: Stage, host: str):
+    try:
+        yield
+    except DeliveryError:
+        raise
+    except asyncio.TimeoutError:
+        raise DeliveryError(Reply(0, "4.4.2", f"timeout at {stage.value}", host), stage) from None
+    except ssl.SSLError as exc:
+        raise TlsUnavailable(
+            Reply(0, "4.7.5", f"TLS handshake failed: {exc.reason or exc}", host), Stage.STARTTLS
+        ) from None
+    except ConnectionRefusedError:
+        raise DeliveryError(Reply(0, "4.4.1", "connection refused", host), stage) from None
+    except (OSError, EOFError) as exc:
+        text = exc.strerror or str(exc) or type(exc).__name__
+        raise DeliveryError(Reply(0, "4.4.2", f"connection lost: {text}", host), stage) from None
+    except RemoteProtocolError as exc:
+        raise DeliveryError(Reply(0, "4.5.0", f"protocol error: {exc}", host), stage) from None
+
+
+class SmtpSession:
+    def __init__(self, hop: Hop, *, helo_name: str, source_ip: str | None,
+                 timeouts: Timeouts) -> None:
+        self.hop = hop
+        self.helo_name = helo_name
+        self.source_ip = source_ip
+        self.timeouts = timeouts
+        self.tls = False
+        self.extensions: dict[str, str] = {}
+        self.messages_sent = 0
+        self.usable = False
+        self.idle_since = 0.0
+        self._parser = smtp_proto.ReplyParser(hop.host)
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    # -- opening ------------------------------------------------------------
+
+    async def open(self, tls_mode: str, tls_context: ssl.SSLContext | None) -> None:
+        """Connect, greet, EHLO and STARTTLS as ``tls_mode`` asks.
+
+        tls_mode: "none" (never), "opportunistic" (if offered; a failed
+        handshake raises TlsUnavailable so the caller may retry in
+        plaintext), "required" / "verify" (STARTTLS or fail; verify also
+        checks the certificate against the MX host name)."""
+        hop = self.hop
+        with map_exceptions(Stage.CONNECT, hop.host):
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    hop.ip, hop.port,
+                    local_addr=(self.source_ip, 0) if self.source_ip else None,
+                ),
+                self.timeouts.connect,
+            )
+        greeting = await self._read(Stage.GREETING, self.timeouts.command)
+        if greeting.code != 220:
+            raise DeliveryError(greeting, Stage.GREETING)
+        await self._ehlo()
+        if tls_mode != "none":
+            if "STARTTLS" in self.extensions:
+                await self._starttls(tls_context, verify=tls_mode == "verify")
+            elif tls_mode in ("required", "verify"):
+                raise TlsUnavailable(Reply(0, "4.7.4", "STARTTLS not offered", hop.host), Stage.EHLO)
+        self.usable = True
+        self.idle_since = time.monotonic()
+
+    async def _ehlo(self) -> None:
+        self._write(smtp_proto.command("EHLO", self.helo_name))
+        reply = await self._read(Stage.EHLO, self.timeouts.command)
+        if reply.code == 250:
+            self.extensions = smtp_proto.ehlo_extensions(reply)
+            return
+        self._write(smtp_proto.command("HELO", self.helo_name))
+        reply = await self._read(Stage.EHLO, self.timeouts.command)
+        if reply.code != 250:
+            raise DeliveryError(reply, Stage.EHLO)
+        self.extensions = {}
+
+    async def _starttls(self, context: ssl.SSLContext | None, verify: bool) -> None:
+        self._write(smtp_proto.command("STARTTLS"))
+        reply = await self._read(Stage.STARTTLS, self.timeouts.command)
+        if reply.code != 220:
+            raise TlsUnavailable(reply, Stage.STARTTLS)
+        if context is None:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        with map_exceptions(Stage.STARTTLS, self.hop.host):
+            await asyncio.wait_for(
+                self._writer.start_tls(context, server_hostname=self.hop.host if verify else None),
+                self.timeouts.connect,
+            )
+        self.tls = True
+        self._parser = smtp_proto.ReplyParser(self.hop.host)
+        await self._ehlo()
+
+    # -- transactions -------------------------------------------------------
+
+    async def send(self, sender: str, recipients: list[str], body: bytes,
+                   smtputf8: bool) -> TransactionResult:
+        """One transaction.  Raises DeliveryError only when the connection
+        itself failed (then no recipient's fate is known)."""
+        result = TransactionResult()
+        size = len(body) if "SIZE" in self.extensions else None
+        body8bit = "8BITMIME" in self.extensions and not body.isascii()
+        utf8 = smtputf8 and "SMTPUTF8" in self.extensions
+        self.usable = False  # until the transaction ends cleanly
+        if "PIPELINING" in self.extensions:
+            self._write(smtp_proto.transaction(sender, recipients, size=size, smtputf8=utf8,
+                                               body8bit=body8bit))
+            result.mail = await self._read(Stage.MAIL, self.timeouts.command)
+            for _ in recipients:
+                result.rcpt.append(await self._read(Stage.RCPT, self.timeouts.command))
+            result.data = await self._read(Stage.DATA, self.timeouts.command)
+        else:
+            self._write(smtp_proto.mail_from(sender, size=size, smtputf8=utf8, body8bit=body8bit))
+            result.mail = await self._read(Stage.MAIL, self.timeouts.command)
+            if result.mail.code != 250:
+                await self._reset()
+                return result
+            for address in recipients:
+                self._write(smtp_proto.rcpt_to(address))
+                result.rcpt.append(await self._read(Stage.RCPT, self.timeouts.command))
+            if not any(r.code in (250, 251) for r in result.rcpt):
+                await self._reset()
+                return result
+            self._write(b"DATA\r\n")
+            result.data = await self._read(Stage.DATA, self.timeouts.command)
+        if result.data.code != 354:
+            await self._reset()
+            return result
+        accepted = result.mail.code == 250 and any(r.code in (250, 251) for r in result.rcpt)
+        # A server that said 354 must get a message; with no recipient
+        # accepted it can only be refused, so send an empty one.
+        self._write(smtp_proto.dot_stuffed(body) if accepted else b".\r\n")
+        result.dot = await self._read(Stage.DOT, self.timeouts.data)
+        self.messages_sent += 1
+        self.usable = True
+        self.idle_since = time.monotonic()
+        return result
+
+    async def _reset(self) -> None:
+        self._write(b"RSET\r\n")
+        reply = await self._read(Stage.MAIL, self.timeouts.command)
+        self.usable = reply.code == 250
+        self.idle_since = time.monotonic()
+
+    async def quit(self) -> None:
+        """Polite close: QUIT, and do not wait long for the 221."""
+        if self._writer is None:
+            return
+        try:
+            if not self._writer.is_closing():
+                self._write(b"QUIT\r\n")
+                await asyncio.wait_for(self._read(Stage.LOCAL, 2.0), 2.0)
+        except (DeliveryError, asyncio.TimeoutError):
+            pass
+        self.close()
+
+    def close(self) -> None:
+        self.usable = False
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # -- I/O ----------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        with map_exceptions(Stage.LOCAL, self.hop.host):
+            if self._writer is None or self._writer.is_closing():
+                raise ConnectionResetError("connection closed")
+            self._writer.write(data)
+
+    async def _read(self, stage: Stage, timeout: float) -> Reply:
+        with map_exceptions(stage, self.hop.host):
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                reply = self._parser.next_reply()
+                if reply is not None:
+                    if reply.code == 421:  # the server is closing: the site failed
+                        self.close()
+                        raise DeliveryError(reply, stage)
+                    return reply
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                data = await asyncio.wait_for(self._reader.read(65536), remaining)
+                if not data:
+                    raise EOFError("connection closed by server")
+                self._parser.receive_data(data)

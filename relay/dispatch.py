@@ -1,0 +1,424 @@
+"""The delivery loop of one worker: due mail from its spool, out to the MX
+servers, and each recipient's outcome back into the spool.
+
+Input: the worker's spool (only its own slots' mail), the resolver, and a
+``submit`` callable that queues new messages (DSNs) the way intake does.
+Output: one SMTP transaction per (message, domain) over pooled sessions,
+and per recipient an update plus an event, committed together; the events
+also go to ``event_log_dir/delivery-N.jsonl`` as JSON lines.
+
+Theory of operation.  Only mail that is due is loaded: ``claim_due`` takes
+up to ``deliver.max_loaded`` recipients (metadata only; a body is read when
+its transaction starts) and marks them as being sent.  Claimed recipients
+become jobs in their destination's queue (deliver.queue).  A sender task
+takes a pooled connection or opens one from the next of this worker's
+source IPs (round robin), then sends job after job until the queue is
+empty or the connection has carried ``max_messages_per_connection``.
+Each reply is classified (outcome.classify): delivered, deferred to the
+next step of the retry schedule, or bounced — with a DSN to the sender.
+The loop sleeps until the earliest deferred recipient is due or the spool
+says new mail was committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import random
+import re
+import ssl
+import time
+from typing import Awaitable, Callable
+
+import orjson
+
+from relay.config import Settings
+from relay.deliver.queue import DestinationQueue, Job, jobs_from
+from relay.deliver.resolve import Destination, Resolver
+from relay.deliver.schedule import RetrySchedule
+from relay.deliver.session import SmtpSession, Timeouts, TransactionResult
+from relay.errors import DeliveryError, RelayError, TlsUnavailable
+from relay.model import QueueIds, Reply, Stage, Transaction
+from relay.outcome.bounce import FailedRecipient, build_dsn, should_bounce
+from relay.outcome.classify import Action, FailureClass, Outcome, classify
+from relay.spool.format import RecipientState
+from relay.spool.store import EVENT_COLUMNS, DueRecipient, RecipientUpdate, Spool
+
+log = logging.getLogger("relay.deliver")
+
+TLS_FALLBACK_MEMORY = 3600.0  # remember a host whose STARTTLS failed this long
+IDLE_CHECK_INTERVAL = 1.0
+MAX_WAIT = 5.0  # the loop looks at the spool at least this often
+INTERNAL_HEADER = re.compile(rb"^X-Relay-[A-Za-z0-9-]*:", re.IGNORECASE)
+
+Submit = Callable[[Transaction], Awaitable[None]]
+
+
+def strip_internal_headers(body: bytes) -> bytes:
+    """Drop ``X-Relay-*`` header fields (with their folded lines)."""
+    end = body.find(b"\r\n\r\n")
+    head = body if end < 0 else body[: end + 2]
+    if b"X-Relay-" not in head and b"x-relay-" not in head.lower():
+        return body
+    kept, dropping = [], False
+    for line in head.split(b"\r\n")[:-1]:
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = bool(INTERNAL_HEADER.match(line))
+        if not dropping:
+            kept.append(line)
+    rest = b"" if end < 0 else body[end + 2:]
+    return b"\r\n".join(kept) + b"\r\n" + rest
+
+
+def worker_source_ips(source_ips: tuple[str, ...], worker: int, workers: int) -> list:
+    """Address i belongs to worker i % workers; a worker left without one
+    shares (kernel's choice when none is configured: [None])."""
+    if not source_ips:
+        return [None]
+    own = [ip for i, ip in enumerate(source_ips) if i % workers == worker]
+    return own or [source_ips[worker % len(source_ips)]]
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, worker: int, workers: int, spool: Spool,
+                 submit: Submit, resolver: Resolver | None = None) -> None:
+        deliver = settings.deliver
+        self.settings = settings
+        self.worker = worker
+        self.spool = spool
+        self.submit = submit
+        self.hostname = settings.hostname
+        self.resolver = resolver or Resolver(
+            nameservers=settings.dns.nameservers, routes=settings.routes, mx_port=deliver.mx_port
+        )
+        self.schedule = RetrySchedule(deliver.retry_schedule, deliver.max_lifetime, rng=random.Random())
+        self.timeouts = Timeouts(deliver.connect_timeout, deliver.command_timeout, deliver.data_timeout)
+        self.source_ips = worker_source_ips(settings.relay.source_ips, worker, workers)
+        self._next_source = itertools.count()
+        self.queues: dict[tuple, DestinationQueue] = {}
+        self.loaded = 0
+        self._wakeup = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._tls_broken: dict[str, float] = {}
+        self._verify_context = self._make_verify_context(deliver.ca_file)
+        self._queue_ids = QueueIds(worker)
+        os.makedirs(deliver.event_log_dir, exist_ok=True)
+        self._event_log = open(os.path.join(deliver.event_log_dir, f"delivery-{worker}.jsonl"), "ab")
+        self.connections_opened = 0
+
+    @staticmethod
+    def _make_verify_context(ca_file: str) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=ca_file or None)
+        context.check_hostname = True
+        return context
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    # -- the loop -----------------------------------------------------------
+
+    async def run(self) -> None:
+        returned = await self.spool.unclaim_all()
+        if returned:
+            log.info("%d recipients claimed before a restart are queued again", returned)
+        self.spool.on_ready = self.wake
+        self._spawn(self._close_idle_connections())
+        self._spawn(self._prune_events())
+        limit = self.settings.deliver.max_loaded
+        while True:
+            self._wakeup.clear()
+            room = limit - self.loaded
+            claimed = await self.spool.claim_due(time.time(), room) if room > 0 else []
+            if claimed:
+                self.loaded += len(claimed)
+                for job in jobs_from(claimed):
+                    self._spawn(self._route(job))
+                if len(claimed) == room:
+                    await asyncio.sleep(0)  # more may be due: look again soon
+                    continue
+            due = await self.spool.next_due()
+            wait = MAX_WAIT if due is None else min(max(due - time.time(), 0.01), MAX_WAIT)
+            if self.loaded >= limit:
+                wait = MAX_WAIT
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug: let it kill the worker; the supervisor restarts it and
+            # the claimed recipients are queued again.
+            log.error("delivery task failed", exc_info=task.exception())
+            os._exit(70)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for queue in self.queues.values():
+            for session in queue.idle:
+                session.close()
+        self._event_log.close()
+
+    # -- routing a job to its destination -------------------------------------
+
+    def tls_mode(self, domain: str) -> str:
+        return self.settings.tls_policy.get(domain, self.settings.deliver.tls)
+
+    async def _route(self, job: Job) -> None:
+        if job.domain in self.settings.deliver.exclude_domains:
+            reply = Reply(550, "5.7.1", "recipient domain is excluded from delivery", None)
+            await self._record(job, [(r, reply, Stage.LOCAL) for r in job.recipients], None, None,
+                               dropped=True)
+            return
+        suppressed = [r for r in job.recipients if r.suppressed]
+        if suppressed:
+            await self._record(
+                Job(**{**job.__dict__, "recipients": suppressed}),
+                [(r, Reply(550, "5.1.1", f"suppressed after a hard bounce: {r.suppressed}", None),
+                  Stage.LOCAL) for r in suppressed],
+                None, None,
+            )
+            job.recipients = [r for r in job.recipients if not r.suppressed]
+            if not job.recipients:
+                return
+        try:
+            destination = await self.resolver.resolve(job.domain)
+        except DeliveryError as exc:
+            await self._record(job, [(r, exc.reply, exc.stage) for r in job.recipients], None, None)
+            return
+        mode = self.tls_mode(job.domain)
+        key = (destination.key, mode)
+        queue = self.queues.get(key)
+        if queue is None:
+            queue = self.queues[key] = DestinationQueue(
+                destination, mode, self.settings.deliver.max_connections_per_destination
+            )
+        queue.destination = destination  # the freshest answer
+        queue.push(job)
+        self._pump(queue)
+
+    def _pump(self, queue: DestinationQueue) -> None:
+        while queue.wants_sender():
+            queue.senders += 1
+            self._spawn(self._sender(queue))
+
+    # -- senders ------------------------------------------------------------
+
+    async def _sender(self, queue: DestinationQueue) -> None:
+        session = queue.take_idle()
+        try:
+            while queue.jobs:
+                if session is None:
+                    try:
+                        session = await self._connect(queue.destination, queue.tls_mode)
+                    except DeliveryError as exc:
+                        # The whole site failed: every queued job waits for
+                        # the next attempt, rather than each failing alone.
+                        await self._fail_queue(queue, exc)
+                        return
+                job = queue.next_job()
+                if job is None:
+                    break
+                await self._deliver(job, session, queue.destination)
+                limit = self.settings.deliver.max_messages_per_connection
+                if not session.usable or session.messages_sent >= limit:
+                    await session.quit()
+                    session = None
+        finally:
+            queue.senders -= 1
+        if session is not None:
+            if session.usable:
+                queue.idle.append(session)
+            else:
+                session.close()
+        self._pump(queue)
+
+    async def _connect(self, destination: Destination, tls_mode: str) -> SmtpSession:
+        """Open a session to the first hop that takes one (RFC 5321 5.1)."""
+        source_ip = self.source_ips[next(self._next_source) % len(self.source_ips)]
+        last: DeliveryError | None = None
+        for hop in destination.hops:
+            mode = tls_mode
+            if mode == "opportunistic" and self._tls_broken.get(hop.ip, 0) > time.monotonic():
+                mode = "none"
+            for attempt_mode in (mode, "none"):
+                session = SmtpSession(hop, helo_name=self.hostname, source_ip=source_ip,
+                                      timeouts=self.timeouts)
+                try:
+                    self.connections_opened += 1
+                    await session.open(attempt_mode, self._verify_context if attempt_mode == "verify" else None)
+                    return session
+                except TlsUnavailable as exc:
+                    session.close()
+                    last = exc
+                    if attempt_mode == "opportunistic" and exc.stage == Stage.STARTTLS:
+                        log.info("STARTTLS to %s [%s] failed (%s): plaintext", hop.host, hop.ip, exc)
+                        self._tls_broken[hop.ip] = time.monotonic() + TLS_FALLBACK_MEMORY
+                        continue
+                    break
+                except DeliveryError as exc:
+                    session.close()
+                    last = exc
+                    break
+        raise last or DeliveryError(Reply(0, "4.4.4", "no host to connect to", None), Stage.CONNECT)
+
+    async def _fail_queue(self, queue: DestinationQueue, exc: DeliveryError) -> None:
+        jobs = list(queue.jobs)
+        queue.jobs.clear()
+        for job in jobs:
+            await self._record(job, [(r, exc.reply, exc.stage) for r in job.recipients],
+                               queue.destination, None)
+
+    async def _deliver(self, job: Job, session: SmtpSession, destination: Destination) -> None:
+        body = await self.spool.body(job.queue_id)
+        if body is None:  # removed meanwhile (relayctl delete, say)
+            self.loaded -= len(job.recipients)
+            return
+        started = time.monotonic()
+        try:
+            result = await session.send(
+                job.sender, [r.address for r in job.recipients], strip_internal_headers(body),
+                job.smtputf8,
+            )
+        except DeliveryError as exc:
+            session.close()
+            outcomes = [(r, exc.reply, exc.stage) for r in job.recipients]
+        else:
+            outcomes = self._per_recipient(job, result)
+        await self._record(job, outcomes, destination, session, time.monotonic() - started, body)
+
+    @staticmethod
+    def _per_recipient(job: Job, result: TransactionResult) -> list:
+        """Each recipient's deciding reply and the stage it came at."""
+        if result.mail is None or result.mail.code != 250:
+            return [(r, result.mail, Stage.MAIL) for r in job.recipients]
+        outcomes, accepted = [], []
+        for rcpt, reply in zip(job.recipients, result.rcpt):
+            if reply.code in (250, 251):
+                accepted.append(rcpt)
+            else:
+                outcomes.append((rcpt, reply, Stage.RCPT))
+        if not accepted:
+            return outcomes
+        if result.data is None or result.data.code != 354:
+            reply = result.data or Reply(0, "4.4.2", "no reply to DATA", None)
+            return outcomes + [(r, reply, Stage.DATA) for r in accepted]
+        return outcomes + [(r, result.dot, Stage.DOT) for r in accepted]
+
+    # -- outcomes -------------------------------------------------------------
+
+    async def _record(self, job: Job, outcomes: list, destination: Destination | None,
+                      session: SmtpSession | None, latency: float = 0.0,
+                      body: bytes | None = None, dropped: bool = False) -> None:
+        """Commit each recipient's new state with its event; DSN for bounces.
+
+        ``dropped``: final without a DSN (domain exclusion list)."""
+        now = time.time()
+        updates, events, bounced, suppress = [], [], [], []
+        for rcpt, reply, stage in outcomes:
+            outcome = classify(reply, stage)
+            state, next_attempt, attempts, label = self._next_state(rcpt, reply, outcome, now)
+            if dropped:
+                state, label = RecipientState.BOUNCED, "dropped"
+            elif label == "bounced":
+                bounced.append(FailedRecipient(rcpt.address, reply, "failed", now))
+                if (outcome.hard and outcome.failure_class is FailureClass.RECIPIENT
+                        and not rcpt.suppressed):
+                    suppress.append((rcpt.address, str(reply)))
+            updates.append(RecipientUpdate(rcpt.queue_id, rcpt.index, state, attempts,
+                                           next_attempt, str(reply)))
+            events.append((
+                now, job.queue_id, rcpt.address,
+                destination.name if destination else job.domain,
+                reply.mx, session.source_ip if session else None,
+                int(bool(session and session.tls)), reply.code, reply.enhanced, reply.text,
+                label, outcome.failure_class.value if outcome.failure_class else None,
+                round(latency, 4),
+            ))
+        if bounced and should_bounce(job.sender):
+            await self._send_dsn(job, bounced, body)
+        try:
+            await self.spool.complete(updates, events, suppress)
+        except RelayError as exc:
+            # Not recorded: the recipients stay claimed until the next start,
+            # then go out again (at-least-once).
+            log.error("%s: outcome not recorded: %s", job.queue_id, exc)
+            return
+        finally:
+            self.loaded -= len(job.recipients)
+        self._write_events(events)
+
+    def _next_state(self, rcpt: DueRecipient, reply: Reply, outcome: Outcome, now: float):
+        if outcome.action is Action.DELIVERED:
+            return RecipientState.DELIVERED, now, rcpt.attempts + 1, "delivered"
+        if outcome.action is Action.BOUNCED:
+            return RecipientState.BOUNCED, now, rcpt.attempts + 1, "bounced"
+        if reply.code == 452 and reply.enhanced in (None, "4.5.3"):
+            # Too many recipients for one transaction (RFC 5321 4.5.3.1.10):
+            # the rest go in the next transaction, not after a retry delay.
+            return RecipientState.QUEUED, now, rcpt.attempts, "requeued"
+        attempts = rcpt.attempts + 1
+        next_attempt = self.schedule.next_attempt(attempts, rcpt.received, now)
+        if next_attempt is None:
+            return RecipientState.BOUNCED, now, attempts, "bounced"
+        return RecipientState.DEFERRED, next_attempt, attempts, "deferred"
+
+    async def _send_dsn(self, job: Job, bounced: list[FailedRecipient], body: bytes | None) -> None:
+        if body is None:
+            body = await self.spool.body(job.queue_id) or b""
+        now = time.time()
+        dsn = build_dsn(
+            reporting_mta=self.hostname, queue_id=job.queue_id, sender=job.sender,
+            arrival=job.received, recipients=bounced, original=body, now=now,
+        )
+        transaction = Transaction(self._queue_ids.next(), "", (job.sender,), dsn, now, not job.sender.isascii())
+        try:
+            await self.submit(transaction)
+            log.info("%s: DSN %s queued for <%s>", job.queue_id, transaction.queue_id, job.sender)
+        except RelayError as exc:
+            log.error("%s: DSN to <%s> could not be queued: %s", job.queue_id, job.sender, exc)
+
+    def _write_events(self, events: list[tuple]) -> None:
+        lines = b"".join(
+            orjson.dumps(dict(zip(EVENT_COLUMNS, event))) + b"\n" for event in events
+        )
+        self._event_log.write(lines)
+        self._event_log.flush()
+        for event in events:
+            log.info("%s: to=<%s> relay=%s code=%s %s", event[1], event[2], event[4], event[7], event[10])
+
+    # -- housekeeping ---------------------------------------------------------
+
+    async def _close_idle_connections(self) -> None:
+        timeout = self.settings.deliver.connection_idle_timeout
+        while True:
+            await asyncio.sleep(IDLE_CHECK_INTERVAL)
+            now = time.monotonic()
+            for queue in self.queues.values():
+                keep = []
+                for session in queue.idle:
+                    if now - session.idle_since > timeout:
+                        self._spawn(session.quit())
+                    else:
+                        keep.append(session)
+                queue.idle = keep
+
+    async def _prune_events(self) -> None:
+        while True:
+            await asyncio.sleep(3600)
+            try:
+                await self.spool.prune_events(time.time() - self.settings.deliver.event_retention)
+            except RelayError as exc:
+                log.warning("event pruning postponed: %s", exc)
