@@ -1,0 +1,90 @@
+"""The sans-IO SMTP client core: replies parsed whole, byte by byte and
+with trailing data (h11's three ways); commands and dot-stuffing."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.deliver import smtp_proto
+from relay.errors import RemoteProtocolError
+from relay.model import Reply
+
+STREAM = (
+    b"220 mx.example ESMTP ready\r\n"
+    b"250-mx.example greets you\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250 STARTTLS\r\n"
+    b"550 5.1.1 <nobody@example> no such user\r\n"
+    b"451-4.3.0 first line\r\n451 4.3.0 second line\r\n"
+    b"250 ok\n"  # a bare LF ending is tolerated from servers
+)
+EXPECTED = [
+    Reply(220, None, "mx.example ESMTP ready", "mx"),
+    Reply(250, None, "mx.example greets you\nPIPELINING\nSIZE 1000\nSTARTTLS", "mx"),
+    Reply(550, "5.1.1", "<nobody@example> no such user", "mx"),
+    Reply(451, "4.3.0", "first line\nsecond line", "mx"),
+    Reply(250, None, "ok", "mx"),
+]
+
+
+def drain(parser):
+    replies = []
+    while (reply := parser.next_reply()) is not None:
+        replies.append(reply)
+    return replies
+
+
+@pytest.mark.parametrize("chunking", ["whole", "bytewise", "trailing"])
+def test_replies_parse_however_the_bytes_arrive(chunking):
+    parser = smtp_proto.ReplyParser("mx")
+    data = STREAM + (b"354 go ahe" if chunking == "trailing" else b"")
+    if chunking == "bytewise":
+        for i in range(len(data)):
+            parser.receive_data(data[i:i + 1])
+    else:
+        parser.receive_data(data)
+    assert drain(parser) == EXPECTED
+    if chunking == "trailing":
+        parser.receive_data(b"ad\r\n")
+        assert drain(parser) == [Reply(354, None, "go ahead", "mx")]
+
+
+def test_enhanced_code_of_another_class_is_not_taken():
+    parser = smtp_proto.ReplyParser()
+    parser.receive_data(b"550 4.1.1 confused\r\n")
+    assert drain(parser) == [Reply(550, None, "4.1.1 confused", None)]
+
+
+@pytest.mark.parametrize("bad", [b"hello\r\n", b"25 short\r\n", b"2500 x\r\n", b"x" * 5000])
+def test_malformed_replies_are_remote_errors(bad):
+    with pytest.raises(RemoteProtocolError):
+        smtp_proto.ReplyParser().receive_data(bad)
+
+
+def test_ehlo_extensions():
+    reply = EXPECTED[1]
+    assert smtp_proto.ehlo_extensions(reply) == {"PIPELINING": "", "SIZE": "1000", "STARTTLS": ""}
+
+
+def test_pipelined_transaction_is_one_write():
+    data = smtp_proto.transaction("a@s.example", ["b@r.example", "c@r.example"], size=42,
+                                  smtputf8=False, body8bit=True)
+    assert data == (
+        b"MAIL FROM:<a@s.example> SIZE=42 BODY=8BITMIME\r\n"
+        b"RCPT TO:<b@r.example>\r\nRCPT TO:<c@r.example>\r\nDATA\r\n"
+    )
+    assert smtp_proto.mail_from("", size=None, smtputf8=True, body8bit=False) == (
+        b"MAIL FROM:<> SMTPUTF8\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "body, sent",
+    [
+        (b"a\r\n.b\r\n", b"a\r\n..b\r\n.\r\n"),
+        (b".start\r\n", b"..start\r\n.\r\n"),
+        (b"x\r\n.\r\n", b"x\r\n..\r\n.\r\n"),  # a lone dot line is data, not the end
+        (b"no final newline", b"no final newline\r\n.\r\n"),
+        (b"", b"\r\n.\r\n"),
+    ],
+)
+def test_dot_stuffing(body, sent):
+    assert smtp_proto.dot_stuffed(body) == sent
