@@ -1,0 +1,1 @@
+"""Test infrastructure shipped with the relay: the fake internet (fakenet)."""
