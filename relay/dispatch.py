@@ -202,8 +202,10 @@ class Dispatcher:
         key = (destination.key, mode)
         queue = self.queues.get(key)
         if queue is None:
+            deliver = self.settings.deliver
             queue = self.queues[key] = DestinationQueue(
-                destination, mode, self.settings.deliver.max_connections_per_destination
+                destination, mode, deliver.max_connections_per_destination,
+                deliver.max_messages_per_connection,
             )
         queue.destination = destination  # the freshest answer
         queue.push(job)

@@ -51,6 +51,7 @@ class DestinationQueue:
     destination: Destination
     tls_mode: str
     max_connections: int
+    messages_per_connection: int
     jobs: collections.deque = field(default_factory=collections.deque)
     idle: list = field(default_factory=list)  # parked sessions, oldest first
     senders: int = 0  # sender tasks running (each holds or is opening a connection)
@@ -69,9 +70,10 @@ class DestinationQueue:
         return self.jobs.popleft() if self.jobs else None
 
     def wants_sender(self) -> bool:
-        """Start another sender?  Only for work no running sender will reach
-        soon, and within the connection limit (idle ones count)."""
-        if not self.jobs or self.senders >= len(self.jobs):
+        """Start another sender?  Only for work the running ones cannot
+        carry (each carries up to messages_per_connection jobs), and within
+        the connection limit (idle connections count, and are reused)."""
+        if not self.jobs or self.senders * self.messages_per_connection >= len(self.jobs):
             return False
         return bool(self.idle) or self.connections < self.max_connections
 

@@ -136,11 +136,19 @@ class SmtpSession:
             context = ssl.create_default_context()
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-        with map_exceptions(Stage.STARTTLS, self.hop.host):
+        try:
             await asyncio.wait_for(
                 self._writer.start_tls(context, server_hostname=self.hop.host if verify else None),
                 self.timeouts.connect,
             )
+        except (OSError, EOFError, asyncio.TimeoutError) as exc:
+            # Any failed handshake (a reset or a timeout as much as a bad
+            # certificate) is a TLS failure: opportunistic mode may retry
+            # in plaintext, required/verify never do.
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            raise TlsUnavailable(
+                Reply(0, "4.7.5", f"TLS handshake failed: {reason}", self.hop.host), Stage.STARTTLS
+            ) from None
         self.tls = True
         self._parser = smtp_proto.ReplyParser(self.hop.host)
         await self._ehlo()

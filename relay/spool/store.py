@@ -390,7 +390,8 @@ class Spool:
                 if left is None:
                     delete_message(conn, queue_id)
 
-        await self._submit(apply, wakes=any(u.state == RecipientState.QUEUED for u in updates))
+        # A recipient still waiting may be due before the loop's next look.
+        await self._submit(apply, wakes=any(u.state in PENDING_STATES for u in updates))
 
     async def prune_events(self, older_than: float) -> None:
         await self._submit(

@@ -1,0 +1,313 @@
+"""Delivery end to end: the real relay processes in the middle, the fake
+internet (DNS server and SMTP sinks on 127.0.0.x) at the far end."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import glob
+import json
+import math
+import os
+import random
+import signal
+import smtplib
+import time
+
+import pytest
+
+from relay.route.shard import slot_of
+from relay.testing.fakenet import Behaviour, FakeInternet, Rule
+from support import read_spool
+
+
+@pytest.fixture
+def net():
+    with FakeInternet() as internet:
+        yield internet
+
+
+def deliver_relay(relay_factory, net, workers=1, deliver=None, **sections):
+    """A relay whose deliveries go to the fake internet, retrying every second."""
+    overrides = net.config_overrides()
+    overrides["deliver"].update({"retry_schedule": ["1s"], **(deliver or {})})
+    overrides.update(sections)
+    return relay_factory(workers=workers, **overrides).start()
+
+
+def inject(relay, sender, recipients, body: bytes) -> str:
+    with smtplib.SMTP("127.0.0.1", relay.port) as smtp:
+        smtp.ehlo()
+        smtp.mail(sender)
+        for rcpt in recipients:
+            assert smtp.rcpt(rcpt)[0] == 250
+        code, text = smtp.data(body)
+    assert code == 250, text
+    return text.split()[-1].decode()
+
+
+def events(relay) -> list[dict]:
+    found = []
+    for path in glob.glob(os.path.join(relay.directory, "log", "delivery-*.jsonl")):
+        with open(path, "rb") as file:
+            found += [json.loads(line) for line in file if line.strip()]
+    return sorted(found, key=lambda e: e["time"])
+
+
+def wait_for(condition, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_events(relay, predicate, count=1, timeout=15.0):
+    return wait_for(
+        lambda: (found := [e for e in events(relay) if predicate(e)]) and len(found) >= count and found,
+        timeout, "delivery events",
+    )
+
+
+BODY = (
+    b"From: App <app@sender.example>\r\nTo: someone@d1.example\r\nSubject: hello\r\n"
+    b"X-Relay-Trace: 1\r\nMessage-ID: <1@sender.example>\r\n\r\n"
+    b"Hello,\r\n.leading dot\r\n\r\n8-bit: \xc3\xa9\r\n"
+)
+
+
+def test_message_reaches_the_mx_byte_for_byte(relay_factory, net):
+    [sink] = net.add_domain("d1.example", ["127.0.0.10"])
+    relay = deliver_relay(relay_factory, net)
+    queue_id = inject(relay, "app@sender.example", ["someone@d1.example"], BODY)
+    [received] = sink.wait_received(1)
+    assert received.mail_from == "app@sender.example"
+    assert list(received.rcpt_tos) == ["someone@d1.example"]
+    expected = BODY.replace(b"X-Relay-Trace: 1\r\n", b"")  # internal headers stripped
+    assert received.data.endswith(expected)
+    added = received.data[: -len(expected)]
+    assert added.startswith(b"Received: from ") and f"id {queue_id}".encode() in added
+    [event] = wait_events(relay, lambda e: e["outcome"] == "delivered")
+    assert (event["queue_id"], event["recipient"], event["code"]) == (queue_id, "someone@d1.example", 250)
+    assert event["mx"] == "mx1.d1.example"
+    relay.stop()
+    assert read_spool(relay.spool_dir) == []  # delivered mail leaves the queue
+
+
+def test_each_domain_gets_only_its_own_recipients(relay_factory, net):
+    [one] = net.add_domain("d1.example", ["127.0.0.10"])
+    [two] = net.add_domain("d2.example", ["127.0.0.11"])
+    relay = deliver_relay(relay_factory, net, workers=2)
+    inject(relay, "app@sender.example", ["a@d1.example", "b@d2.example", "c@d1.example"], BODY)
+    [at_one] = one.wait_received(1)
+    [at_two] = two.wait_received(1)
+    assert sorted(at_one.rcpt_tos) == ["a@d1.example", "c@d1.example"]
+    assert list(at_two.rcpt_tos) == ["b@d2.example"]
+    assert at_one.data == at_two.data
+
+
+def test_deferred_mail_follows_the_retry_schedule(relay_factory, net):
+    [sink] = net.add_domain(
+        "d1.example", ["127.0.0.10"],
+        behaviour=Behaviour(rules=[Rule(r"^later", "451 4.3.0 Try again later")]),
+    )
+    relay = deliver_relay(relay_factory, net, deliver={"retry_schedule": ["1s", "2s"]})
+    inject(relay, "app@sender.example", ["later@d1.example"], BODY)
+    deferred = wait_events(relay, lambda e: e["outcome"] == "deferred", count=3, timeout=20)
+    gaps = [b["time"] - a["time"] for a, b in zip(deferred, deferred[1:])]
+    assert 0.85 <= gaps[0] <= 1.6, gaps  # 1s (+-10% jitter, plus the loop's reaction)
+    assert 1.75 <= gaps[1] <= 2.8, gaps  # then 2s, the last step repeating
+    assert all(e["code"] == 451 and e["class"] for e in deferred)
+    sink.behaviour = Behaviour()  # the receiver recovers
+    [received] = sink.wait_received(1, timeout=10)
+    assert list(received.rcpt_tos) == ["later@d1.example"]
+    wait_events(relay, lambda e: e["outcome"] == "delivered")
+
+
+def parse_dsn(data: bytes):
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    assert message.get_content_type() == "multipart/report"
+    assert message.get_param("report-type") == "delivery-status"
+    parts = list(message.iter_parts())
+    assert [p.get_content_type() for p in parts][:2] == ["text/plain", "message/delivery-status"]
+    return message, parts
+
+
+def test_hard_bounce_sends_an_rfc3464_dsn_to_the_sender(relay_factory, net):
+    net.add_domain("d1.example", ["127.0.0.10"],
+                   behaviour=Behaviour(rules={r"^nobody": "550 5.1.1 No such user"}))
+    [sender_mx] = net.add_domain("sender.example", ["127.0.0.20"])
+    relay = deliver_relay(relay_factory, net, workers=2)
+    queue_id = inject(relay, "app@sender.example", ["nobody@d1.example"], BODY)
+    [dsn] = sender_mx.wait_received(1)
+    assert dsn.mail_from == "" and list(dsn.rcpt_tos) == ["app@sender.example"]
+    message, parts = parse_dsn(dsn.data)
+    status = parts[1].as_string()
+    assert "Final-Recipient: rfc822; nobody@d1.example" in status
+    assert "Status: 5.1.1" in status and "Action: failed" in status
+    assert queue_id in status
+    [bounce] = wait_events(relay, lambda e: e["outcome"] == "bounced")
+    assert (bounce["code"], bounce["enhanced"], bounce["class"]) == (550, "5.1.1", "recipient")
+    # The address is now suppressed: a second message is not even tried.
+    inject(relay, "app@sender.example", ["nobody@d1.example"], BODY)
+    wait_for(lambda: len(sender_mx.received) == 2, what="second DSN")
+    second = wait_events(relay, lambda e: e["outcome"] == "bounced", count=2)[1]
+    assert "suppressed" in second["text"] and second["mx"] is None
+
+
+@pytest.mark.parametrize(
+    "setup, code, enhanced",
+    [
+        (lambda net: net.dns.add_null_mx("d1.example"), 556, "5.1.10"),
+        (lambda net: net.dns.set_nxdomain("d1.example"), 550, "5.1.2"),
+    ],
+    ids=["null-mx", "nxdomain"],
+)
+def test_permanent_dns_failures_bounce_at_once(relay_factory, net, setup, code, enhanced):
+    setup(net)
+    [sender_mx] = net.add_domain("sender.example", ["127.0.0.20"])
+    relay = deliver_relay(relay_factory, net)
+    inject(relay, "app@sender.example", ["someone@d1.example"], BODY)
+    [event] = wait_events(relay, lambda e: e["recipient"] == "someone@d1.example")
+    assert (event["outcome"], event["code"], event["enhanced"]) == ("bounced", code, enhanced)
+    [dsn] = sender_mx.wait_received(1)
+    assert f"Status: {enhanced}" in parse_dsn(dsn.data)[1][1].as_string()
+
+
+def test_servfail_defers(relay_factory, net):
+    net.dns.set_servfail("d1.example")
+    relay = deliver_relay(relay_factory, net)
+    inject(relay, "app@sender.example", ["someone@d1.example"], BODY)
+    [event] = wait_events(relay, lambda e: e["recipient"] == "someone@d1.example")
+    assert (event["outcome"], event["code"], event["enhanced"]) == ("deferred", 451, "4.4.3")
+    relay.stop()
+    [message] = read_spool(relay.spool_dir)
+    assert message.recipients == [("someone@d1.example", slot_of("d1.example"))]
+
+
+def test_mx_fallback_when_the_first_host_is_down(relay_factory, net):
+    first, second = net.add_domain("d1.example", ["127.0.0.10", "127.0.0.11"], preferences=[10, 20])
+    first.stop_listening()
+    relay = deliver_relay(relay_factory, net)
+    inject(relay, "app@sender.example", ["someone@d1.example"], BODY)
+    [received] = second.wait_received(1)
+    assert list(received.rcpt_tos) == ["someone@d1.example"] and first.received == []
+    [event] = wait_events(relay, lambda e: e["outcome"] == "delivered")
+    assert event["mx"] == "mx2.d1.example"
+
+
+def test_a_record_fallback_without_mx(relay_factory, net):
+    sink = net.add_host("d1.example", "127.0.0.12")  # an A record, no MX
+    relay = deliver_relay(relay_factory, net)
+    inject(relay, "app@sender.example", ["someone@d1.example"], BODY)
+    [received] = sink.wait_received(1)
+    assert list(received.rcpt_tos) == ["someone@d1.example"]
+
+
+def test_opportunistic_tls_uses_tls_and_falls_back_to_plaintext(relay_factory, net):
+    [good] = net.add_domain("tls.example", ["127.0.0.10"], behaviour=Behaviour(tls="on"))
+    [broken] = net.add_domain("broken.example", ["127.0.0.11"], behaviour=Behaviour(tls="abort"))
+    relay = deliver_relay(relay_factory, net)
+    inject(relay, "app@sender.example", ["a@tls.example", "b@broken.example"], BODY)
+    assert good.wait_received(1)[0].tls is True
+    assert broken.wait_received(1)[0].tls is False
+    delivered = wait_events(relay, lambda e: e["outcome"] == "delivered", count=2)
+    assert {e["recipient"]: e["tls"] for e in delivered} == {"a@tls.example": 1, "b@broken.example": 0}
+
+
+def test_required_tls_never_downgrades(relay_factory, net):
+    [plain] = net.add_domain("plain.example", ["127.0.0.10"], behaviour=Behaviour(tls="off"))
+    [secure] = net.add_domain("secure.example", ["127.0.0.11"], behaviour=Behaviour(tls="on"))
+    relay = deliver_relay(
+        relay_factory, net, tls_policy={"plain.example": "required", "secure.example": "verify"},
+        deliver={"ca_file": net.farm.ca_cert_path, "retry_schedule": ["1s"]},
+    )
+    inject(relay, "app@sender.example", ["a@plain.example", "b@secure.example"], BODY)
+    assert secure.wait_received(1)[0].tls is True
+    deferred = wait_events(relay, lambda e: e["recipient"] == "a@plain.example", count=2)
+    assert all(e["outcome"] == "deferred" for e in deferred)
+    assert plain.received == []
+
+
+def test_messages_share_connections(relay_factory, net):
+    [sink] = net.add_domain("d1.example", ["127.0.0.10"])
+    relay = deliver_relay(relay_factory, net, deliver={"max_messages_per_connection": 10,
+                                                      "retry_schedule": ["1s"]})
+    count = 25
+    with smtplib.SMTP("127.0.0.1", relay.port) as smtp:
+        for i in range(count):
+            smtp.sendmail("app@sender.example", [f"r{i}@d1.example"], BODY)
+    sink.wait_received(count, timeout=20)
+    assert sink.connections_opened <= math.ceil(count / 10), sink.connections_opened
+    assert max(sink.transactions.values()) <= 10
+
+
+def test_each_worker_sends_from_its_own_source_ips(relay_factory, net):
+    domains = [f"s{i}.example" for i in range(12)]
+    sinks = {domain: net.add_domain(domain, [f"127.0.0.{30 + i}"])[0] for i, domain in enumerate(domains)}
+    source_ips = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+    relay = deliver_relay(relay_factory, net, workers=2,
+                          relay={"source_ips": source_ips},
+                          deliver={"max_messages_per_connection": 1, "retry_schedule": ["1s"]})
+    per_domain = 4
+    with smtplib.SMTP("127.0.0.1", relay.port) as smtp:
+        for n in range(per_domain):
+            for domain in domains:
+                smtp.sendmail("app@sender.example", [f"r{n}@{domain}"], BODY)
+    seen = {0: {}, 1: {}}
+    for domain, sink in sinks.items():
+        sink.wait_received(per_domain, timeout=20)
+        owner = slot_of(domain) % 2
+        for ip, n in sink.peer_ips.items():
+            seen[owner][ip] = seen[owner].get(ip, 0) + n
+    assert set(seen[0]) <= {"127.0.0.2", "127.0.0.4"} and set(seen[1]) <= {"127.0.0.3", "127.0.0.5"}
+    for counts in seen.values():
+        if counts:  # round robin: each of a worker's addresses equally often
+            assert len(counts) == 2 and abs(max(counts.values()) - min(counts.values())) <= 1, seen
+
+
+def test_sigkill_during_delivery_delivers_every_acked_message(relay_factory, net):
+    domains = [f"k{i}.example" for i in range(8)]
+    sinks = [net.add_domain(d, [f"127.0.0.{50 + i}"], behaviour=Behaviour(reply_delay=0.01))[0]
+             for i, d in enumerate(domains)]
+    relay = deliver_relay(relay_factory, net, workers=2)
+    acked: dict[str, set[str]] = {}
+    rng = random.Random(3)
+    kills = 0
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=15) as smtp:
+        smtp.ehlo()
+        for i in range(300):
+            if i in (60, 120, 180):  # while earlier mail is being delivered
+                os.kill(rng.choice(relay.worker_pids()), signal.SIGKILL)
+                kills += 1
+            rcpts = [f"m{i}-{k}@{rng.choice(domains)}" for k in range(rng.randint(1, 2))]
+            try:
+                smtp.mail("app@sender.example")
+                for rcpt in rcpts:
+                    smtp.rcpt(rcpt)
+                code, text = smtp.data(BODY)
+                if code == 250:
+                    acked[text.split()[-1].decode()] = set(rcpts)
+            except (smtplib.SMTPException, OSError):
+                try:
+                    smtp.close()
+                except OSError:
+                    pass
+                time.sleep(0.2)
+                smtp.connect("127.0.0.1", relay.port)
+                smtp.ehlo()
+    assert kills == 3 and len(acked) > 100
+    wanted = set().union(*acked.values())
+
+    def delivered():
+        got = [r for sink in sinks for m in sink.received for r in m.rcpt_tos]
+        return got if wanted <= set(got) else None
+
+    got = wait_for(delivered, timeout=60, what="every acked recipient delivered")
+    duplicates = len(got) - len(set(got))
+    print(f"acked messages={len(acked)} recipients={len(wanted)} duplicates={duplicates}")
+    # At-least-once: a duplicate is only possible for a recipient whose 250
+    # came back while its worker was killed; never more than a few per kill.
+    assert duplicates <= 20 * kills
