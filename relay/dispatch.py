@@ -110,6 +110,7 @@ class Dispatcher:
         os.makedirs(deliver.event_log_dir, exist_ok=True)
         self._event_log = open(os.path.join(deliver.event_log_dir, f"delivery-{worker}.jsonl"), "ab")
         self.connections_opened = 0
+        self.stopping = False
 
     @staticmethod
     def _make_verify_context(ca_file: str) -> ssl.SSLContext:
@@ -130,10 +131,12 @@ class Dispatcher:
         self._spawn(self._close_idle_connections())
         self._spawn(self._prune_events())
         limit = self.settings.deliver.max_loaded
-        while True:
+        while not self.stopping:
             self._wakeup.clear()
             room = limit - self.loaded
             claimed = await self.spool.claim_due(time.time(), room) if room > 0 else []
+            if self.stopping:
+                break  # claimed just now: queued again at the next start
             if claimed:
                 self.loaded += len(claimed)
                 for job in jobs_from(claimed):
@@ -162,6 +165,19 @@ class Dispatcher:
             # the claimed recipients are queued again.
             log.error("delivery task failed", exc_info=task.exception())
             os._exit(70)
+
+    async def stop(self, timeout: float) -> None:
+        """Drain: claim nothing more, drop the jobs not started (they stay
+        claimed and go out after the restart), let transactions in flight
+        finish and record their outcome, within ``timeout``."""
+        self.stopping = True
+        self._wakeup.set()
+        for queue in self.queues.values():
+            self.loaded -= sum(len(job.recipients) for job in queue.jobs)
+            queue.jobs.clear()
+        deadline = time.monotonic() + timeout
+        while any(q.senders for q in self.queues.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -198,6 +214,9 @@ class Dispatcher:
         except DeliveryError as exc:
             await self._record(job, [(r, exc.reply, exc.stage) for r in job.recipients], None, None)
             return
+        if self.stopping:
+            self.loaded -= len(job.recipients)
+            return
         mode = self.tls_mode(job.domain)
         key = (destination.key, mode)
         queue = self.queues.get(key)
@@ -212,7 +231,7 @@ class Dispatcher:
         self._pump(queue)
 
     def _pump(self, queue: DestinationQueue) -> None:
-        while queue.wants_sender():
+        while not self.stopping and queue.wants_sender():
             queue.senders += 1
             self._spawn(self._sender(queue))
 
@@ -329,9 +348,12 @@ class Dispatcher:
         ``dropped``: final without a DSN (domain exclusion list)."""
         now = time.time()
         updates, events, bounced, suppress = [], [], [], []
+        some_accepted = any(reply.code in (250, 251) for _, reply, _ in outcomes)
         for rcpt, reply, stage in outcomes:
             outcome = classify(reply, stage)
-            state, next_attempt, attempts, label = self._next_state(rcpt, reply, outcome, now)
+            state, next_attempt, attempts, label = self._next_state(
+                rcpt, reply, outcome, now, some_accepted
+            )
             if dropped:
                 state, label = RecipientState.BOUNCED, "dropped"
             elif label == "bounced":
@@ -362,14 +384,17 @@ class Dispatcher:
             self.loaded -= len(job.recipients)
         self._write_events(events)
 
-    def _next_state(self, rcpt: DueRecipient, reply: Reply, outcome: Outcome, now: float):
+    def _next_state(self, rcpt: DueRecipient, reply: Reply, outcome: Outcome, now: float,
+                    some_accepted: bool):
         if outcome.action is Action.DELIVERED:
             return RecipientState.DELIVERED, now, rcpt.attempts + 1, "delivered"
         if outcome.action is Action.BOUNCED:
             return RecipientState.BOUNCED, now, rcpt.attempts + 1, "bounced"
-        if reply.code == 452 and reply.enhanced in (None, "4.5.3"):
+        if reply.code == 452 and reply.enhanced in (None, "4.5.3") and some_accepted:
             # Too many recipients for one transaction (RFC 5321 4.5.3.1.10):
             # the rest go in the next transaction, not after a retry delay.
+            # Only when others were taken: a server that refuses every
+            # recipient so is deferred like any 4xx, or it would loop.
             return RecipientState.QUEUED, now, rcpt.attempts, "requeued"
         attempts = rcpt.attempts + 1
         next_attempt = self.schedule.next_attempt(attempts, rcpt.received, now)

@@ -67,6 +67,7 @@ class Worker:
         log.info("worker %d of %d ready", self.index, self.workers)
         await self._stop.wait()
         await self._drain(servers)
+        await self.dispatcher.stop(max(self._deadline - time.monotonic(), 0.1))
         dispatching.cancel()
         await self.dispatcher.close()
         await self.router.close()
@@ -77,7 +78,7 @@ class Worker:
     async def _drain(self, servers) -> None:
         """New connections get 421 4.3.2, sessions in flight finish, every
         write is committed; then exit, within relay.shutdown_timeout."""
-        deadline = time.monotonic() + self.settings.relay.shutdown_timeout
+        deadline = self._deadline = time.monotonic() + self.settings.relay.shutdown_timeout
         self.intake.drain()
         log.info("worker %d draining %d sessions", self.index, len(self.intake.sessions))
         while self.intake.sessions and time.monotonic() < deadline:

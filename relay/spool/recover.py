@@ -52,8 +52,12 @@ def recover(spool_dir: str, workers: int) -> dict[str, int]:
     counts = {"released": 0, "dropped": 0, "moved": 0}
     try:
         _settle_held(conns, counts)
-        for source, conn in conns.items():
-            _rehome(source, conn, conns, workers, counts)
+        # Re-homing reads every row: only when the worker count changed.
+        if any(_recorded_workers(conn) != workers for conn in conns.values()):
+            for source, conn in conns.items():
+                _rehome(source, conn, conns, workers, counts)
+            for conn in conns.values():
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('workers', ?)", (str(workers),))
     finally:
         for conn in conns.values():
             conn.close()
@@ -69,6 +73,11 @@ def recover(spool_dir: str, workers: int) -> dict[str, int]:
     return counts
 
 
+def _recorded_workers(conn) -> int | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'workers'").fetchone()
+    return int(row[0]) if row else None
+
+
 def _settle_held(conns: dict, counts: dict[str, int]) -> None:
     decided = set()
     for conn in conns.values():
@@ -76,9 +85,8 @@ def _settle_held(conns: dict, counts: dict[str, int]) -> None:
     for conn in conns.values():
         held = [
             row[0]
-            for row in conn.execute(
-                "SELECT id FROM message WHERE state = ?", (int(MessageState.HELD),)
-            )
+            # A literal 0 (MessageState.HELD), so the partial index is used.
+            for row in conn.execute("SELECT id FROM message WHERE state = 0")
         ]
         if not held:
             continue

@@ -416,8 +416,9 @@ class Spool:
         """(queue id, coordinator) of held parts received before a time."""
         return await self.read(
             lambda conn: conn.execute(
-                "SELECT id, coordinator FROM message WHERE state = ? AND received < ?",
-                (int(MessageState.HELD), received_before),
+                # A literal 0 (MessageState.HELD), so the partial index is used.
+                "SELECT id, coordinator FROM message WHERE state = 0 AND received < ?",
+                (received_before,),
             ).fetchall()
         )
 

@@ -636,6 +636,7 @@ class Behaviour:
     # Rule objects, (pattern, reply[, at]) tuples, or {pattern: reply} for RCPT.
     rules: tuple[Rule, ...] = ()
     max_messages: int | None = None  # per connection; then MAIL gets 421 and the connection closes
+    max_recipients: int | None = None  # per transaction; later RCPTs get 452 4.5.3
     drop_in_data: int | None = None  # drop the connection after reading this many DATA bytes
     tls: str = TLS_OFF  # one of TLS_MODES
     pipelining: bool = True
@@ -651,7 +652,7 @@ class Behaviour:
         for name in ("greeting_delay", "reply_delay", "data_delay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Behaviour.{name} must not be negative")
-        for name in ("max_messages", "drop_in_data"):
+        for name in ("max_messages", "drop_in_data", "max_recipients"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"Behaviour.{name} must not be negative")
@@ -965,6 +966,9 @@ class _SinkHandler:
         return reply or S250_SENDER_OK
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        limit = self.sink.behaviour.max_recipients
+        if limit is not None and len(envelope.rcpt_tos) >= limit:
+            return "452 4.5.3 Too many recipients"
         reply = self.sink.behaviour.reply_for("RCPT", address)
         if reply is not None and reply[0] != "2":
             return reply

@@ -311,3 +311,15 @@ def test_sigkill_during_delivery_delivers_every_acked_message(relay_factory, net
     # At-least-once: a duplicate is only possible for a recipient whose 250
     # came back while its worker was killed; never more than a few per kill.
     assert duplicates <= 20 * kills
+
+
+def test_recipients_over_the_servers_limit_go_in_a_later_transaction(relay_factory, net):
+    [sink] = net.add_domain("d1.example", ["127.0.0.10"], behaviour=Behaviour(max_recipients=2))
+    relay = deliver_relay(relay_factory, net)
+    recipients = [f"r{i}@d1.example" for i in range(5)]
+    inject(relay, "app@sender.example", recipients, BODY)
+    received = sink.wait_received(3, timeout=15)
+    assert [len(m.rcpt_tos) for m in received] == [2, 2, 1]
+    assert sorted(r for m in received for r in m.rcpt_tos) == recipients
+    requeued = [e for e in events(relay) if e["outcome"] == "requeued"]
+    assert len(requeued) == 3 + 1 and all(e["code"] == 452 for e in requeued)
