@@ -236,7 +236,12 @@ DELIVER_KEYS = _keys(
         "recipient domains never sent to: dropped with an event"),
     Key("event_log_dir", _path, "var/log", "where each worker appends its delivery-N.jsonl"),
     Key("event_retention", parse_duration, 7 * 86400.0, "delivery events kept in the spool"),
+    Key("keep_bounced", parse_duration, 3 * 86400.0, "bounced mail kept for `relayctl requeue`"),
     Key("max_loaded", _int(1), 20000, "recipients held in memory for delivery, per worker"),
+)
+
+STATS_KEYS = _keys(
+    Key("metrics_address", _str, "", '"127.0.0.1:9425" to serve /metrics; empty = off', reload=False),
 )
 
 DKIM_KEYS = _keys(
@@ -282,6 +287,7 @@ IntakeSettings = _section_class(
 )
 DnsSettings = _section_class("DnsSettings", DNS_KEYS)
 DeliverSettings = _section_class("DeliverSettings", DELIVER_KEYS)
+StatsSettings = _section_class("StatsSettings", STATS_KEYS)
 
 
 DkimIdentity = _section_class("DkimIdentity", DKIM_KEYS)
@@ -295,6 +301,7 @@ class Settings:
     intake: Any  # IntakeSettings
     dns: Any  # DnsSettings
     deliver: Any  # DeliverSettings
+    stats: Any  # StatsSettings
     routes: dict = field(default_factory=dict)  # domain -> (host, port)
     tls_policy: dict = field(default_factory=dict)  # domain -> none|opportunistic|required|verify
     dkim: tuple = ()  # of DkimIdentity
@@ -339,7 +346,9 @@ def _array(label: str, raw: Any) -> list:
     return raw
 
 
-TOP_LEVEL = ("relay", "listen", "tls", "intake", "dns", "deliver", "routes", "tls_policy", "dkim")
+TOP_LEVEL = (
+    "relay", "listen", "tls", "intake", "dns", "deliver", "routes", "tls_policy", "stats", "dkim",
+)
 TLS_MODES = ("none", "opportunistic", "required", "verify")
 
 
@@ -378,6 +387,12 @@ def from_dict(raw: dict, source: str = "") -> Settings:
             )
     dns = DnsSettings(**_section("[dns]", raw.get("dns", {}), DNS_KEYS))
     deliver = DeliverSettings(**_section("[deliver]", raw.get("deliver", {}), DELIVER_KEYS))
+    stats = StatsSettings(**_section("[stats]", raw.get("stats", {}), STATS_KEYS))
+    if stats.metrics_address:
+        try:
+            parse_hostport(stats.metrics_address)
+        except ValueError as exc:
+            raise ConfigError(f"[stats] metrics_address: expected {exc}") from None
     routes_raw = raw.get("routes", {})
     if not isinstance(routes_raw, dict):
         raise ConfigError("[routes]: expected a table")
@@ -408,6 +423,7 @@ def from_dict(raw: dict, source: str = "") -> Settings:
         intake=intake,
         dns=dns,
         deliver=deliver,
+        stats=stats,
         routes=routes,
         tls_policy=tls_policy,
         dkim=dkim,
@@ -436,6 +452,7 @@ SECTIONS = {
     "intake": INTAKE_KEYS,
     "dns": DNS_KEYS,
     "deliver": DELIVER_KEYS,
+    "stats": STATS_KEYS,
 }
 
 

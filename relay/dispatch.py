@@ -23,6 +23,7 @@ says new mail was committed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -44,6 +45,7 @@ from relay.model import QueueIds, Reply, Stage, Transaction
 from relay.outcome.bounce import FailedRecipient, build_dsn, should_bounce
 from relay.outcome.classify import Action, FailureClass, Outcome, classify
 from relay.spool.format import RecipientState
+from relay.stats.ring import Histogram
 from relay.spool.store import EVENT_COLUMNS, DueRecipient, RecipientUpdate, Spool
 
 log = logging.getLogger("relay.deliver")
@@ -109,8 +111,10 @@ class Dispatcher:
         self._queue_ids = QueueIds(worker)
         os.makedirs(deliver.event_log_dir, exist_ok=True)
         self._event_log = open(os.path.join(deliver.event_log_dir, f"delivery-{worker}.jsonl"), "ab")
-        self.connections_opened = 0
         self.stopping = False
+        self.suspended: frozenset[str] = frozenset()  # domains relayctl suspended
+        self.counters: collections.Counter[str] = collections.Counter()  # names of stats.ring
+        self.accept_to_delivered = Histogram()
 
     @staticmethod
     def _make_verify_context(ca_file: str) -> ssl.SSLContext:
@@ -127,6 +131,8 @@ class Dispatcher:
         returned = await self.spool.unclaim_all()
         if returned:
             log.info("%d recipients claimed before a restart are queued again", returned)
+        suspended = await self.spool.get_meta("suspended")
+        self.suspended = frozenset(orjson.loads(suspended)) if suspended else frozenset()
         self.spool.on_ready = self.wake
         self._spawn(self._close_idle_connections())
         self._spawn(self._prune_events())
@@ -134,7 +140,8 @@ class Dispatcher:
         while not self.stopping:
             self._wakeup.clear()
             room = limit - self.loaded
-            claimed = await self.spool.claim_due(time.time(), room) if room > 0 else []
+            claimed = (await self.spool.claim_due(time.time(), room, self.suspended)
+                       if room > 0 else [])
             if self.stopping:
                 break  # claimed just now: queued again at the next start
             if claimed:
@@ -144,7 +151,7 @@ class Dispatcher:
                 if len(claimed) == room:
                     await asyncio.sleep(0)  # more may be due: look again soon
                     continue
-            due = await self.spool.next_due()
+            due = await self.spool.next_due(self.suspended)
             wait = MAX_WAIT if due is None else min(max(due - time.time(), 0.01), MAX_WAIT)
             if self.loaded >= limit:
                 wait = MAX_WAIT
@@ -188,6 +195,15 @@ class Dispatcher:
         self._event_log.close()
 
     # -- routing a job to its destination -------------------------------------
+
+    def outbound_connections(self) -> int:
+        return sum(queue.connections for queue in self.queues.values())
+
+    def busiest(self, count: int) -> list[tuple[str, int]]:
+        """The destinations with the most work waiting or in flight."""
+        load = [(queue.destination.name, len(queue.jobs) + queue.senders)
+                for queue in self.queues.values()]
+        return sorted((item for item in load if item[1]), key=lambda item: -item[1])[:count]
 
     def tls_mode(self, domain: str) -> str:
         return self.settings.tls_policy.get(domain, self.settings.deliver.tls)
@@ -278,7 +294,7 @@ class Dispatcher:
                 session = SmtpSession(hop, helo_name=self.hostname, source_ip=source_ip,
                                       timeouts=self.timeouts)
                 try:
-                    self.connections_opened += 1
+                    self.counters["connections_out"] += 1
                     await session.open(attempt_mode, self._verify_context if attempt_mode == "verify" else None)
                     return session
                 except TlsUnavailable as exc:
@@ -382,6 +398,13 @@ class Dispatcher:
             return
         finally:
             self.loaded -= len(job.recipients)
+        for event in events:
+            label, failure_class = event[10], event[11]
+            self.counters[label] += 1
+            if failure_class and label in ("deferred", "bounced"):
+                self.counters[f"{label}_{failure_class}"] += 1
+            if label == "delivered":
+                self.accept_to_delivered.observe(now - job.received)
         self._write_events(events)
 
     def _next_state(self, rcpt: DueRecipient, reply: Reply, outcome: Outcome, now: float,
@@ -413,6 +436,7 @@ class Dispatcher:
         transaction = Transaction(self._queue_ids.next(), "", (job.sender,), dsn, now, not job.sender.isascii())
         try:
             await self.submit(transaction)
+            self.counters["dsn_queued"] += 1
             log.info("%s: DSN %s queued for <%s>", job.queue_id, transaction.queue_id, job.sender)
         except RelayError as exc:
             log.error("%s: DSN to <%s> could not be queued: %s", job.queue_id, job.sender, exc)
@@ -445,7 +469,19 @@ class Dispatcher:
     async def _prune_events(self) -> None:
         while True:
             await asyncio.sleep(3600)
+            deliver = self.settings.deliver
             try:
-                await self.spool.prune_events(time.time() - self.settings.deliver.event_retention)
+                await self.spool.prune_events(time.time() - deliver.event_retention)
+                await self.spool.prune_bounced(time.time() - deliver.keep_bounced)
             except RelayError as exc:
-                log.warning("event pruning postponed: %s", exc)
+                log.warning("pruning postponed: %s", exc)
+
+    # -- operator commands (relayctl, through the supervisor) -----------------
+
+    async def suspend(self, domain: str, suspended: bool) -> None:
+        """Hold (or release) a domain's mail in the queue; kept across restarts."""
+        domains = set(self.suspended)
+        (domains.add if suspended else domains.discard)(domain)
+        await self.spool.set_meta("suspended", orjson.dumps(sorted(domains)).decode())
+        self.suspended = frozenset(domains)
+        self.wake()

@@ -14,15 +14,19 @@ import argparse
 import logging
 import os
 import resource
+import selectors
 import signal
 import sys
 import time
 
 from relay import config
+from relay.cli.control import socket_path as control_socket_path
+from relay.control import ControlPlane, open_control_socket, open_metrics_socket
 from relay.dkim.sign import Signer
 from relay.errors import ConfigError, SpoolError
 from relay.intake.listener import open_listen_sockets, server_tls_context
 from relay.spool.recover import recover
+from relay.stats import ring
 
 log = logging.getLogger("relay.supervisor")
 
@@ -70,7 +74,23 @@ class Supervisor:
         self.stopping = False
 
     def run(self) -> int:
-        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        run_dir = self.settings.relay.run_dir
+        ring.create(run_dir, self.workers)
+        self.control = ControlPlane(self.settings, self.workers, self._worker_pids)
+        self._wakeup_r, wakeup_w = os.pipe()
+        os.set_blocking(self._wakeup_r, False)
+        os.set_blocking(wakeup_w, False)
+        signal.set_wakeup_fd(wakeup_w)
+        for signum in SIGNALS:
+            signal.signal(signum, lambda *_: None)  # the wakeup fd carries them
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self._wakeup_r, selectors.EVENT_READ, "signals")
+        self._listeners = [open_control_socket(run_dir)]
+        self.selector.register(self._listeners[0], selectors.EVENT_READ, self.control.serve_control)
+        metrics = open_metrics_socket(self.settings.stats.metrics_address)
+        if metrics is not None:
+            self._listeners.append(metrics)
+            self.selector.register(metrics, selectors.EVENT_READ, self.control.serve_metrics)
         for slot in self.slots:
             self._fork(slot)
         log.info(
@@ -78,16 +98,38 @@ class Supervisor:
             self.workers,
             ", ".join(f"{h}:{p}" for h, p in (l.address for l in self.settings.listen)),
         )
-        while True:
-            info = signal.sigtimedwait(SIGNALS, self._wait_time())
-            if info is not None:
-                if info.si_signo == signal.SIGCHLD:
-                    self._reap()
-                elif info.si_signo in (signal.SIGTERM, signal.SIGINT):
-                    return self._stop()
-                elif info.si_signo == signal.SIGHUP:
-                    self._reload()
-            self._restart_due()
+        try:
+            while True:
+                for key, _ in self.selector.select(self._wait_time()):
+                    if key.data != "signals":
+                        key.data(key.fileobj)
+                        continue
+                    for signum in self._pending_signals():
+                        if signum == signal.SIGCHLD:
+                            self._reap()
+                        elif signum in (signal.SIGTERM, signal.SIGINT):
+                            return self._stop()
+                        elif signum == signal.SIGHUP:
+                            self._reload()
+                self._restart_due()
+        finally:
+            for sock in self._listeners:
+                sock.close()
+            try:
+                os.unlink(control_socket_path(run_dir))
+            except FileNotFoundError:
+                pass
+            ring.remove(run_dir)
+
+    def _pending_signals(self) -> list[int]:
+        try:
+            data = os.read(self._wakeup_r, 512)
+        except BlockingIOError:
+            return []
+        return list(dict.fromkeys(data))  # each signal once, in arrival order
+
+    def _worker_pids(self) -> list[tuple[int, int | None]]:
+        return [(slot.index, slot.pid) for slot in self.slots]
 
     def _wait_time(self) -> float:
         due = [s.restart_at for s in self.slots if s.restart_at is not None]
@@ -100,9 +142,13 @@ class Supervisor:
         if pid == 0:  # the child
             code = 2
             try:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+                signal.set_wakeup_fd(-1)
                 for signum in SIGNALS:
                     signal.signal(signum, signal.SIG_DFL)
+                self.selector.close()
+                os.close(self._wakeup_r)
+                for sock in self._listeners:
+                    sock.close()
                 setup_logging(self.settings.relay.log_level, slot.index)
                 from relay import worker
 
@@ -174,21 +220,21 @@ class Supervisor:
                 os.kill(slot.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.settings.relay.shutdown_timeout + KILL_GRACE
         while any(slot.pid is not None for slot in self.slots):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if time.monotonic() > deadline:
                 for slot in self.slots:
                     if slot.pid is not None:
                         log.error("worker %d did not stop in time: SIGKILL", slot.index)
                         os.kill(slot.pid, signal.SIGKILL)
-                deadline = time.monotonic() + 5
-            signal.sigtimedwait({signal.SIGCHLD}, min(max(remaining, 0.05), 0.5))
+                deadline = time.monotonic() + KILL_GRACE
+            self.selector.select(0.05)
+            self._pending_signals()
             while True:
                 try:
                     pid, _ = os.waitpid(-1, os.WNOHANG)
                 except ChildProcessError:
-                    pid = 0
                     for slot in self.slots:
                         slot.pid = None
+                    break
                 if pid == 0:
                     break
                 for slot in self.slots:

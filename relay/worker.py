@@ -26,8 +26,12 @@ from relay.intake.listener import open_listen_sockets, server_tls_context
 from relay.model import Transaction
 from relay.route.forward import Router
 from relay.spool.store import Spool
+from relay.stats import ring
+from relay.stats.process import ProcessFigures
 
 log = logging.getLogger("relay.worker")
+
+STATS_INTERVAL = 0.25  # seconds between publications to the stats ring
 
 class Worker:
     def __init__(self, settings: config.Settings, index: int, workers: int) -> None:
@@ -47,6 +51,13 @@ class Worker:
     async def run(self) -> int:
         settings = self.settings
         loop = asyncio.get_running_loop()
+        self.process = ProcessFigures()
+        self._queue_counts: dict[str, int] = {}
+        try:
+            self.ring = ring.Writer(ring.ring_path(settings.relay.run_dir), self.index)
+        except (OSError, ValueError) as exc:  # a worker run without its supervisor
+            log.warning("no stats ring: %s", exc)
+            self.ring = None
         self.signer = Signer.from_identities(settings.dkim)
         self.spool = Spool(settings.relay.spool_dir, self.index)
         await self.spool.open()
@@ -54,6 +65,7 @@ class Worker:
         await self.router.serve()
         self.dispatcher = Dispatcher(settings, self.index, self.workers, self.spool, self.router.submit)
         dispatching = asyncio.create_task(self.dispatcher.run(), name="dispatch")
+        self.router.control = self.control
         self.intake = IntakeState(
             settings, self.index, self.accept, server_tls_context(settings.tls)
         )
@@ -64,11 +76,14 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        publishing = asyncio.create_task(self._publish_stats(), name="stats")
         log.info("worker %d of %d ready", self.index, self.workers)
         await self._stop.wait()
         await self._drain(servers)
         await self.dispatcher.stop(max(self._deadline - time.monotonic(), 0.1))
         dispatching.cancel()
+        publishing.cancel()
+        self._publish_once()
         await self.dispatcher.close()
         await self.router.close()
         await self.spool.close()
@@ -91,6 +106,58 @@ class Worker:
         await self.router.announce_done()
         if not await self.router.wait_peers_done(deadline - time.monotonic()):
             log.warning("worker %d: not every peer finished draining in time", self.index)
+
+    # -- operator commands ----------------------------------------------------
+
+    async def control(self, request: dict) -> dict:
+        """relayctl verbs that change state, for this worker's slots."""
+        op, now = request["op"], time.time()
+        if op == "flush":
+            return {"count": await self.spool.flush(request.get("domain"), now)}
+        if op == "requeue":
+            count = await self.spool.requeue(
+                code=request.get("code"), sender=request.get("sender"),
+                recipient=request.get("recipient"), now=now,
+            )
+            return {"count": count}
+        if op == "delete":
+            return {"count": await self.spool.delete(request["ids"])}
+        if op in ("suspend", "resume"):
+            await self.dispatcher.suspend(request["domain"], op == "suspend")
+            return {"suspended": sorted(self.dispatcher.suspended)}
+        raise RelayError(f"unknown command {op!r}")
+
+    # -- stats ---------------------------------------------------------------
+
+    async def _publish_stats(self) -> None:
+        """Every ~250 ms: this worker's figures into its region of the ring."""
+        tick = 0
+        while True:
+            if tick % 20 == 0:  # the queue counts cost a query: every 5 s
+                try:
+                    self._queue_counts = await self.spool.counts()
+                except RelayError:
+                    pass
+            self._publish_once()
+            tick += 1
+            await asyncio.sleep(STATS_INTERVAL)
+
+    def _publish_once(self) -> None:
+        if self.ring is None:
+            return
+        counters = {**self.intake.counters, **self.dispatcher.counters}
+        gauges = {
+            **self.process.gauges(),
+            **self._queue_counts,
+            "ready": self.dispatcher.loaded,
+            "inbound_connections": len(self.intake.sessions),
+            "outbound_connections": self.dispatcher.outbound_connections(),
+        }
+        histograms = {
+            "data_to_250": self.intake.data_to_250.value(),
+            "accept_to_delivered": self.dispatcher.accept_to_delivered.value(),
+        }
+        self.ring.publish(counters, gauges, histograms, self.dispatcher.busiest(ring.TOP))
 
     def _reload(self) -> None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from relay.testing.fakenet import FakeInternet
 from support import RelayProcess, make_certificate
 
 
@@ -25,3 +26,10 @@ def relay_factory(tmp_path):
 @pytest.fixture(scope="session")
 def certificate(tmp_path_factory):
     return make_certificate(str(tmp_path_factory.mktemp("tls")))
+
+
+@pytest.fixture
+def net():
+    """The fake internet (DNS server and SMTP sinks) in a background thread."""
+    with FakeInternet() as internet:
+        yield internet

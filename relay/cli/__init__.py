@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from relay.cli import config_cmd, password
+from relay.cli import admin, config_cmd, password, stats
 
 
 def _verbs():
-    verbs = [config_cmd, password]
+    verbs = [stats, admin, config_cmd, password]
     try:
         from relay.cli import dkim
     except ImportError:  # the DKIM verbs are optional until their module lands

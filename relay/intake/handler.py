@@ -32,6 +32,7 @@ from relay.intake.auth import Authenticator, FailureLockout
 from relay.intake.data import DataReader
 from relay.intake.received import protocol_name, received_header
 from relay.model import QueueIds, Transaction
+from relay.stats.ring import Histogram
 
 log = logging.getLogger("relay.intake")
 
@@ -61,7 +62,8 @@ class IntakeState:
         self.sessions: set[RelaySMTP] = set()
         self.connections: collections.Counter[str] = collections.Counter()
         self.draining = False
-        self.counters: collections.Counter[str] = collections.Counter()
+        self.counters: collections.Counter[str] = collections.Counter()  # names of stats.ring
+        self.data_to_250 = Histogram()
         self._free_checked = 0.0
         self._low_disk = False
         self.apply(settings, tls_context)
@@ -80,10 +82,10 @@ class IntakeState:
         if self.draining:
             return replies.S421_SHUTTING_DOWN
         if self.connections[ip] >= self.intake.max_connections_per_ip:
-            self.counters["rejected.connection_limit"] += 1
+            self.counters["rejected_connection_limit"] += 1
             return replies.S421_TOO_MANY_CONNECTIONS
         if self.lockout.is_locked(ip):
-            self.counters["rejected.auth_lockout"] += 1
+            self.counters["rejected_auth_lockout"] += 1
             return replies.S421_AUTH_LOCKED
         return None
 
@@ -102,7 +104,7 @@ class IntakeState:
         result = self.authenticator(server, session, envelope, mechanism, auth_data)
         if not result.success:
             self.lockout.failed(session.peer[0])
-            self.counters["rejected.auth"] += 1
+            self.counters["rejected_auth"] += 1
         return result
 
     def drain(self) -> None:
@@ -147,7 +149,7 @@ class Handler:
             server.close_after_reply = True
             return replies.S421_SHUTTING_DOWN
         if state.low_disk():
-            state.counters["rejected.low_disk"] += 1
+            state.counters["rejected_low_disk"] += 1
             return replies.S452_LOW_DISK
         if address != NULL_SENDER and not address.isascii() and "SMTPUTF8" not in mail_options:
             return replies.S553_UTF8_NEEDS_SMTPUTF8
@@ -159,7 +161,7 @@ class Handler:
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         state = self.state
         if len(envelope.rcpt_tos) >= state.intake.max_recipients:
-            state.counters["rejected.too_many_recipients"] += 1
+            state.counters["rejected_too_many_recipients"] += 1
             return replies.S452_TOO_MANY_RCPTS
         path = server.last_path
         if path is None:  # RCPT TO:<>
@@ -171,7 +173,7 @@ class Handler:
         )
         refusal = policy.check_recipient(path, may_relay=may_relay)
         if refusal is not None:
-            state.counters["rejected.relay"] += 1
+            state.counters["rejected_relay"] += 1
             trick = policy.relay_trick(path)
             log.warning(
                 "refused RCPT <%s> from [%s]%s", path.address, session.peer[0],
@@ -212,12 +214,12 @@ class Handler:
         try:
             await state.accept(transaction)
         except RelayError as exc:
-            state.counters["rejected.spool"] += 1
+            state.counters["rejected_spool"] += 1
             log.warning("%s: not accepted: %s", queue_id, exc)
             return replies.S451_TRY_AGAIN
-        state.counters["accepted.messages"] += 1
-        state.counters["accepted.recipients"] += len(envelope.rcpt_tos)
-        state.counters["accepted.bytes"] += len(transaction.body)
+        state.counters["accepted_messages"] += 1
+        state.counters["accepted_recipients"] += len(envelope.rcpt_tos)
+        state.counters["accepted_bytes"] += len(transaction.body)
         log.info(
             "%s: accepted from=<%s> nrcpt=%d size=%d client=[%s]",
             queue_id, sender, len(envelope.rcpt_tos), len(transaction.body), session.peer[0],
@@ -387,10 +389,12 @@ class RelaySMTP(SMTP):
             self._stop_data_watch()
         verdict, body = reader.finish()
         if verdict is None:
+            ended = time.monotonic()
             self.envelope.content = self.envelope.original_content = body
             verdict = await self._call_handler_hook("DATA")
+            self.state.data_to_250.observe(time.monotonic() - ended)
         else:
-            self.state.counters["rejected.data"] += 1
+            self.state.counters["rejected_data"] += 1
         self._set_post_data_state()
         self._in_transaction = False
         await self.push(verdict)
@@ -419,7 +423,7 @@ class RelaySMTP(SMTP):
             and (self._bytes_in - self._data_start_bytes) / elapsed < intake.min_data_rate
         ):
             log.warning("dropping %s: DATA slower than %d B/s", self.session.peer, intake.min_data_rate)
-            self.state.counters["rejected.slow_data"] += 1
+            self.state.counters["rejected_slow_data"] += 1
             self._data_watch = None
             self._close_with(replies.S421_TOO_SLOW)
             return

@@ -33,7 +33,7 @@ import logging
 import os
 import struct
 import time
-from typing import Protocol
+from typing import Awaitable, Callable, Protocol
 
 import orjson
 
@@ -111,6 +111,30 @@ def part_from(envelope: dict, body: bytes) -> Part:
 
 def socket_path(run_dir: str, worker: int) -> str:
     return os.path.join(run_dir, f"worker-{worker}.sock")
+
+
+def request_blocking(path: str, header: dict, timeout: float) -> dict:
+    """One request to a worker from outside its event loop (the supervisor)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        encoded = orjson.dumps({**header, "rid": 1})
+        sock.sendall(FRAME.pack(len(encoded), 0) + encoded)
+        data = b""
+        while len(data) < FRAME.size:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("worker closed the connection")
+            data += chunk
+        header_len, _ = FRAME.unpack_from(data)
+        while len(data) < FRAME.size + header_len:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("worker closed the connection")
+            data += chunk
+        return orjson.loads(data[FRAME.size:FRAME.size + header_len])
 
 
 async def _write_frame(writer: asyncio.StreamWriter, header: dict, body: bytes = b"") -> None:
@@ -211,6 +235,8 @@ class Router:
         self._background: set[asyncio.Task] = set()
         self._held_task: asyncio.Task | None = None
         self.peers_done: set[int] = set()  # peers that will hand over no more parts (drain)
+        # Answers operator commands (relayctl) that reach this worker's socket.
+        self.control: Callable[[dict], Awaitable[dict]] | None = None
 
     # -- intake side ------------------------------------------------------
 
@@ -335,8 +361,12 @@ class Router:
                 await self.spool.store(part_from(header["part"], body))
             elif header["op"] == "done":
                 self.peers_done.add(header["from"])
-            else:
+            elif header["op"] in ("release", "abort", "status"):
                 reply["status"] = await self._local(header["op"], header["id"])
+            elif self.control is not None:  # an operator's command, from the supervisor
+                reply.update(await self.control(header))
+            else:
+                raise CorruptEntry(f"unknown request {header['op']!r}")
         except RelayError as exc:  # CorruptEntry included
             log.warning("request %s from a peer failed: %s", header.get("op"), exc)
             reply["ok"] = False

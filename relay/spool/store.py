@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -202,6 +203,10 @@ class _Op:
         self.wakes = wakes  # commits mail that may be delivered now
 
 
+def _regexp(pattern: str, value: str) -> bool:
+    return value is not None and re.search(pattern, value) is not None
+
+
 def _is_disk_full(exc: BaseException) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     return code == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
@@ -308,9 +313,12 @@ class Spool:
             ).rowcount
         return await self._submit(apply)
 
-    async def claim_due(self, now: float, limit: int) -> list[DueRecipient]:
+    async def claim_due(self, now: float, limit: int,
+                        suspended: frozenset[str] = frozenset()) -> list[DueRecipient]:
         """Take up to ``limit`` recipients that are due, oldest first, and
-        mark them as being sent so no later claim returns them again."""
+        mark them as being sent so no later claim returns them again.
+        Recipients at ``suspended`` domains are left where they are."""
+        skip = " AND r.domain NOT IN (%s)" % ",".join("?" * len(suspended)) if suspended else ""
 
         def apply(conn: sqlite3.Connection) -> list[DueRecipient]:
             rows = []
@@ -320,9 +328,9 @@ class Spool:
                     " m.received, m.smtputf8, m.size, s.reply FROM recipient r"
                     " JOIN message m ON m.id = r.message_id"
                     " LEFT JOIN suppression s ON s.address = r.address"
-                    " WHERE r.state = ? AND r.next_attempt <= ? AND m.state = ?"
+                    " WHERE r.state = ? AND r.next_attempt <= ? AND m.state = ?" + skip +
                     " ORDER BY r.next_attempt LIMIT ?",
-                    (state, now, int(MessageState.ACTIVE), limit - len(rows)),
+                    (state, now, int(MessageState.ACTIVE), *suspended, limit - len(rows)),
                 ).fetchall()
                 if len(rows) >= limit:
                     break
@@ -335,16 +343,18 @@ class Spool:
 
         return await self._submit(apply)
 
-    async def next_due(self) -> float | None:
+    async def next_due(self, suspended: frozenset[str] = frozenset()) -> float | None:
         """When the earliest waiting recipient becomes due (None: none waits)."""
+        skip = " AND r.domain NOT IN (%s)" % ",".join("?" * len(suspended)) if suspended else ""
 
         def query(conn: sqlite3.Connection) -> float | None:
             times = []
             for state in PENDING_STATES:
                 row = conn.execute(
                     "SELECT r.next_attempt FROM recipient r JOIN message m ON m.id = r.message_id"
-                    " WHERE r.state = ? AND m.state = ? ORDER BY r.next_attempt LIMIT 1",
-                    (state, int(MessageState.ACTIVE)),
+                    " WHERE r.state = ? AND m.state = ?" + skip +
+                    " ORDER BY r.next_attempt LIMIT 1",
+                    (state, int(MessageState.ACTIVE), *suspended),
                 ).fetchone()
                 if row:
                     times.append(row[0])
@@ -383,9 +393,12 @@ class Spool:
                 events,
             )
             for queue_id in {u.queue_id for u in updates}:
+                # Gone once every recipient is delivered; a message with a
+                # bounced recipient stays (for `relayctl requeue`) until
+                # deliver.keep_bounced has passed.
                 left = conn.execute(
-                    "SELECT 1 FROM recipient WHERE message_id = ? AND state IN (?, ?, ?) LIMIT 1",
-                    (queue_id, *PENDING_STATES, int(RecipientState.SENDING)),
+                    "SELECT 1 FROM recipient WHERE message_id = ? AND state != ? LIMIT 1",
+                    (queue_id, int(RecipientState.DELIVERED)),
                 ).fetchone()
                 if left is None:
                     delete_message(conn, queue_id)
@@ -397,6 +410,103 @@ class Spool:
         await self._submit(
             lambda conn: conn.execute("DELETE FROM event WHERE time < ?", (older_than,))
         )
+
+    async def prune_bounced(self, older_than: float) -> int:
+        """Drop messages whose recipients are all final, the last of them
+        bounced before ``older_than``."""
+
+        def apply(conn: sqlite3.Connection) -> int:
+            ids = [row[0] for row in conn.execute(
+                "SELECT message_id FROM recipient GROUP BY message_id"
+                " HAVING SUM(state NOT IN (?, ?)) = 0 AND MAX(next_attempt) < ?",
+                (int(RecipientState.DELIVERED), int(RecipientState.BOUNCED), older_than),
+            )]
+            for queue_id in ids:
+                delete_message(conn, queue_id)
+            return len(ids)
+
+        return await self._submit(apply)
+
+    # -- operator commands (relayctl) -------------------------------------
+
+    async def flush(self, domain: str | None, now: float) -> int:
+        """Deferred recipients (of one domain) become due now."""
+        query = "UPDATE recipient SET next_attempt = ? WHERE state = ?"
+        params: tuple = (now, int(RecipientState.DEFERRED))
+        if domain:
+            query += " AND domain = ?"
+            params += (domain,)
+        return await self._submit(lambda conn: conn.execute(query, params).rowcount, wakes=True)
+
+    async def requeue(self, *, code: str | None, sender: str | None, recipient: str | None,
+                      now: float) -> int:
+        """Bounced recipients matching every filter go back in the queue,
+        off the suppression list (pmq-publish)."""
+
+        def apply(conn: sqlite3.Connection) -> int:
+            conn.create_function("regexp", 2, _regexp, deterministic=True)
+            where = ["r.state = ?"]
+            params: list = [int(RecipientState.BOUNCED)]
+            if code:
+                where.append("r.last_reply LIKE ?")
+                params.append(code + "%")
+            if sender:
+                where.append("regexp(?, m.sender)")
+                params.append(sender)
+            if recipient:
+                where.append("regexp(?, r.address)")
+                params.append(recipient)
+            rows = conn.execute(
+                "SELECT r.message_id, r.idx, r.address FROM recipient r"
+                " JOIN message m ON m.id = r.message_id WHERE " + " AND ".join(where),
+                params,
+            ).fetchall()
+            conn.executemany(
+                "UPDATE recipient SET state = ?, attempts = 0, next_attempt = ?"
+                " WHERE message_id = ? AND idx = ?",
+                [(int(RecipientState.QUEUED), now, qid, idx) for qid, idx, _ in rows],
+            )
+            conn.executemany("DELETE FROM suppression WHERE address = ?",
+                             [(address,) for _, _, address in rows])
+            return len(rows)
+
+        return await self._submit(apply, wakes=True)
+
+    async def delete(self, queue_ids: list[str]) -> int:
+        """Remove messages (this worker's parts of them) from the queue."""
+
+        def apply(conn: sqlite3.Connection) -> int:
+            found = 0
+            for queue_id in queue_ids:
+                if conn.execute("SELECT 1 FROM message WHERE id = ?", (queue_id,)).fetchone():
+                    delete_message(conn, queue_id)
+                    found += 1
+            return found
+
+        return await self._submit(apply)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._submit(
+            lambda conn: conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        )
+
+    async def get_meta(self, key: str) -> str | None:
+        row = await self._read(
+            lambda conn: conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        )
+        return row[0] if row else None
+
+    async def counts(self) -> dict[str, int]:
+        """Deferred recipients and held parts, for the stats gauges."""
+
+        def query(conn: sqlite3.Connection) -> dict[str, int]:
+            deferred = conn.execute(
+                "SELECT COUNT(*) FROM recipient WHERE state = ?", (int(RecipientState.DEFERRED),)
+            ).fetchone()[0]
+            held = conn.execute("SELECT COUNT(*) FROM message WHERE state = 0").fetchone()[0]
+            return {"deferred_queue": deferred, "held": held}
+
+        return await self._read(query)
 
     # -- reads --------------------------------------------------------------
 

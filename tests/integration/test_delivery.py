@@ -18,57 +18,7 @@ import pytest
 
 from relay.route.shard import slot_of
 from relay.testing.fakenet import Behaviour, FakeInternet, Rule
-from support import read_spool
-
-
-@pytest.fixture
-def net():
-    with FakeInternet() as internet:
-        yield internet
-
-
-def deliver_relay(relay_factory, net, workers=1, deliver=None, **sections):
-    """A relay whose deliveries go to the fake internet, retrying every second."""
-    overrides = net.config_overrides()
-    overrides["deliver"].update({"retry_schedule": ["1s"], **(deliver or {})})
-    overrides.update(sections)
-    return relay_factory(workers=workers, **overrides).start()
-
-
-def inject(relay, sender, recipients, body: bytes) -> str:
-    with smtplib.SMTP("127.0.0.1", relay.port) as smtp:
-        smtp.ehlo()
-        smtp.mail(sender)
-        for rcpt in recipients:
-            assert smtp.rcpt(rcpt)[0] == 250
-        code, text = smtp.data(body)
-    assert code == 250, text
-    return text.split()[-1].decode()
-
-
-def events(relay) -> list[dict]:
-    found = []
-    for path in glob.glob(os.path.join(relay.directory, "log", "delivery-*.jsonl")):
-        with open(path, "rb") as file:
-            found += [json.loads(line) for line in file if line.strip()]
-    return sorted(found, key=lambda e: e["time"])
-
-
-def wait_for(condition, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def wait_events(relay, predicate, count=1, timeout=15.0):
-    return wait_for(
-        lambda: (found := [e for e in events(relay) if predicate(e)]) and len(found) >= count and found,
-        timeout, "delivery events",
-    )
+from support import deliver_relay, events, inject, read_spool, wait_events, wait_for
 
 
 BODY = (

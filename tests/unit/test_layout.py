@@ -22,6 +22,9 @@ STAGES: dict[str, int] = {}
 for rank, names in enumerate(
     [
         ("config", "errors", "model"),
+        # Every stage writes its figures into the stats ring (only cli reads
+        # them), so the ring's layout sits below the stages, not after them.
+        ("stats",),
         ("_ref", "_fast", "accel"),
         ("intake",),
         ("dkim",),
@@ -29,13 +32,11 @@ for rank, names in enumerate(
         ("spool",),
         ("deliver",),
         ("outcome",),
-        ("stats",),
-        ("cli",),
-        # Not in the documented order (added after it was written): dispatch is the
-        # worker's delivery loop, wiring deliver/outcome/spool, imported by worker;
-        # testing is test infrastructure that no relay module may import.
+        # dispatch is the worker's delivery loop, wiring deliver/outcome/spool.
         ("dispatch",),
-        ("worker", "supervisor"),
+        ("cli",),
+        ("worker", "supervisor", "control"),
+        # testing is test infrastructure that no relay module may import.
         ("testing",),
     ]
 ):
@@ -178,5 +179,7 @@ def test_nothing_imports_the_test_infrastructure():
 
 def test_stage_ranks_follow_the_documented_order():
     assert STAGES["config"] < STAGES["accel"] < STAGES["intake"] < STAGES["dkim"] < STAGES["route"]
-    assert STAGES["route"] < STAGES["spool"] < STAGES["deliver"] < STAGES["outcome"] < STAGES["stats"]
-    assert STAGES["stats"] < STAGES["cli"] < STAGES["worker"] == STAGES["supervisor"]
+    assert STAGES["route"] < STAGES["spool"] < STAGES["deliver"] < STAGES["outcome"]
+    assert STAGES["outcome"] < STAGES["dispatch"] < STAGES["cli"] < STAGES["worker"] == STAGES["supervisor"]
+    # Written to by every stage, read only by cli.
+    assert STAGES["stats"] < STAGES["intake"]

@@ -1,0 +1,75 @@
+"""relayctl verbs that change the queue (postsuper / postqueue -f style):
+
+* ``flush [DOMAIN]`` — deferred mail (of one domain) is retried now;
+* ``requeue [--code 550] [--sender REGEX] [--recipient REGEX]`` — bounced
+  recipients matching every filter go back in the queue and off the
+  suppression list (pmq-publish);
+* ``delete ID...`` — remove messages from the queue;
+* ``suspend DOMAIN`` / ``resume DOMAIN`` — hold a domain's mail in the
+  queue (kept across restarts) / let it go again.
+
+Each goes to the supervisor, which passes it to the owner worker of the
+domain or to every worker.  ``--json`` prints the supervisor's answer:
+``{"ok": true, "workers": [...], "count": n}`` (``"suspended": [...]`` for
+suspend/resume).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import orjson
+
+from relay import config
+from relay.cli.control import ControlError, NotRunning, request
+from relay.errors import ConfigError
+
+
+def add_parser(subparsers) -> None:
+    flush = subparsers.add_parser("flush", help="retry deferred mail now")
+    flush.add_argument("domain", nargs="?", help="only this recipient domain")
+    requeue = subparsers.add_parser("requeue", help="put bounced recipients back in the queue")
+    requeue.add_argument("--code", help="last reply starts with this, e.g. 550 or '550 5.1.1'")
+    requeue.add_argument("--sender", help="envelope sender matches this regular expression")
+    requeue.add_argument("--recipient", help="recipient matches this regular expression")
+    delete = subparsers.add_parser("delete", help="remove messages from the queue")
+    delete.add_argument("ids", nargs="+", metavar="ID")
+    suspend = subparsers.add_parser("suspend", help="hold a domain's mail in the queue")
+    suspend.add_argument("domain")
+    resume = subparsers.add_parser("resume", help="deliver a suspended domain's mail again")
+    resume.add_argument("domain")
+    for verb, parser in (("flush", flush), ("requeue", requeue), ("delete", delete),
+                         ("suspend", suspend), ("resume", resume)):
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+        parser.set_defaults(run=run, op=verb)
+
+
+def _request(args) -> dict:
+    message = {"op": args.op}
+    for name in ("domain", "code", "sender", "recipient", "ids"):
+        value = getattr(args, name, None)
+        if value:
+            message[name] = value
+    return message
+
+
+def run(args) -> int:
+    try:
+        settings = config.load(args.config)
+        answer = request(settings.relay.run_dir, _request(args))
+    except ConfigError as exc:
+        print(f"relayctl: {exc}", file=sys.stderr)
+        return 2
+    except (NotRunning, ControlError) as exc:
+        print(f"relayctl: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(orjson.dumps(answer).decode())
+    elif args.op in ("suspend", "resume"):
+        suspended = answer.get("suspended") or []
+        print("suspended domains: " + (", ".join(suspended) if suspended else "none"))
+    else:
+        noun = {"flush": "recipients due now", "requeue": "recipients requeued",
+                "delete": "messages deleted"}[args.op]
+        print(f"{answer.get('count', 0)} {noun}")
+    return 0

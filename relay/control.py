@@ -1,0 +1,156 @@
+"""The supervisor's front doors: the control socket relayctl talks to, and
+``/metrics`` for Prometheus.
+
+Input: one JSON request per connection on ``run_dir/control.sock``; HTTP
+GETs on ``[stats] metrics_address``.  Output: JSON answers (a command that
+changes state is passed to the worker that owns the slots concerned, or to
+every worker, over its peer socket); the stats ring in Prometheus text.
+Both are served from the supervisor's selector loop, one short blocking
+exchange at a time: they are rare, and the workers never wait on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import orjson
+
+from relay.cli.control import socket_path as control_socket_path
+from relay.config import Settings, parse_hostport
+from relay.intake.policy import BadDomain, routing_domain
+from relay.route.forward import request_blocking, socket_path
+from relay.route.shard import owner_of, slot_of
+from relay.stats import prometheus, ring
+
+log = logging.getLogger("relay.control")
+
+EXCHANGE_TIMEOUT = 5.0
+WORKER_TIMEOUT = 120.0  # a requeue over a big spool may take a while
+
+
+def open_control_socket(run_dir: str) -> socket.socket:
+    path = control_socket_path(run_dir)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o600)  # the operator's, not every local user's
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+def open_metrics_socket(address: str) -> socket.socket | None:
+    if not address:
+        return None
+    host, port = parse_hostport(address)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+class ControlPlane:
+    def __init__(self, settings: Settings, workers: int, worker_pids) -> None:
+        self.settings = settings
+        self.workers = workers
+        self.worker_pids = worker_pids  # callable: [(index, pid or None)]
+        self.ring_path = ring.ring_path(settings.relay.run_dir)
+
+    # -- relayctl -------------------------------------------------------------
+
+    def serve_control(self, listener: socket.socket) -> None:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(EXCHANGE_TIMEOUT)
+            try:
+                data = b""
+                while not data.endswith(b"\n") and len(data) < 65536:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                answer = self.answer(orjson.loads(data))
+            except (OSError, orjson.JSONDecodeError) as exc:
+                answer = {"ok": False, "error": f"bad request: {exc}"}
+            try:
+                conn.sendall(orjson.dumps(answer) + b"\n")
+            except OSError:
+                pass
+
+    def answer(self, request: dict) -> dict:
+        op = request.get("op")
+        try:
+            if op == "status":
+                return {
+                    "ok": True,
+                    "pid": os.getpid(),
+                    "config": self.settings.source,
+                    "ring": self.ring_path,
+                    "workers": [{"index": i, "pid": pid} for i, pid in self.worker_pids()],
+                }
+            if op in ("flush", "suspend", "resume", "requeue", "delete"):
+                return self._to_workers(request)
+        except (OSError, ValueError) as exc:
+            log.warning("relayctl %s failed: %s", op, exc)
+            return {"ok": False, "error": f"{op} failed: {exc}"}
+        return {"ok": False, "error": f"unknown request {op!r}"}
+
+    def _to_workers(self, request: dict) -> dict:
+        """A domain's command goes to its owner; the others to every worker."""
+        domain = request.get("domain")
+        if domain:
+            try:
+                domain = request["domain"] = routing_domain(domain)
+            except BadDomain:
+                return {"ok": False, "error": f"not a valid domain: {domain!r}"}
+            targets = [owner_of(slot_of(domain), self.workers)]
+        else:
+            targets = list(range(self.workers))
+        answers = {}
+        for worker in targets:
+            path = socket_path(self.settings.relay.run_dir, worker)
+            try:
+                answers[worker] = request_blocking(path, request, WORKER_TIMEOUT)
+            except OSError as exc:
+                return {"ok": False, "error": f"worker {worker} did not answer: {exc}"}
+            if not answers[worker].get("ok"):
+                return {"ok": False, "error": f"worker {worker} refused {request['op']}"}
+        result = {"ok": True, "workers": sorted(answers)}
+        if any("count" in a for a in answers.values()):
+            result["count"] = sum(a.get("count", 0) for a in answers.values())
+        if any("suspended" in a for a in answers.values()):
+            result["suspended"] = sorted({d for a in answers.values() for d in a.get("suspended", [])})
+        return result
+
+    # -- /metrics ---------------------------------------------------------------
+
+    def serve_metrics(self, listener: socket.socket) -> None:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(EXCHANGE_TIMEOUT)
+            try:
+                request = conn.recv(8192)
+                path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
+                if not request.startswith(b"GET ") or path.split(b"?")[0] != b"/metrics":
+                    conn.sendall(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                    return
+                body = prometheus.render(ring.merge(ring.read(self.ring_path))).encode()
+                conn.sendall(
+                    b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+                )
+            except (OSError, ValueError) as exc:
+                log.debug("metrics request failed: %s", exc)

@@ -1,0 +1,1 @@
+"""Stats: the shared-memory ring every worker publishes its figures to."""

@@ -1,0 +1,44 @@
+"""The merged stats in Prometheus text format (exposition format 0.0.4), pure.
+
+Input: ``ring.merge()`` output.  Output: the text ``/metrics`` serves:
+counters as ``relay_<name>_total``, gauges as ``relay_<name>``, latency
+histograms as ``relay_<name>_seconds`` with cumulative ``le`` buckets, and
+the busiest destinations as a labelled gauge.
+"""
+
+from __future__ import annotations
+
+import math
+
+from relay.stats.ring import BUCKETS
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf"
+    return repr(float(value)) if isinstance(value, float) and not value.is_integer() else str(int(value))
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render(merged: dict) -> str:
+    lines = []
+    for name, value in merged["counters"].items():
+        lines += [f"# TYPE relay_{name}_total counter", f"relay_{name}_total {_number(value)}"]
+    for name, value in merged["gauges"].items():
+        lines += [f"# TYPE relay_{name} gauge", f"relay_{name} {_number(value)}"]
+    lines += ["# TYPE relay_workers gauge", f"relay_workers {merged['workers']}"]
+    for name, histogram in merged["histograms"].items():
+        metric = f"relay_{name}_seconds"
+        lines.append(f"# TYPE {metric} histogram")
+        cumulative = 0
+        for bound, count in zip(BUCKETS, histogram["counts"]):
+            cumulative += count
+            lines.append(f'{metric}_bucket{{le="{_number(bound)}"}} {cumulative}')
+        lines += [f"{metric}_sum {_number(histogram['sum'])}", f"{metric}_count {cumulative}"]
+    lines.append("# TYPE relay_destination_load gauge")
+    for destination, load in merged["top_destinations"]:
+        lines.append(f'relay_destination_load{{destination="{_label(destination)}"}} {load}')
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,276 @@
+"""The stats ring: every worker's figures in shared memory, read without locks.
+
+Input: each worker's local counters, gauges and latency samples.  Output:
+a fixed-layout file in /dev/shm (``ring_path``), one region per worker,
+that ``relayctl stats`` and ``/metrics`` read and merge without asking any
+worker.
+
+Theory of operation.  The supervisor creates the file.  Each region has a
+single writer, its worker, which counts in plain Python objects and
+publishes every ~250 ms: it makes the region's sequence number odd,
+writes the values, and makes it even again.  A reader copies the region
+and accepts the copy only if the sequence number was even and unchanged
+across the copy (a seqlock), so it never sees a torn write and never
+blocks the writer.  A restarted worker starts from the totals its region
+already holds, so totals survive a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import struct
+import time
+from dataclasses import dataclass
+
+MAGIC = b"RELAYST1"
+HEADER = struct.Struct("<8sII")  # magic, workers, region size
+HEADER_SIZE = 64
+
+COUNTERS = (
+    "connections",
+    "accepted_messages",
+    "accepted_recipients",
+    "accepted_bytes",
+    "rejected_relay",
+    "rejected_data",
+    "rejected_spool",
+    "rejected_low_disk",
+    "rejected_connection_limit",
+    "rejected_auth",
+    "rejected_auth_lockout",
+    "rejected_too_many_recipients",
+    "rejected_slow_data",
+    "delivered",
+    "deferred",
+    "bounced",
+    "dropped",
+    "requeued",
+    "deferred_connection",
+    "deferred_recipient",
+    "deferred_technical",
+    "deferred_unknown",
+    "bounced_connection",
+    "bounced_recipient",
+    "bounced_technical",
+    "bounced_unknown",
+    "dsn_queued",
+    "connections_out",
+)
+GAUGES = (
+    "ready",  # recipients loaded for delivery
+    "deferred_queue",  # recipients waiting for a retry (counted every few seconds)
+    "held",  # parts of multi-owner transactions not yet released
+    "inbound_connections",
+    "outbound_connections",
+    "rss_bytes",
+    "cpu_user",
+    "cpu_system",
+    "open_fds",
+    "uptime",
+    "gc_seconds",
+    "pid",
+    "restarts",
+)
+HISTOGRAMS = ("data_to_250", "accept_to_delivered")
+# Upper bounds in seconds; the last bucket takes everything above.
+BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+           60.0, 300.0, 1800.0, 3600.0, float("inf"))
+TOP = 5  # busiest destinations kept per worker
+NAME_SIZE = 64
+
+_SEQ = struct.Struct("<QQ")  # sequence, publish time in microseconds
+_VALUES = struct.Struct(
+    f"<{len(COUNTERS)}Q{len(GAUGES)}d{len(HISTOGRAMS) * (len(BUCKETS) + 1)}d"
+    + f"{NAME_SIZE}sQ" * TOP
+)
+REGION_SIZE = 4096
+assert _SEQ.size + _VALUES.size <= REGION_SIZE
+
+
+def ring_path(run_dir: str) -> str:
+    """Where the ring of the relay using ``run_dir`` lives (one per relay)."""
+    key = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:16]
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else run_dir
+    return os.path.join(base, f"relay-stats-{key}")
+
+
+@dataclass
+class Snapshot:
+    """One worker's published figures."""
+
+    worker: int
+    published: float
+    counters: dict[str, int]
+    gauges: dict[str, float]
+    histograms: dict[str, tuple[list[int], float]]  # name -> (bucket counts, sum of seconds)
+    top: list[tuple[str, int]]
+
+
+def create(run_dir: str, workers: int) -> str:
+    """Supervisor: a zeroed ring for ``workers`` regions."""
+    path = ring_path(run_dir)
+    size = HEADER_SIZE + workers * REGION_SIZE
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "wb") as file:
+        file.write(HEADER.pack(MAGIC, workers, REGION_SIZE).ljust(HEADER_SIZE, b"\0"))
+        file.truncate(size)
+    os.replace(tmp, path)
+    return path
+
+
+def remove(run_dir: str) -> None:
+    try:
+        os.unlink(ring_path(run_dir))
+    except FileNotFoundError:
+        pass
+
+
+def _map(path: str, write: bool) -> mmap.mmap:
+    with open(path, "r+b" if write else "rb") as file:
+        return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_WRITE if write else mmap.ACCESS_READ)
+
+
+class Writer:
+    """A worker's view of its own region."""
+
+    def __init__(self, path: str, worker: int) -> None:
+        self._map = _map(path, write=True)
+        magic, workers, region = HEADER.unpack_from(self._map, 0)
+        if magic != MAGIC or worker >= workers or region != REGION_SIZE:
+            raise ValueError(f"{path} is not a stats ring for worker {worker}")
+        self._offset = HEADER_SIZE + worker * REGION_SIZE
+        previous = _read_region(self._map, self._offset, worker)
+        self._seq = _SEQ.unpack_from(self._map, self._offset)[0] & ~1
+        # A restarted worker goes on from what its predecessor published.
+        self.base = previous.counters if previous else dict.fromkeys(COUNTERS, 0)
+        self.base_histograms = previous.histograms if previous else {}
+        self.restarts = int(previous.gauges.get("restarts", 0)) + 1 if previous and previous.published else 0
+
+    def publish(self, counters: dict[str, int], gauges: dict[str, float],
+                histograms: dict[str, tuple[list[int], float]], top: list[tuple[str, int]]) -> None:
+        gauges = {**gauges, "restarts": self.restarts}
+        values = [self.base.get(name, 0) + counters.get(name, 0) for name in COUNTERS]
+        values += [float(gauges.get(name, 0.0)) for name in GAUGES]
+        for name in HISTOGRAMS:
+            buckets, total = histograms.get(name, ([0] * len(BUCKETS), 0.0))
+            base_buckets, base_total = self.base_histograms.get(name, ([0] * len(BUCKETS), 0.0))
+            values += [float(a + b) for a, b in zip(buckets, base_buckets)] + [total + base_total]
+        padded = (top + [("", 0)] * TOP)[:TOP]
+        for name, count in padded:
+            values += [name.encode()[:NAME_SIZE], count]
+        self._seq += 1  # odd: a write is under way
+        _SEQ.pack_into(self._map, self._offset, self._seq, 0)
+        _VALUES.pack_into(self._map, self._offset + _SEQ.size, *values)
+        self._seq += 1  # even again: the region is whole
+        _SEQ.pack_into(self._map, self._offset, self._seq, int(time.time() * 1e6))
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def _read_region(buffer, offset: int, worker: int, tries: int = 100) -> Snapshot | None:
+    for _ in range(tries):
+        seq, published = _SEQ.unpack_from(buffer, offset)
+        if seq & 1:
+            continue
+        raw = bytes(buffer[offset + _SEQ.size: offset + _SEQ.size + _VALUES.size])
+        if _SEQ.unpack_from(buffer, offset)[0] != seq:
+            continue  # torn: the writer published meanwhile
+        if seq == 0:
+            return None
+        values = _VALUES.unpack(raw)
+        n, g = len(COUNTERS), len(GAUGES)
+        counters = dict(zip(COUNTERS, values[:n]))
+        gauges = dict(zip(GAUGES, values[n:n + g]))
+        histograms, at = {}, n + g
+        for name in HISTOGRAMS:
+            buckets = [int(v) for v in values[at:at + len(BUCKETS)]]
+            histograms[name] = (buckets, values[at + len(BUCKETS)])
+            at += len(BUCKETS) + 1
+        top = []
+        for _ in range(TOP):
+            name, count = values[at].rstrip(b"\0").decode(errors="replace"), values[at + 1]
+            if name:
+                top.append((name, count))
+            at += 2
+        return Snapshot(worker, published / 1e6, counters, gauges, histograms, top)
+    raise RuntimeError("stats region kept changing while being read")
+
+
+def read(path: str) -> list[Snapshot]:
+    """Every worker's latest snapshot (workers that never published are left out)."""
+    buffer = _map(path, write=False)
+    try:
+        magic, workers, region = HEADER.unpack_from(buffer, 0)
+        if magic != MAGIC or region != REGION_SIZE:
+            raise ValueError(f"{path} is not a stats ring")
+        snapshots = [_read_region(buffer, HEADER_SIZE + i * REGION_SIZE, i) for i in range(workers)]
+    finally:
+        buffer.close()
+    return [s for s in snapshots if s is not None]
+
+
+def merge(snapshots: list[Snapshot]) -> dict:
+    """Totals over workers: counters and gauges summed (uptime: the oldest),
+    histograms added bucket by bucket, busiest destinations combined."""
+    counters = dict.fromkeys(COUNTERS, 0)
+    gauges = dict.fromkeys(GAUGES, 0.0)
+    histograms = {name: ([0] * len(BUCKETS), 0.0) for name in HISTOGRAMS}
+    top: dict[str, int] = {}
+    for snap in snapshots:
+        for name, value in snap.counters.items():
+            counters[name] += value
+        for name, value in snap.gauges.items():
+            gauges[name] = max(gauges[name], value) if name == "uptime" else gauges[name] + value
+        for name, (buckets, total) in snap.histograms.items():
+            merged, merged_total = histograms[name]
+            histograms[name] = ([a + b for a, b in zip(merged, buckets)], merged_total + total)
+        for name, count in snap.top:
+            top[name] = top.get(name, 0) + count
+    gauges.pop("pid", None)
+    return {
+        "workers": len(snapshots),
+        "counters": counters,
+        "gauges": gauges,
+        "histograms": {
+            name: {"buckets": list(BUCKETS), "counts": buckets, "sum": total,
+                   "p50": quantile(buckets, 0.5), "p99": quantile(buckets, 0.99)}
+            for name, (buckets, total) in histograms.items()
+        },
+        "top_destinations": sorted(top.items(), key=lambda item: -item[1])[:TOP],
+    }
+
+
+def quantile(buckets: list[int], q: float) -> float | None:
+    """The upper bound of the bucket holding the q-quantile (None: no samples)."""
+    total = sum(buckets)
+    if not total:
+        return None
+    rank, seen = q * total, 0
+    for bound, count in zip(BUCKETS, buckets):
+        seen += count
+        if seen >= rank:
+            return bound
+    return BUCKETS[-1]
+
+
+class Histogram:
+    """A worker-local latency histogram (seconds)."""
+
+    __slots__ = ("buckets", "total")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * len(BUCKETS)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.total += seconds
+        for i, bound in enumerate(BUCKETS):
+            if seconds <= bound:
+                self.buckets[i] += 1
+                return
+
+    def value(self) -> tuple[list[int], float]:
+        return list(self.buckets), self.total

@@ -1,0 +1,149 @@
+"""relayctl against a running relay: the stats ring's totals (also across a
+worker's restart), every verb that changes the queue, /metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay.testing.fakenet import Behaviour, Rule
+from support import (
+    deliver_relay, events, free_port, inject, read_spool, relayctl, wait_events, wait_for,
+)
+
+BODY = b"From: app@sender.example\r\nSubject: stats\r\n\r\nbody\r\n"
+
+
+def stats(relay) -> dict:
+    result = relayctl(relay, "stats", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_stats_show_exact_totals_also_after_a_worker_restart(relay_factory, net):
+    net.add_domain("ok.example", ["127.0.0.10"])
+    net.add_domain("later.example", ["127.0.0.11"],
+                   behaviour=Behaviour(rules=[Rule(".", "451 4.3.0 Try later")]))
+    net.add_domain("gone.example", ["127.0.0.12"],
+                   behaviour=Behaviour(rules=[Rule(".", "550 5.1.1 No such user")]))
+    # One deferral each: the next attempt is an hour away.
+    relay = deliver_relay(relay_factory, net, workers=2, deliver={"retry_schedule": ["1h"]})
+    # From the null sender: no DSN adds to the figures.
+    for i in range(5):
+        inject(relay, "", [f"d{i}@ok.example"], BODY)
+    for i in range(3):
+        inject(relay, "", [f"l{i}@later.example"], BODY)
+    for i in range(2):
+        inject(relay, "", [f"b{i}@gone.example"], BODY)
+    expected = {"accepted_messages": 10, "delivered": 5, "deferred": 3, "bounced": 2,
+                "bounced_recipient": 2, "deferred_technical": 3, "dsn_queued": 0}
+
+    def totals():
+        counters = stats(relay)["counters"]
+        return {k: counters[k] for k in expected}
+
+    wait_for(lambda: totals() == expected, what=f"the totals {expected}")
+    # The queue sizes are counted every few seconds.
+    wait_for(lambda: stats(relay)["gauges"]["deferred_queue"] == 3, what="deferred_queue == 3")
+    before = stats(relay)
+    assert before["workers"] == 2
+    assert before["histograms"]["data_to_250"]["p50"] is not None
+    assert before["histograms"]["accept_to_delivered"]["p99"] is not None
+
+    victim = relay.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    relay.wait_log(" restarted (pid")
+    wait_for(lambda: stats(relay)["gauges"]["restarts"] >= 1, what="the restarted worker's publication")
+    assert totals() == expected
+
+    table = relayctl(relay, "stats")
+    assert table.returncode == 0 and "delivered" in table.stdout and "workers 2" in table.stdout
+
+
+def test_flush_retries_deferred_mail_now(relay_factory, net):
+    [sink] = net.add_domain("later.example", ["127.0.0.11"],
+                            behaviour=Behaviour(rules=[Rule(".", "451 4.3.0 Try later")]))
+    relay = deliver_relay(relay_factory, net, deliver={"retry_schedule": ["1h"]})
+    inject(relay, "app@sender.example", ["x@later.example"], BODY)
+    wait_events(relay, lambda e: e["outcome"] == "deferred")
+    sink.behaviour = Behaviour()
+    result = relayctl(relay, "flush", "later.example", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["count"] == 1
+    assert sink.wait_received(1, timeout=10)[0].rcpt_tos == ("x@later.example",)
+
+
+def test_suspend_holds_a_domain_until_resume(relay_factory, net):
+    [sink] = net.add_domain("held.example", ["127.0.0.12"])
+    relay = deliver_relay(relay_factory, net, workers=2)
+    result = relayctl(relay, "suspend", "held.example")
+    assert result.returncode == 0 and "held.example" in result.stdout
+    inject(relay, "app@sender.example", ["x@held.example"], BODY)
+    with_timeout = False
+    try:
+        sink.wait_received(1, timeout=2)
+    except TimeoutError:
+        with_timeout = True
+    assert with_timeout, "a suspended domain got mail"
+    assert relayctl(relay, "resume", "held.example").returncode == 0
+    assert sink.wait_received(1, timeout=10)[0].rcpt_tos == ("x@held.example",)
+
+
+def test_requeue_puts_bounced_recipients_back(relay_factory, net):
+    [sink] = net.add_domain("gone.example", ["127.0.0.13"],
+                            behaviour=Behaviour(rules=[Rule("^b", "550 5.1.1 No such user")]))
+    relay = deliver_relay(relay_factory, net)
+    inject(relay, "app@sender.example", ["bob@gone.example"], BODY)
+    wait_events(relay, lambda e: e["outcome"] == "bounced" and e["recipient"] == "bob@gone.example")
+    sink.behaviour = Behaviour()  # the mailbox exists after all
+    nothing = relayctl(relay, "requeue", "--code", "451", "--json")
+    assert json.loads(nothing.stdout)["count"] == 0
+    result = relayctl(relay, "requeue", "--code", "550", "--recipient", "^bob@", "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["count"] == 1
+    assert sink.wait_received(1, timeout=10)[0].rcpt_tos == ("bob@gone.example",)
+
+
+def test_delete_removes_a_message(relay_factory, net):
+    net.dns.set_servfail("stuck.example")
+    relay = deliver_relay(relay_factory, net, workers=2, deliver={"retry_schedule": ["1h"]})
+    queue_id = inject(relay, "app@sender.example", ["x@stuck.example", "y@other.example"], BODY)
+    result = relayctl(relay, "delete", queue_id, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["count"] >= 1
+    relay.stop()
+    assert [m for m in read_spool(relay.spool_dir) if m.queue_id == queue_id] == []
+
+
+def test_verbs_say_when_the_relay_is_not_running(relay_factory):
+    relay = relay_factory(workers=1)
+    for verb in (["stats"], ["flush"], ["suspend", "a.example"], ["delete", "X"], ["requeue"]):
+        result = relayctl(relay, *verb)
+        assert result.returncode == 1, verb
+        assert "not running" in result.stderr
+
+
+def test_metrics_parse_as_prometheus_text(relay_factory, net):
+    net.add_domain("ok.example", ["127.0.0.10"])
+    port = free_port()
+    relay = deliver_relay(relay_factory, net, stats={"metrics_address": f"127.0.0.1:{port}"})
+    inject(relay, "app@sender.example", ["x@ok.example"], BODY)
+    wait_events(relay, lambda e: e["outcome"] == "delivered")
+
+    def scrape():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return {
+                sample.name: sample.value
+                for family in text_string_to_metric_families(response.read().decode())
+                for sample in family.samples
+                if not sample.labels or sample.name.endswith("_count")
+            }
+
+    samples = wait_for(lambda: (s := scrape()).get("relay_delivered_total") == 1 and s,
+                       what="a scrape showing the delivery")
+    assert samples["relay_accepted_messages_total"] == 1
+    assert samples["relay_accept_to_delivered_seconds_count"] == 1
+    assert samples["relay_workers"] == 1
