@@ -98,7 +98,7 @@ class ControlPlane:
                     "ring": self.ring_path,
                     "workers": [{"index": i, "pid": pid} for i, pid in self.worker_pids()],
                 }
-            if op in ("flush", "suspend", "resume", "requeue", "delete"):
+            if op in ("flush", "suspend", "resume", "requeue", "delete", "trace"):
                 return self._to_workers(request)
         except (OSError, ValueError) as exc:
             log.warning("relayctl %s failed: %s", op, exc)
@@ -128,6 +128,8 @@ class ControlPlane:
         result = {"ok": True, "workers": sorted(answers)}
         if any("count" in a for a in answers.values()):
             result["count"] = sum(a.get("count", 0) for a in answers.values())
+        if any("traced" in a for a in answers.values()):
+            result["traced"] = answers[targets[0]]["traced"]
         if any("suspended" in a for a in answers.values()):
             result["suspended"] = sorted({d for a in answers.values() for d in a.get("suspended", [])})
         return result

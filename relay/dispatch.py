@@ -49,6 +49,7 @@ from relay.stats.ring import Histogram
 from relay.spool.store import EVENT_COLUMNS, DueRecipient, RecipientUpdate, Spool
 
 log = logging.getLogger("relay.deliver")
+trace_log = logging.getLogger("relay.trace")
 
 TLS_FALLBACK_MEMORY = 3600.0  # remember a host whose STARTTLS failed this long
 IDLE_CHECK_INTERVAL = 1.0
@@ -113,6 +114,7 @@ class Dispatcher:
         self._event_log = open(os.path.join(deliver.event_log_dir, f"delivery-{worker}.jsonl"), "ab")
         self.stopping = False
         self.suspended: frozenset[str] = frozenset()  # domains relayctl suspended
+        self.traced: frozenset[str] = frozenset()  # addresses relayctl traces
         self.counters: collections.Counter[str] = collections.Counter()  # names of stats.ring
         self.accept_to_delivered = Histogram()
 
@@ -133,6 +135,8 @@ class Dispatcher:
             log.info("%d recipients claimed before a restart are queued again", returned)
         suspended = await self.spool.get_meta("suspended")
         self.suspended = frozenset(orjson.loads(suspended)) if suspended else frozenset()
+        traced = await self.spool.get_meta("traced")
+        self.traced = frozenset(orjson.loads(traced)) if traced else frozenset()
         self.spool.on_ready = self.wake
         self._spawn(self._close_idle_connections())
         self._spawn(self._prune_events())
@@ -146,7 +150,11 @@ class Dispatcher:
                 break  # claimed just now: queued again at the next start
             if claimed:
                 self.loaded += len(claimed)
-                for job in jobs_from(claimed):
+                for job in jobs_from(claimed, self.traced):
+                    if job.trace:
+                        self._trace(job, "claimed %d recipient(s), attempt %d: %s", len(job.recipients),
+                                    job.recipients[0].attempts + 1,
+                                    ", ".join(r.address for r in job.recipients))
                     self._spawn(self._route(job))
                 if len(claimed) == room:
                     await asyncio.sleep(0)  # more may be due: look again soon
@@ -228,8 +236,13 @@ class Dispatcher:
         try:
             destination = await self.resolver.resolve(job.domain)
         except DeliveryError as exc:
+            if job.trace:
+                self._trace(job, "resolving %s failed: %s", job.domain, exc.reply)
             await self._record(job, [(r, exc.reply, exc.stage) for r in job.recipients], None, None)
             return
+        if job.trace:
+            self._trace(job, "%s -> %s", job.domain,
+                        ", ".join(f"{h.host}[{h.ip}]:{h.port}" for h in destination.hops))
         if self.stopping:
             self.loaded -= len(job.recipients)
             return
@@ -268,6 +281,10 @@ class Dispatcher:
                 job = queue.next_job()
                 if job is None:
                     break
+                if job.trace:
+                    self._trace(job, "session %s[%s] from %s, tls=%s, message %d on it",
+                                session.hop.host, session.hop.ip, session.source_ip or "any",
+                                session.tls, session.messages_sent + 1)
                 await self._deliver(job, session, queue.destination)
                 limit = self.settings.deliver.max_messages_per_connection
                 if not session.usable or session.messages_sent >= limit:
@@ -332,8 +349,13 @@ class Dispatcher:
         except DeliveryError as exc:
             session.close()
             outcomes = [(r, exc.reply, exc.stage) for r in job.recipients]
+            if job.trace:
+                self._trace(job, "connection failed at %s: %s", exc.stage.value, exc.reply)
         else:
             outcomes = self._per_recipient(job, result)
+            if job.trace:
+                self._trace(job, "MAIL %s | RCPT %s | DATA %s | end %s", result.mail,
+                            " ; ".join(map(str, result.rcpt)), result.data, result.dot)
         await self._record(job, outcomes, destination, session, time.monotonic() - started, body)
 
     @staticmethod
@@ -398,6 +420,11 @@ class Dispatcher:
             return
         finally:
             self.loaded -= len(job.recipients)
+        if job.trace:
+            for update, event in zip(updates, events):
+                self._trace(job, "%s -> %s (%s)%s", event[2], event[10], event[9],
+                            f", next attempt in {update.next_attempt - now:.0f}s"
+                            if event[10] == "deferred" else "")
         for event in events:
             label, failure_class = event[10], event[11]
             self.counters[label] += 1
@@ -441,6 +468,10 @@ class Dispatcher:
         except RelayError as exc:
             log.error("%s: DSN to <%s> could not be queued: %s", job.queue_id, job.sender, exc)
 
+    def _trace(self, job: Job, message: str, *args) -> None:
+        elapsed = (time.monotonic() - job.claimed) * 1000
+        trace_log.info("%s: +%.1fms " + message, job.queue_id, elapsed, *args)
+
     def _write_events(self, events: list[tuple]) -> None:
         lines = b"".join(
             orjson.dumps(dict(zip(EVENT_COLUMNS, event))) + b"\n" for event in events
@@ -477,6 +508,11 @@ class Dispatcher:
                 log.warning("pruning postponed: %s", exc)
 
     # -- operator commands (relayctl, through the supervisor) -----------------
+
+    async def set_traced(self, addresses: frozenset[str]) -> None:
+        """The addresses whose delivery is traced; kept across restarts."""
+        await self.spool.set_meta("traced", orjson.dumps(sorted(addresses)).decode())
+        self.traced = addresses
 
     async def suspend(self, domain: str, suspended: bool) -> None:
         """Hold (or release) a domain's mail in the queue; kept across restarts."""

@@ -32,6 +32,7 @@ class Part:
     body: bytes
     received_at: float  # wall-clock seconds
     smtputf8: bool = False
+    trace: bool = False  # log every step of its delivery (X-Relay-Trace, relayctl trace)
     # Worker that coordinates a transaction split across several owners.
     # None: the only part, stored ready for delivery.  Otherwise the part
     # is stored held until that coordinator's decision releases it.
@@ -48,6 +49,7 @@ class Transaction:
     body: bytes
     received_at: float
     smtputf8: bool = False
+    trace: bool = False
 
 
 class QueueIds:

@@ -15,6 +15,7 @@ import logging
 import signal
 import time
 
+import orjson
 import uvloop
 
 from relay import config
@@ -69,6 +70,8 @@ class Worker:
         self.intake = IntakeState(
             settings, self.index, self.accept, server_tls_context(settings.tls)
         )
+        traced = await self.spool.get_meta("traced")  # relayctl trace, kept across restarts
+        self.intake.traced = frozenset(orjson.loads(traced)) if traced else frozenset()
         servers = [
             await loop.create_server(self.intake.factory, sock=sock)
             for sock in open_listen_sockets(settings)
@@ -122,6 +125,15 @@ class Worker:
             return {"count": count}
         if op == "delete":
             return {"count": await self.spool.delete(request["ids"])}
+        if op == "trace":
+            traced = set(self.dispatcher.traced)
+            for address in request.get("add", []):
+                traced.add(address.lower())
+            for address in request.get("remove", []):
+                traced.discard(address.lower())
+            await self.dispatcher.set_traced(frozenset(traced))
+            self.intake.traced = self.dispatcher.traced
+            return {"traced": sorted(traced)}
         if op in ("suspend", "resume"):
             await self.dispatcher.suspend(request["domain"], op == "suspend")
             return {"suspended": sorted(self.dispatcher.suspended)}

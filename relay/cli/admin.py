@@ -6,12 +6,15 @@
   suppression list (pmq-publish);
 * ``delete ID...`` — remove messages from the queue;
 * ``suspend DOMAIN`` / ``resume DOMAIN`` — hold a domain's mail in the
-  queue (kept across restarts) / let it go again.
+  queue (kept across restarts) / let it go again;
+* ``trace add|remove|list ADDRESS...`` — log every step of the delivery of
+  mail to these recipients, with millisecond times (logger relay.trace), as
+  for a message carrying ``X-Relay-Trace: 1``.
 
 Each goes to the supervisor, which passes it to the owner worker of the
 domain or to every worker.  ``--json`` prints the supervisor's answer:
 ``{"ok": true, "workers": [...], "count": n}`` (``"suspended": [...]`` for
-suspend/resume).
+suspend/resume, ``"traced": [...]`` for trace).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def add_parser(subparsers) -> None:
     suspend.add_argument("domain")
     resume = subparsers.add_parser("resume", help="deliver a suspended domain's mail again")
     resume.add_argument("domain")
+    add_trace_parser(subparsers)
     for verb, parser in (("flush", flush), ("requeue", requeue), ("delete", delete),
                          ("suspend", suspend), ("resume", resume)):
         parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -72,4 +76,34 @@ def run(args) -> int:
         noun = {"flush": "recipients due now", "requeue": "recipients requeued",
                 "delete": "messages deleted"}[args.op]
         print(f"{answer.get('count', 0)} {noun}")
+    return 0
+
+
+def add_trace_parser(subparsers) -> None:
+    parser = subparsers.add_parser("trace", help="log every delivery step for chosen recipients")
+    parser.add_argument("action", choices=("add", "remove", "list"))
+    parser.add_argument("addresses", nargs="*", metavar="ADDRESS")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(run=run_trace)
+
+
+def run_trace(args) -> int:
+    message = {"op": "trace", "add": [], "remove": []}
+    if args.action in ("add", "remove"):
+        if not args.addresses:
+            print(f"relayctl: trace {args.action} needs at least one ADDRESS", file=sys.stderr)
+            return 1
+        message[args.action] = args.addresses
+    try:
+        settings = config.load(args.config)
+        answer = request(settings.relay.run_dir, message)
+    except ConfigError as exc:
+        print(f"relayctl: {exc}", file=sys.stderr)
+        return 2
+    except (NotRunning, ControlError) as exc:
+        print(f"relayctl: {exc}", file=sys.stderr)
+        return 1
+    traced = answer.get("traced", [])
+    print(orjson.dumps(answer).decode() if args.json
+          else "traced recipients: " + (", ".join(traced) if traced else "none"))
     return 0

@@ -14,6 +14,7 @@ and priority lanes are meant to plug in at ``next_job`` and ``may_open``.
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass, field
 
 from relay.deliver.resolve import Destination
@@ -31,9 +32,11 @@ class Job:
     size: int
     domain: str
     recipients: list[DueRecipient]
+    trace: bool = False  # log every step (the message or a recipient is traced)
+    claimed: float = field(default_factory=time.monotonic)
 
 
-def jobs_from(due: list[DueRecipient]) -> list[Job]:
+def jobs_from(due: list[DueRecipient], traced: frozenset[str] = frozenset()) -> list[Job]:
     """Group claimed recipients by (message, domain), keeping claim order."""
     jobs: dict[tuple[str, str], Job] = {}
     for row in due:
@@ -43,6 +46,7 @@ def jobs_from(due: list[DueRecipient]) -> list[Job]:
                 row.queue_id, row.sender, row.smtputf8, row.received, row.size, row.domain, []
             )
         job.recipients.append(row)
+        job.trace = job.trace or row.trace or row.address.lower() in traced
     return list(jobs.values())
 
 

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import logging
 import os
+import re
 import ssl
 import time
 from typing import Awaitable, Callable
@@ -62,6 +63,7 @@ class IntakeState:
         self.sessions: set[RelaySMTP] = set()
         self.connections: collections.Counter[str] = collections.Counter()
         self.draining = False
+        self.traced: frozenset[str] = frozenset()  # addresses `relayctl trace add` named
         self.counters: collections.Counter[str] = collections.Counter()  # names of stats.ring
         self.data_to_250 = Histogram()
         self._free_checked = 0.0
@@ -129,6 +131,18 @@ class IntakeState:
         )
 
 
+_TRACE_HEADER = re.compile(rb"^x-relay-trace:[ \t]*1[ \t]*$", re.IGNORECASE | re.MULTILINE)
+
+
+def wants_trace(content: bytes, recipients: list[str], traced: frozenset[str]) -> bool:
+    """Trace this message: it asks for it in its header, or a recipient is traced."""
+    end = content.find(b"\r\n\r\n")
+    head = content if end < 0 else content[: end + 2]
+    if b"-trace:" in head.lower() and _TRACE_HEADER.search(head.replace(b"\r\n", b"\n")):
+        return True
+    return bool(traced) and any(r.lower() in traced for r in recipients)
+
+
 class Handler:
     """The aiosmtpd hooks: the decisions of a session."""
 
@@ -191,7 +205,7 @@ class Handler:
         state = self.state
         queue_id = state.queue_ids.next()
         now = time.time()
-        trace = received_header(
+        received = received_header(
             helo=session.host_name or "unknown",
             peer_ip=session.peer[0],
             hostname=state.hostname,
@@ -207,9 +221,10 @@ class Handler:
             queue_id=queue_id,
             sender=sender,
             recipients=tuple(envelope.rcpt_tos),
-            body=trace + envelope.content,
+            body=received + envelope.content,
             received_at=now,
             smtputf8=envelope.smtp_utf8,
+            trace=wants_trace(envelope.content, envelope.rcpt_tos, state.traced),
         )
         try:
             await state.accept(transaction)
@@ -221,8 +236,9 @@ class Handler:
         state.counters["accepted_recipients"] += len(envelope.rcpt_tos)
         state.counters["accepted_bytes"] += len(transaction.body)
         log.info(
-            "%s: accepted from=<%s> nrcpt=%d size=%d client=[%s]",
+            "%s: accepted from=<%s> nrcpt=%d size=%d client=[%s]%s",
             queue_id, sender, len(envelope.rcpt_tos), len(transaction.body), session.peer[0],
+            " trace" if transaction.trace else "",
         )
         return replies.queued(queue_id)
 

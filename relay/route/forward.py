@@ -74,6 +74,7 @@ def envelope_of(part: Part) -> dict:
         "from": part.sender,
         "at": part.received_at,
         "utf8": part.smtputf8,
+        "trace": part.trace,
         "coord": part.coordinator,
         "rcpt": [[r.address, r.domain, r.slot, r.index] for r in part.recipients],
     }
@@ -103,6 +104,7 @@ def part_from(envelope: dict, body: bytes) -> Part:
             body=body,
             received_at=envelope["at"],
             smtputf8=envelope["utf8"],
+            trace=bool(envelope.get("trace", False)),
             coordinator=envelope["coord"],
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -283,6 +285,7 @@ class Router:
             body=txn.body,
             received_at=txn.received_at,
             smtputf8=txn.smtputf8,
+            trace=txn.trace,
             coordinator=coordinator,
         )
 

@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS message (
     smtputf8 INTEGER NOT NULL,
     size INTEGER NOT NULL,
     state INTEGER NOT NULL,
-    coordinator INTEGER
+    coordinator INTEGER,
+    trace INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS body (id TEXT PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS recipient (
@@ -106,6 +107,7 @@ class DueRecipient:
     smtputf8: bool
     size: int
     suppressed: str | None = None  # the hard bounce that put the address on the list
+    trace: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +166,7 @@ def insert_part(conn: sqlite3.Connection, part: Part, next_attempt: float) -> No
     # ON CONFLICT DO NOTHING, not OR IGNORE: only a repeated key is skipped;
     # a NULL where none belongs fails the operation instead of half-writing it.
     conn.execute(
-        "INSERT INTO message VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        "INSERT INTO message VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         (
             part.queue_id,
             part.sender,
@@ -173,6 +175,7 @@ def insert_part(conn: sqlite3.Connection, part: Part, next_attempt: float) -> No
             len(part.body),
             int(state),
             part.coordinator,
+            int(part.trace),
         ),
     )
     conn.execute("INSERT INTO body VALUES (?, ?) ON CONFLICT DO NOTHING", (part.queue_id, part.body))
@@ -325,7 +328,7 @@ class Spool:
             for state in PENDING_STATES:
                 rows += conn.execute(
                     "SELECT r.message_id, r.idx, r.address, r.domain, r.attempts, m.sender,"
-                    " m.received, m.smtputf8, m.size, s.reply FROM recipient r"
+                    " m.received, m.smtputf8, m.size, s.reply, m.trace FROM recipient r"
                     " JOIN message m ON m.id = r.message_id"
                     " LEFT JOIN suppression s ON s.address = r.address"
                     " WHERE r.state = ? AND r.next_attempt <= ? AND m.state = ?" + skip +
@@ -338,8 +341,8 @@ class Spool:
                 "UPDATE recipient SET state = ? WHERE message_id = ? AND idx = ?",
                 [(int(RecipientState.SENDING), row[0], row[1]) for row in rows],
             )
-            return [DueRecipient(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8], r[9])
-                    for r in rows]
+            return [DueRecipient(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8], r[9],
+                                 bool(r[10])) for r in rows]
 
         return await self._submit(apply)
 

@@ -147,3 +147,27 @@ def test_metrics_parse_as_prometheus_text(relay_factory, net):
     assert samples["relay_accepted_messages_total"] == 1
     assert samples["relay_accept_to_delivered_seconds_count"] == 1
     assert samples["relay_workers"] == 1
+
+
+def test_traced_mail_logs_every_step(relay_factory, net):
+    net.add_domain("ok.example", ["127.0.0.10"])
+    relay = deliver_relay(relay_factory, net, workers=2)
+    result = relayctl(relay, "trace", "add", "Watched@ok.example", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["traced"] == ["watched@ok.example"]
+    traced_by_header = inject(relay, "app@sender.example", ["plain@ok.example"],
+                              b"X-Relay-Trace: 1\r\nSubject: t\r\n\r\nbody\r\n")
+    traced_by_address = inject(relay, "app@sender.example", ["watched@ok.example"], BODY)
+    untraced = inject(relay, "app@sender.example", ["other@ok.example"], BODY)
+    wait_events(relay, lambda e: e["outcome"] == "delivered", count=3)
+    log = relay.log()
+    for queue_id in (traced_by_header, traced_by_address):
+        steps = [line for line in log.splitlines() if "relay.trace" in line and queue_id in line]
+        text = "\n".join(steps)
+        for step in ("claimed", "->", "session mx1.ok.example", "MAIL 250", "delivered"):
+            assert step in text, (step, text)
+        assert all("ms " in line for line in steps)
+    assert not [line for line in log.splitlines() if "relay.trace" in line and untraced in line]
+    listed = relayctl(relay, "trace", "list")
+    assert "watched@ok.example" in listed.stdout
+    assert "none" in relayctl(relay, "trace", "remove", "watched@ok.example").stdout
