@@ -89,6 +89,7 @@ CREATE TABLE IF NOT EXISTS suppression (
     reply TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS event_queue_id ON event (queue_id);
+CREATE INDEX IF NOT EXISTS event_time ON event (time);
 """
 
 # Recipients that still wait for delivery (claimable once due).
@@ -419,14 +420,22 @@ class Spool:
         bounced before ``older_than``."""
 
         def apply(conn: sqlite3.Connection) -> int:
-            ids = [row[0] for row in conn.execute(
-                "SELECT message_id FROM recipient GROUP BY message_id"
-                " HAVING SUM(state NOT IN (?, ?)) = 0 AND MAX(next_attempt) < ?",
-                (int(RecipientState.DELIVERED), int(RecipientState.BOUNCED), older_than),
-            )]
-            for queue_id in ids:
-                delete_message(conn, queue_id)
-            return len(ids)
+            # Walk only bounced recipients (the state index), not the queue.
+            candidates = {row[0] for row in conn.execute(
+                "SELECT message_id FROM recipient WHERE state = ? AND next_attempt < ?",
+                (int(RecipientState.BOUNCED), older_than),
+            )}
+            pruned = 0
+            for queue_id in candidates:
+                waiting = conn.execute(
+                    "SELECT 1 FROM recipient WHERE message_id = ? AND state NOT IN (?, ?)"
+                    " LIMIT 1",
+                    (queue_id, int(RecipientState.DELIVERED), int(RecipientState.BOUNCED)),
+                ).fetchone()
+                if waiting is None:
+                    delete_message(conn, queue_id)
+                    pruned += 1
+            return pruned
 
         return await self._submit(apply)
 
