@@ -78,6 +78,7 @@ class IntakeState:
         self.tls_context = tls_context
         self.authenticator = Authenticator(settings.intake.users)
         self.lockout = FailureLockout(settings.intake.max_auth_failures, settings.intake.auth_lockout)
+        self.handler = Handler(self)  # stateless: one for every session
 
     def admit(self, ip: str) -> str | None:
         """The refusal for a new connection, or None to serve it."""
@@ -118,7 +119,7 @@ class IntakeState:
     def factory(self) -> RelaySMTP:
         intake = self.intake
         return RelaySMTP(
-            Handler(self),
+            self.handler,
             state=self,
             data_size_limit=intake.max_message_size,
             enable_SMTPUTF8=True,
