@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 
 import orjson
 
@@ -66,10 +67,16 @@ class ControlPlane:
     # -- relayctl -------------------------------------------------------------
 
     def serve_control(self, listener: socket.socket) -> None:
+        """Accept a relayctl connection; answer it on a thread of its own, so
+        a long command (a requeue over a big spool) never holds up the
+        supervisor's loop (reaping, restarts, signals)."""
         try:
             conn, _ = listener.accept()
         except BlockingIOError:
             return
+        threading.Thread(target=self._exchange, args=(conn,), daemon=True).start()
+
+    def _exchange(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(EXCHANGE_TIMEOUT)
             try:
@@ -82,6 +89,9 @@ class ControlPlane:
                 answer = self.answer(orjson.loads(data))
             except (OSError, orjson.JSONDecodeError) as exc:
                 answer = {"ok": False, "error": f"bad request: {exc}"}
+            except Exception as exc:  # a bug must not cost the operator an answer
+                log.exception("relayctl request failed")
+                answer = {"ok": False, "error": f"internal error: {type(exc).__name__}"}
             try:
                 conn.sendall(orjson.dumps(answer) + b"\n")
             except OSError:
@@ -154,5 +164,5 @@ class ControlPlane:
                     b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
                 )
-            except (OSError, ValueError) as exc:
-                log.debug("metrics request failed: %s", exc)
+            except Exception as exc:  # a scrape must never take the supervisor down
+                log.warning("metrics request failed: %s", exc)

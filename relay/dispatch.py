@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import os
@@ -54,6 +55,7 @@ trace_log = logging.getLogger("relay.trace")
 TLS_FALLBACK_MEMORY = 3600.0  # remember a host whose STARTTLS failed this long
 IDLE_CHECK_INTERVAL = 1.0
 MAX_WAIT = 5.0  # the loop looks at the spool at least this often
+COMPLETE_RETRIES = (1, 2, 4, 8, None)  # seconds between tries to record an outcome
 INTERNAL_HEADER = re.compile(rb"^X-Relay-[A-Za-z0-9-]*:", re.IGNORECASE)
 
 Submit = Callable[[Transaction], Awaitable[None]]
@@ -89,7 +91,7 @@ def worker_source_ips(source_ips: tuple[str, ...], worker: int, workers: int) ->
 
 class Dispatcher:
     def __init__(self, settings: Settings, worker: int, workers: int, spool: Spool,
-                 submit: Submit, resolver: Resolver | None = None) -> None:
+                 submit: Submit, queue_ids: QueueIds, resolver: Resolver | None = None) -> None:
         deliver = settings.deliver
         self.settings = settings
         self.worker = worker
@@ -109,7 +111,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task] = set()
         self._tls_broken: dict[str, float] = {}
         self._verify_context = self._make_verify_context(deliver.ca_file)
-        self._queue_ids = QueueIds(worker)
+        self._queue_ids = queue_ids  # the worker's one generator: no id twice
         os.makedirs(deliver.event_log_dir, exist_ok=True)
         self._event_log = open(os.path.join(deliver.event_log_dir, f"delivery-{worker}.jsonl"), "ab")
         self.stopping = False
@@ -129,7 +131,7 @@ class Dispatcher:
 
     # -- the loop -----------------------------------------------------------
 
-    async def run(self) -> None:
+    async def _start(self) -> None:
         returned = await self.spool.unclaim_all()
         if returned:
             log.info("%d recipients claimed before a restart are queued again", returned)
@@ -137,36 +139,52 @@ class Dispatcher:
         self.suspended = frozenset(orjson.loads(suspended)) if suspended else frozenset()
         traced = await self.spool.get_meta("traced")
         self.traced = frozenset(orjson.loads(traced)) if traced else frozenset()
-        self.spool.on_ready = self.wake
-        self._spawn(self._close_idle_connections())
-        self._spawn(self._prune_events())
-        limit = self.settings.deliver.max_loaded
+
+    async def run(self) -> None:
+        step, backoff = self._start, 0.0
         while not self.stopping:
-            self._wakeup.clear()
-            room = limit - self.loaded
-            claimed = (await self.spool.claim_due(time.time(), room, self.suspended)
-                       if room > 0 else [])
-            if self.stopping:
-                break  # claimed just now: queued again at the next start
-            if claimed:
-                self.loaded += len(claimed)
-                for job in jobs_from(claimed, self.traced):
-                    if job.trace:
-                        self._trace(job, "claimed %d recipient(s), attempt %d: %s", len(job.recipients),
-                                    job.recipients[0].attempts + 1,
-                                    ", ".join(r.address for r in job.recipients))
-                    self._spawn(self._route(job))
-                if len(claimed) == room:
-                    await asyncio.sleep(0)  # more may be due: look again soon
-                    continue
-            due = await self.spool.next_due(self.suspended)
-            wait = MAX_WAIT if due is None else min(max(due - time.time(), 0.01), MAX_WAIT)
-            if self.loaded >= limit:
-                wait = MAX_WAIT
             try:
-                await asyncio.wait_for(self._wakeup.wait(), wait)
-            except asyncio.TimeoutError:
-                pass
+                await step()
+                if step == self._start:
+                    self.spool.on_ready = self.wake
+                    self._spawn(self._close_idle_connections())
+                    self._spawn(self._prune_events())
+                    step = self._once
+                backoff = 0.0
+            except RelayError as exc:
+                # The spool failed (disk full, I/O error): keep trying, slower.
+                backoff = min(max(backoff * 2, 0.5), 30.0)
+                log.error("delivery loop: %s; again in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+
+    async def _once(self) -> None:
+        """Claim what is due, route it, then sleep until more may be due."""
+        limit = self.settings.deliver.max_loaded
+        self._wakeup.clear()
+        room = limit - self.loaded
+        claimed = (await self.spool.claim_due(time.time(), room, self.suspended)
+                   if room > 0 else [])
+        if self.stopping:
+            return  # claimed just now: queued again at the next start
+        if claimed:
+            self.loaded += len(claimed)
+            for job in jobs_from(claimed, self.traced):
+                if job.trace:
+                    self._trace(job, "claimed %d recipient(s), attempt %d: %s", len(job.recipients),
+                                job.recipients[0].attempts + 1,
+                                ", ".join(r.address for r in job.recipients))
+                self._spawn(self._route(job))
+            if len(claimed) == room:
+                await asyncio.sleep(0)  # more may be due: look again soon
+                return
+        due = await self.spool.next_due(self.suspended)
+        wait = MAX_WAIT if due is None else min(max(due - time.time(), 0.01), MAX_WAIT)
+        if self.loaded >= limit:
+            wait = MAX_WAIT
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), wait)
+        except asyncio.TimeoutError:
+            pass
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -203,6 +221,21 @@ class Dispatcher:
         self._event_log.close()
 
     # -- routing a job to its destination -------------------------------------
+
+    def apply(self, settings: Settings) -> None:
+        """Take reloaded settings (SIGHUP): later attempts use them."""
+        deliver = settings.deliver
+        self.settings = settings
+        self.hostname = settings.hostname
+        self.resolver = Resolver(
+            nameservers=settings.dns.nameservers, routes=settings.routes, mx_port=deliver.mx_port
+        )
+        self.schedule = RetrySchedule(deliver.retry_schedule, deliver.max_lifetime, rng=random.Random())
+        self.timeouts = Timeouts(deliver.connect_timeout, deliver.command_timeout, deliver.data_timeout)
+        self._verify_context = self._make_verify_context(deliver.ca_file)
+        for queue in self.queues.values():
+            queue.max_connections = deliver.max_connections_per_destination
+            queue.messages_per_connection = deliver.max_messages_per_connection
 
     def outbound_connections(self) -> int:
         return sum(queue.connections for queue in self.queues.values())
@@ -268,6 +301,9 @@ class Dispatcher:
 
     async def _sender(self, queue: DestinationQueue) -> None:
         session = queue.take_idle()
+        while session is not None and not session.alive:
+            session.close()
+            session = queue.take_idle()
         try:
             while queue.jobs:
                 if session is None:
@@ -277,7 +313,7 @@ class Dispatcher:
                         # The whole site failed: every queued job waits for
                         # the next attempt, rather than each failing alone.
                         await self._fail_queue(queue, exc)
-                        return
+                        break
                 job = queue.next_job()
                 if job is None:
                     break
@@ -285,7 +321,12 @@ class Dispatcher:
                     self._trace(job, "session %s[%s] from %s, tls=%s, message %d on it",
                                 session.hop.host, session.hop.ip, session.source_ip or "any",
                                 session.tls, session.messages_sent + 1)
-                await self._deliver(job, session, queue.destination)
+                if not await self._deliver(job, session, queue.destination):
+                    # A pooled connection the server had closed: the job was
+                    # not tried; it goes again on a fresh connection.
+                    queue.push(job, front=True)
+                    session = None
+                    continue
                 limit = self.settings.deliver.max_messages_per_connection
                 if not session.usable or session.messages_sent >= limit:
                     await session.quit()
@@ -335,12 +376,19 @@ class Dispatcher:
             await self._record(job, [(r, exc.reply, exc.stage) for r in job.recipients],
                                queue.destination, None)
 
-    async def _deliver(self, job: Job, session: SmtpSession, destination: Destination) -> None:
-        body = await self.spool.body(job.queue_id)
+    async def _deliver(self, job: Job, session: SmtpSession, destination: Destination) -> bool:
+        """One transaction; False when a reused connection turned out dead
+        before the server said anything about this job (try it again)."""
+        try:
+            body = await self.spool.body(job.queue_id)
+        except RelayError as exc:
+            log.error("%s: body unreadable: %s", job.queue_id, exc)
+            body = None
         if body is None:  # removed meanwhile (relayctl delete, say)
             self.loaded -= len(job.recipients)
-            return
+            return True
         started = time.monotonic()
+        reused = session.messages_sent > 0
         try:
             result = await session.send(
                 job.sender, [r.address for r in job.recipients], strip_internal_headers(body),
@@ -348,6 +396,9 @@ class Dispatcher:
             )
         except DeliveryError as exc:
             session.close()
+            if reused and exc.stage is Stage.MAIL and exc.reply.code == 0 and not job.retried:
+                job.retried = True
+                return False
             outcomes = [(r, exc.reply, exc.stage) for r in job.recipients]
             if job.trace:
                 self._trace(job, "connection failed at %s: %s", exc.stage.value, exc.reply)
@@ -357,6 +408,7 @@ class Dispatcher:
                 self._trace(job, "MAIL %s | RCPT %s | DATA %s | end %s", result.mail,
                             " ; ".join(map(str, result.rcpt)), result.data, result.dot)
         await self._record(job, outcomes, destination, session, time.monotonic() - started, body)
+        return True
 
     @staticmethod
     def _per_recipient(job: Job, result: TransactionResult) -> list:
@@ -409,15 +461,32 @@ class Dispatcher:
                 label, outcome.failure_class.value if outcome.failure_class else None,
                 round(latency, 4),
             ))
-        if bounced and should_bounce(job.sender):
-            await self._send_dsn(job, bounced, body)
+        if bounced and should_bounce(job.sender) and not await self._send_dsn(job, bounced, body):
+            # No DSN could be queued: not final yet.  The recipients wait for
+            # the next attempt rather than bounce without telling the sender.
+            retry = now + self.schedule.delay(1)
+            bounced_now = {b.address for b in bounced}
+            updates = [
+                dataclasses.replace(u, state=RecipientState.DEFERRED, next_attempt=retry)
+                if u.state == RecipientState.BOUNCED and rcpt.address in bounced_now else u
+                for u, (rcpt, _, _) in zip(updates, outcomes)
+            ]
+            events = [e[:10] + ("deferred",) + e[11:] if e[10] == "bounced" else e for e in events]
+            suppress = []
         try:
-            await self.spool.complete(updates, events, suppress)
-        except RelayError as exc:
-            # Not recorded: the recipients stay claimed until the next start,
-            # then go out again (at-least-once).
-            log.error("%s: outcome not recorded: %s", job.queue_id, exc)
-            return
+            for delay in COMPLETE_RETRIES:
+                try:
+                    await self.spool.complete(updates, events, suppress)
+                    break
+                except RelayError as exc:
+                    if delay is None:
+                        # Not recorded: the recipients stay claimed until the
+                        # next start, then go out again (at-least-once).
+                        log.error("%s: outcome not recorded: %s", job.queue_id, exc)
+                        return
+                    log.warning("%s: outcome not recorded yet (%s); again in %ss",
+                                job.queue_id, exc, delay)
+                    await asyncio.sleep(delay)
         finally:
             self.loaded -= len(job.recipients)
         if job.trace:
@@ -452,9 +521,13 @@ class Dispatcher:
             return RecipientState.BOUNCED, now, attempts, "bounced"
         return RecipientState.DEFERRED, next_attempt, attempts, "deferred"
 
-    async def _send_dsn(self, job: Job, bounced: list[FailedRecipient], body: bytes | None) -> None:
+    async def _send_dsn(self, job: Job, bounced: list[FailedRecipient], body: bytes | None) -> bool:
+        """Queue the DSN like any message; False when that failed."""
         if body is None:
-            body = await self.spool.body(job.queue_id) or b""
+            try:
+                body = await self.spool.body(job.queue_id) or b""
+            except RelayError:
+                body = b""
         now = time.time()
         dsn = build_dsn(
             reporting_mta=self.hostname, queue_id=job.queue_id, sender=job.sender,
@@ -465,8 +538,11 @@ class Dispatcher:
             await self.submit(transaction)
             self.counters["dsn_queued"] += 1
             log.info("%s: DSN %s queued for <%s>", job.queue_id, transaction.queue_id, job.sender)
+            return True
         except RelayError as exc:
-            log.error("%s: DSN to <%s> could not be queued: %s", job.queue_id, job.sender, exc)
+            log.error("%s: DSN to <%s> could not be queued (retried later): %s",
+                      job.queue_id, job.sender, exc)
+            return False
 
     def _trace(self, job: Job, message: str, *args) -> None:
         elapsed = (time.monotonic() - job.claimed) * 1000

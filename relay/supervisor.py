@@ -145,6 +145,9 @@ class Supervisor:
                 signal.set_wakeup_fd(-1)
                 for signum in SIGNALS:
                     signal.signal(signum, signal.SIG_DFL)
+                # Until the worker installs its own handler, a reload must not
+                # kill it (SIGHUP's default action).
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 self.selector.close()
                 os.close(self._wakeup_r)
                 for sock in self._listeners:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import time
 
@@ -64,12 +65,14 @@ class Worker:
         await self.spool.open()
         self.router = Router(self.index, self.workers, self.spool, settings.relay.run_dir)
         await self.router.serve()
-        self.dispatcher = Dispatcher(settings, self.index, self.workers, self.spool, self.router.submit)
-        dispatching = asyncio.create_task(self.dispatcher.run(), name="dispatch")
-        self.router.control = self.control
         self.intake = IntakeState(
             settings, self.index, self.accept, server_tls_context(settings.tls)
         )
+        self.dispatcher = Dispatcher(settings, self.index, self.workers, self.spool,
+                                     self.router.submit, self.intake.queue_ids)
+        dispatching = asyncio.create_task(self.dispatcher.run(), name="dispatch")
+        dispatching.add_done_callback(_fatal_if_failed)
+        self.router.control = self.control
         traced = await self.spool.get_meta("traced")  # relayctl trace, kept across restarts
         self.intake.traced = frozenset(orjson.loads(traced)) if traced else frozenset()
         servers = [
@@ -83,7 +86,6 @@ class Worker:
         log.info("worker %d of %d ready", self.index, self.workers)
         await self._stop.wait()
         await self._drain(servers)
-        await self.dispatcher.stop(max(self._deadline - time.monotonic(), 0.1))
         dispatching.cancel()
         publishing.cancel()
         self._publish_once()
@@ -105,6 +107,9 @@ class Worker:
             session.transport and session.transport.abort()
         for server in servers:
             server.close()
+        # Transactions in flight finish; their DSNs still reach their owners,
+        # which keep serving until every peer says it is done.
+        await self.dispatcher.stop(max(deadline - time.monotonic(), 0.1))
         # Other workers' sessions may still hand parts to this one.
         await self.router.announce_done()
         if not await self.router.wait_peers_done(deadline - time.monotonic()):
@@ -182,7 +187,16 @@ class Worker:
         self.settings = settings
         self.signer = signer
         self.intake.apply(settings, tls_context)
+        self.dispatcher.apply(settings)
         log.info("worker %d reloaded %s", self.index, settings.source)
+
+
+def _fatal_if_failed(task: asyncio.Task) -> None:
+    """A background task that dies of a bug takes the worker with it: the
+    supervisor restarts it, rather than it going on half alive."""
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("%s failed", task.get_name(), exc_info=task.exception())
+        os._exit(70)
 
 
 def main(settings: config.Settings, index: int, workers: int) -> int:

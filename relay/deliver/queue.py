@@ -33,6 +33,7 @@ class Job:
     domain: str
     recipients: list[DueRecipient]
     trace: bool = False  # log every step (the message or a recipient is traced)
+    retried: bool = False  # already given a second connection after a dead pooled one
     claimed: float = field(default_factory=time.monotonic)
 
 

@@ -121,12 +121,23 @@ class Resolver:
         elif len(mx_records) == 1 and mx_records[0][1] == "":
             raise _fail(556, "5.1.10", f"{domain} accepts no mail (null MX)")
         mx_records = [(pref, host) for pref, host in mx_records if host]
-        hosts = await asyncio.gather(*(self._addresses(host) for _, host in mx_records))
-        hops, ttls = [], [ttl]
-        for (pref, host), (ips, host_ttl) in zip(mx_records, hosts):
+        hosts = await asyncio.gather(
+            *(self._addresses(host) for _, host in mx_records), return_exceptions=True
+        )
+        hops, ttls, failed = [], [ttl], None
+        for (pref, host), found in zip(mx_records, hosts):
+            if isinstance(found, DeliveryError):  # this host only: the others may do
+                failed = found
+                ttls.append(TEMPFAIL_TTL)
+                continue
+            if isinstance(found, BaseException):
+                raise found
+            ips, host_ttl = found
             ttls.append(host_ttl)
             hops.extend((pref, Hop(host, ip, self.mx_port)) for ip in ips)
         if not hops:
+            if failed is not None:
+                raise failed
             raise _fail(451, "4.4.3", f"no MX host of {domain} has an address")
         # Preference order; equal preferences in random order (RFC 5321 5.1).
         self._rng.shuffle(hops)

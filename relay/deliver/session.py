@@ -199,10 +199,29 @@ class SmtpSession:
         return result
 
     async def _reset(self) -> None:
-        self._write(b"RSET\r\n")
-        reply = await self._read(Stage.MAIL, self.timeouts.command)
+        """RSET after a refused transaction.  Its failure only makes the
+        connection unusable: the replies already read stay the verdict."""
+        try:
+            self._write(b"RSET\r\n")
+            reply = await self._read(Stage.MAIL, self.timeouts.command)
+        except DeliveryError:
+            self.close()
+            return
         self.usable = reply.code == 250
         self.idle_since = time.monotonic()
+
+    @property
+    def alive(self) -> bool:
+        """Still connected, as far as can be told without a round trip
+        (a server that closed an idle connection has sent its FIN)."""
+        return (
+            self.usable and self._writer is not None and not self._writer.is_closing()
+            and not self._reader.at_eof() and not self._parser_has_data()
+        )
+
+    def _parser_has_data(self) -> bool:
+        # Bytes from an idle server are a 421 or garbage: not reusable.
+        return bool(self._reader._buffer)  # noqa: SLF001 - StreamReader has no public peek
 
     async def quit(self) -> None:
         """Polite close: QUIT, and do not wait long for the 221."""

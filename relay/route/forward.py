@@ -4,9 +4,10 @@ Input: a ``Transaction`` accepted at intake.  Output: its parts durable in
 their owners' spools, or an exception (and then no part is ever delivered).
 
 Theory of operation.  The recipients are split by owner (route.shard).
-A transaction with one owner is one part, stored ready for delivery: the
-ack of that store is the whole answer.  A transaction with several owners
-is a two-phase commit with this worker as coordinator:
+A transaction whose only owner is this worker is one part, stored ready for
+delivery: the commit is the whole answer.  Any other transaction (a single
+remote owner included: its store may complete after we gave up waiting) is
+a two-phase commit with this worker as coordinator:
 
 1. every owner stores its part *held* (durable, but not deliverable);
 2. when all have acked, the coordinator records its decision in its own
@@ -47,6 +48,9 @@ FRAME = struct.Struct("!II")
 REQUEST_TIMEOUT = 30.0  # an owner that takes longer than this is treated as down
 HELD_CHECK_INTERVAL = 10.0
 HELD_GRACE = 30.0  # a held part younger than this is left to the normal release
+# A decision is kept long after any owner could still ask about it: an owner
+# down longer than this would take a pruned decision for "never decided".
+DECISION_RETENTION = 30 * 86400.0
 
 
 WIRE_VERSION = 1
@@ -246,10 +250,13 @@ class Router:
         """Store every part durably; raises RelayError if any owner fails."""
         recipients = [shard.recipient(address, i) for i, address in enumerate(txn.recipients)]
         groups = shard.split(recipients, self.workers)
-        if len(groups) == 1:
-            [(owner, rcpts)] = groups.items()
-            await self._store(owner, self._part(txn, rcpts, coordinator=None))
+        if list(groups) == [self.worker]:
+            # Only this worker's own spool: its commit is the whole answer.
+            await self._store(self.worker, self._part(txn, groups[self.worker], coordinator=None))
             return
+        # Another worker is involved: even a single remote part is stored
+        # held, so a store that completes after we gave up (timeout, a
+        # dropped connection) is never delivered without our decision.
         parts = {owner: self._part(txn, rcpts, self.worker) for owner, rcpts in groups.items()}
         self.in_flight.add(txn.queue_id)
         try:
@@ -370,7 +377,7 @@ class Router:
                 reply.update(await self.control(header))
             else:
                 raise CorruptEntry(f"unknown request {header['op']!r}")
-        except RelayError as exc:  # CorruptEntry included
+        except (RelayError, KeyError, TypeError, ValueError) as exc:  # CorruptEntry included
             log.warning("request %s from a peer failed: %s", header.get("op"), exc)
             reply["ok"] = False
         try:
@@ -384,18 +391,25 @@ class Router:
             await asyncio.sleep(HELD_CHECK_INTERVAL)
             try:
                 held = await self.spool.held_parts(time.time() - HELD_GRACE)
-                for queue_id, coordinator in held:
-                    if coordinator is None or coordinator >= self.workers:
-                        continue  # settled by the supervisor's recovery at next start
+            except RelayError as exc:
+                log.info("held-part check postponed: %s", exc)
+                continue
+            for queue_id, coordinator in held:
+                if coordinator is None or coordinator >= self.workers:
+                    continue  # settled by the supervisor's recovery at next start
+                try:
                     status = await self._send(coordinator, "status", queue_id)
                     if status == "decided":
                         await self.spool.release(queue_id)
                     elif status == "aborted":
                         log.info("%s: dropping a held part its coordinator never decided", queue_id)
                         await self.spool.abort(queue_id)
-                await self.spool.prune_decisions(time.time() - 86400)
+                except RelayError as exc:  # that coordinator is down: ask again later
+                    log.info("%s: held part not settled yet: %s", queue_id, exc)
+            try:
+                await self.spool.prune_decisions(time.time() - DECISION_RETENTION)
             except RelayError as exc:
-                log.info("held-part check postponed: %s", exc)
+                log.info("pruning decisions postponed: %s", exc)
 
     async def announce_done(self) -> None:
         """Drain: tell every peer this worker hands over no more parts."""

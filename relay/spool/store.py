@@ -162,12 +162,13 @@ def connect(path: str) -> sqlite3.Connection:
 
 
 def insert_part(conn: sqlite3.Connection, part: Part, next_attempt: float) -> None:
-    """Write one part.  Idempotent: a part handed over twice is stored once."""
+    """Write one part.  A queue id already in the spool is an error, never a
+    silent no-op: a 250 must not stand for someone else's rows."""
     state = MessageState.ACTIVE if part.coordinator is None else MessageState.HELD
-    # ON CONFLICT DO NOTHING, not OR IGNORE: only a repeated key is skipped;
-    # a NULL where none belongs fails the operation instead of half-writing it.
+    # Plain INSERT (not OR IGNORE): a repeated key or a NULL where none
+    # belongs fails the operation instead of half-writing it.
     conn.execute(
-        "INSERT INTO message VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        "INSERT INTO message VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
             part.queue_id,
             part.sender,
@@ -179,10 +180,10 @@ def insert_part(conn: sqlite3.Connection, part: Part, next_attempt: float) -> No
             int(part.trace),
         ),
     )
-    conn.execute("INSERT INTO body VALUES (?, ?) ON CONFLICT DO NOTHING", (part.queue_id, part.body))
+    conn.execute("INSERT INTO body VALUES (?, ?)", (part.queue_id, part.body))
     conn.executemany(
         "INSERT INTO recipient (message_id, idx, address, domain, slot, state,"
-        " next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        " next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?)",
         [
             (part.queue_id, r.index, r.address, r.domain, r.slot, int(RecipientState.QUEUED),
              next_attempt)
@@ -524,15 +525,21 @@ class Spool:
 
     async def _read(self, query: Callable[[sqlite3.Connection], Any]) -> Any:
         """A read on the reader connection (concurrent with the writer)."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._read_executor, query, self._read_conn
-        )
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._read_executor, query, self._read_conn
+            )
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool read failed: {exc}") from None
 
     async def read(self, query: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run a read on the writer thread (serialised with the writes)."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, query, self._conn
-        )
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, query, self._conn
+            )
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool read failed: {exc}") from None
 
     async def held_parts(self, received_before: float) -> list[tuple[str, int]]:
         """(queue id, coordinator) of held parts received before a time."""

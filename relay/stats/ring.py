@@ -141,7 +141,10 @@ class Writer:
         if magic != MAGIC or worker >= workers or region != REGION_SIZE:
             raise ValueError(f"{path} is not a stats ring for worker {worker}")
         self._offset = HEADER_SIZE + worker * REGION_SIZE
-        previous = _read_region(self._map, self._offset, worker)
+        # The predecessor is dead: take its last values whatever the sequence
+        # number says (it may have died half way through a publication, and
+        # then the counters are at worst one publication old).
+        previous = _unpack(self._map, self._offset, worker)
         self._seq = _SEQ.unpack_from(self._map, self._offset)[0] & ~1
         # A restarted worker goes on from what its predecessor published.
         self.base = previous.counters if previous else dict.fromkeys(COUNTERS, 0)
@@ -170,33 +173,43 @@ class Writer:
         self._map.close()
 
 
-def _read_region(buffer, offset: int, worker: int, tries: int = 100) -> Snapshot | None:
-    for _ in range(tries):
+def _read_region(buffer, offset: int, worker: int, tries: int = 50) -> Snapshot | None:
+    """A consistent copy of a region; None if it never published, or if
+    no consistent copy could be had (a writer that died mid-publication)."""
+    for attempt in range(tries):
         seq, published = _SEQ.unpack_from(buffer, offset)
-        if seq & 1:
-            continue
-        raw = bytes(buffer[offset + _SEQ.size: offset + _SEQ.size + _VALUES.size])
-        if _SEQ.unpack_from(buffer, offset)[0] != seq:
-            continue  # torn: the writer published meanwhile
-        if seq == 0:
-            return None
-        values = _VALUES.unpack(raw)
-        n, g = len(COUNTERS), len(GAUGES)
-        counters = dict(zip(COUNTERS, values[:n]))
-        gauges = dict(zip(GAUGES, values[n:n + g]))
-        histograms, at = {}, n + g
-        for name in HISTOGRAMS:
-            buckets = [int(v) for v in values[at:at + len(BUCKETS)]]
-            histograms[name] = (buckets, values[at + len(BUCKETS)])
-            at += len(BUCKETS) + 1
-        top = []
-        for _ in range(TOP):
-            name, count = values[at].rstrip(b"\0").decode(errors="replace"), values[at + 1]
-            if name:
-                top.append((name, count))
-            at += 2
-        return Snapshot(worker, published / 1e6, counters, gauges, histograms, top)
-    raise RuntimeError("stats region kept changing while being read")
+        if not seq & 1:
+            raw = bytes(buffer[offset + _SEQ.size: offset + _SEQ.size + _VALUES.size])
+            if _SEQ.unpack_from(buffer, offset)[0] == seq:  # not torn
+                return None if seq == 0 else _snapshot(worker, published, raw)
+        time.sleep(0.0002 * (attempt + 1))  # let the writer finish (it may be descheduled)
+    return None
+
+
+def _unpack(buffer, offset: int, worker: int) -> Snapshot | None:
+    seq, published = _SEQ.unpack_from(buffer, offset)
+    if seq == 0:
+        return None
+    return _snapshot(worker, published, bytes(buffer[offset + _SEQ.size: offset + _SEQ.size + _VALUES.size]))
+
+
+def _snapshot(worker: int, published: int, raw: bytes) -> Snapshot:
+    values = _VALUES.unpack(raw)
+    n, g = len(COUNTERS), len(GAUGES)
+    counters = dict(zip(COUNTERS, values[:n]))
+    gauges = dict(zip(GAUGES, values[n:n + g]))
+    histograms, at = {}, n + g
+    for name in HISTOGRAMS:
+        buckets = [int(v) for v in values[at:at + len(BUCKETS)]]
+        histograms[name] = (buckets, values[at + len(BUCKETS)])
+        at += len(BUCKETS) + 1
+    top = []
+    for _ in range(TOP):
+        name, count = values[at].rstrip(b"\0").decode(errors="replace"), values[at + 1]
+        if name:
+            top.append((name, count))
+        at += 2
+    return Snapshot(worker, published / 1e6, counters, gauges, histograms, top)
 
 
 def read(path: str) -> list[Snapshot]:

@@ -307,7 +307,9 @@ def test_two_owners_two_phase_commit(run_dir):
     assert remote.decided == set()  # only the coordinator records the decision
 
 
-def test_only_remote_recipients_are_one_active_part_at_the_owner(run_dir):
+def test_only_remote_recipients_still_go_through_the_decision(run_dir):
+    # A single remote part is stored held too: a store that completes after
+    # the coordinator gave up (timeout, dropped connection) is never delivered.
     async def main():
         local, remote = FakeStore(), FakeStore()
         router, peer = await _pair(run_dir, local, remote)
@@ -317,9 +319,9 @@ def test_only_remote_recipients_are_one_active_part_at_the_owner(run_dir):
         return local, remote
 
     local, remote = asyncio.run(main())
-    assert local.calls == []
-    assert remote.parts["Q10"].coordinator is None
-    assert remote.calls == [("store", "Q10")]  # no decision, no release needed
+    assert local.decided == {"Q10"}
+    assert remote.parts["Q10"].coordinator == 0
+    assert remote.calls[0] == ("store", "Q10") and ("release", "Q10") in remote.calls
 
 
 def test_peer_store_failure_aborts_the_local_part(run_dir):

@@ -136,15 +136,17 @@ def test_stored_data_survives_reopening(tmp_path):
     assert with_spool(tmp_path, second) == [("Q3",)]
 
 
-def test_double_store_is_idempotent(tmp_path):
+def test_a_queue_id_stored_twice_is_refused(tmp_path):
+    # A 250 must never stand for rows written by another transaction.
     p = part("Q4", 3, coordinator=1)
 
     async def body(spool):
         await spool.store(p)
-        await spool.store(p)
-        await asyncio.gather(spool.store(p), spool.store(p))
+        results = await asyncio.gather(spool.store(p), spool.store(p), return_exceptions=True)
+        return results
 
-    with_spool(tmp_path, body)
+    results = with_spool(tmp_path, body)
+    assert all(isinstance(r, SpoolError) for r in results)
     assert rows(tmp_path, "SELECT COUNT(*) FROM message") == [(1,)]
     assert rows(tmp_path, "SELECT COUNT(*) FROM body") == [(1,)]
     assert rows(tmp_path, "SELECT COUNT(*) FROM recipient") == [(3,)]
