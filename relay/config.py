@@ -228,6 +228,8 @@ DELIVER_KEYS = _keys(
     Key("ca_file", _str, "", "CA bundle for tls = verify; empty = the system's"),
     Key("max_connections_per_destination", _int(1), 20, "open connections per destination, per worker"),
     Key("max_messages_per_connection", _int(1), 100, "transactions before a connection is closed"),
+    Key("spawn_after", parse_duration, 0.25,
+        "a job waiting this long behind busy connections opens another one"),
     Key("connection_idle_timeout", parse_duration, 10.0, "close a pooled connection idle this long"),
     Key("connect_timeout", parse_duration, 30.0, "TCP connect to an MX host"),
     Key("command_timeout", parse_duration, 300.0, "each reply (RFC 5321 4.5.3.2: 5 minutes)"),

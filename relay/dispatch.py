@@ -54,6 +54,7 @@ trace_log = logging.getLogger("relay.trace")
 
 TLS_FALLBACK_MEMORY = 3600.0  # remember a host whose STARTTLS failed this long
 IDLE_CHECK_INTERVAL = 1.0
+PUMP_INTERVAL = 0.1
 MAX_WAIT = 5.0  # the loop looks at the spool at least this often
 COMPLETE_RETRIES = (1, 2, 4, 8, None)  # seconds between tries to record an outcome
 INTERNAL_HEADER = re.compile(rb"^X-Relay-[A-Za-z0-9-]*:", re.IGNORECASE)
@@ -236,6 +237,7 @@ class Dispatcher:
         for queue in self.queues.values():
             queue.max_connections = deliver.max_connections_per_destination
             queue.messages_per_connection = deliver.max_messages_per_connection
+            queue.spawn_after = deliver.spawn_after
 
     def outbound_connections(self) -> int:
         return sum(queue.connections for queue in self.queues.values())
@@ -286,14 +288,15 @@ class Dispatcher:
             deliver = self.settings.deliver
             queue = self.queues[key] = DestinationQueue(
                 destination, mode, deliver.max_connections_per_destination,
-                deliver.max_messages_per_connection,
+                deliver.max_messages_per_connection, deliver.spawn_after,
             )
         queue.destination = destination  # the freshest answer
         queue.push(job)
         self._pump(queue)
 
     def _pump(self, queue: DestinationQueue) -> None:
-        while not self.stopping and queue.wants_sender():
+        now = time.monotonic()
+        while not self.stopping and queue.wants_sender(now):
             queue.senders += 1
             self._spawn(self._sender(queue))
 
@@ -560,9 +563,19 @@ class Dispatcher:
     # -- housekeeping ---------------------------------------------------------
 
     async def _close_idle_connections(self) -> None:
-        timeout = self.settings.deliver.connection_idle_timeout
+        """Close pooled connections idle too long; give queues whose jobs
+        wait behind busy connections another one (deliver.spawn_after)."""
+        ticks = 0
         while True:
-            await asyncio.sleep(IDLE_CHECK_INTERVAL)
+            await asyncio.sleep(PUMP_INTERVAL)
+            for queue in self.queues.values():
+                if queue.jobs:
+                    self._pump(queue)
+            ticks += 1
+            if ticks * PUMP_INTERVAL < IDLE_CHECK_INTERVAL:
+                continue
+            ticks = 0
+            timeout = self.settings.deliver.connection_idle_timeout
             now = time.monotonic()
             for queue in self.queues.values():
                 keep = []

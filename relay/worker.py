@@ -82,6 +82,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        loop.add_signal_handler(signal.SIGUSR2, _log_tasks)
         publishing = asyncio.create_task(self._publish_stats(), name="stats")
         log.info("worker %d of %d ready", self.index, self.workers)
         await self._stop.wait()
@@ -189,6 +190,16 @@ class Worker:
         self.intake.apply(settings, tls_context)
         self.dispatcher.apply(settings)
         log.info("worker %d reloaded %s", self.index, settings.source)
+
+
+def _log_tasks() -> None:
+    """SIGUSR2: log where every task of this worker waits (a debugging aid)."""
+    import io
+
+    for task in asyncio.all_tasks():
+        out = io.StringIO()
+        task.print_stack(limit=8, file=out)
+        log.warning("task %s:\n%s", task.get_name(), out.getvalue())
 
 
 def _fatal_if_failed(task: asyncio.Task) -> None:

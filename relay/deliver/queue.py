@@ -34,6 +34,7 @@ class Job:
     recipients: list[DueRecipient]
     trace: bool = False  # log every step (the message or a recipient is traced)
     retried: bool = False  # already given a second connection after a dead pooled one
+    queued: float = 0.0  # when it entered its destination queue (monotonic)
     claimed: float = field(default_factory=time.monotonic)
 
 
@@ -57,6 +58,9 @@ class DestinationQueue:
     tls_mode: str
     max_connections: int
     messages_per_connection: int
+    # A job waiting this long behind busy connections asks for one more:
+    # fast receivers are served by few reused connections, slow ones by many.
+    spawn_after: float = 0.25
     jobs: collections.deque = field(default_factory=collections.deque)
     idle: list = field(default_factory=list)  # parked sessions, oldest first
     senders: int = 0  # sender tasks running (each holds or is opening a connection)
@@ -66,6 +70,7 @@ class DestinationQueue:
         return self.senders + len(self.idle)
 
     def push(self, job: Job, front: bool = False) -> None:
+        job.queued = job.queued or time.monotonic()
         if front:
             self.jobs.appendleft(job)
         else:
@@ -74,13 +79,21 @@ class DestinationQueue:
     def next_job(self) -> Job | None:
         return self.jobs.popleft() if self.jobs else None
 
-    def wants_sender(self) -> bool:
-        """Start another sender?  Only for work the running ones cannot
-        carry (each carries up to messages_per_connection jobs), and within
-        the connection limit (idle connections count, and are reused)."""
-        if not self.jobs or self.senders * self.messages_per_connection >= len(self.jobs):
+    def wants_sender(self, now: float) -> bool:
+        """Start another sender?  For work the running ones cannot carry
+        (each carries up to messages_per_connection jobs), or when the
+        oldest job has waited longer than spawn_after (a slow receiver: one
+        connection is not enough; at most one sender per waiting job) —
+        within the connection limit, idle connections counting (and reused
+        first).  Each start raises ``senders``, so asking again in a loop
+        always comes to a no."""
+        if not self.jobs or self.senders >= self.max_connections:
             return False
-        return bool(self.idle) or self.connections < self.max_connections
+        if not self.idle and self.connections >= self.max_connections:
+            return False
+        if self.senders * self.messages_per_connection < len(self.jobs):
+            return True
+        return now - self.jobs[0].queued > self.spawn_after and self.senders < len(self.jobs)
 
     def take_idle(self):
         return self.idle.pop() if self.idle else None

@@ -63,7 +63,7 @@ def map_exceptions(stage: Stage, host: str):
     except ConnectionRefusedError:
         raise DeliveryError(Reply(0, "4.4.1", "connection refused", host), stage) from None
     except (OSError, EOFError) as exc:
-        text = exc.strerror or str(exc) or type(exc).__name__
+        text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise DeliveryError(Reply(0, "4.4.2", f"connection lost: {text}", host), stage) from None
     except RemoteProtocolError as exc:
         raise DeliveryError(Reply(0, "4.5.0", f"protocol error: {exc}", host), stage) from None

@@ -46,8 +46,8 @@ log = logging.getLogger("relay.route")
 
 FRAME = struct.Struct("!II")
 REQUEST_TIMEOUT = 30.0  # an owner that takes longer than this is treated as down
-HELD_CHECK_INTERVAL = 10.0
-HELD_GRACE = 30.0  # a held part younger than this is left to the normal release
+HELD_CHECK_INTERVAL = 5.0
+HELD_GRACE = 10.0  # a held part younger than this is left to the normal release
 # A decision is kept long after any owner could still ask about it: an owner
 # down longer than this would take a pruned decision for "never decided".
 DECISION_RETENTION = 30 * 86400.0
@@ -159,14 +159,18 @@ async def _read_frame(reader: asyncio.StreamReader) -> tuple[dict, bytes]:
 
 
 class PeerClient:
-    """Requests to one other worker over one multiplexed connection."""
+    """Requests to one other worker over one multiplexed connection.
+
+    Each request is remembered with the connection it went out on, so when
+    a connection breaks exactly its own requests fail at once (the caller
+    answers 451), however soon a new connection replaced it."""
 
     def __init__(self, owner: int, path: str) -> None:
         self.owner = owner
         self.path = path
         self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task | None = None
-        self._pending: dict[int, asyncio.Future] = {}
+        self._reader_tasks: set[asyncio.Task] = set()
+        self._pending: dict[int, tuple[asyncio.Future, asyncio.StreamWriter]] = {}
         self._ids = itertools.count(1)
         self._connecting = asyncio.Lock()
 
@@ -174,13 +178,13 @@ class PeerClient:
         writer = await self._connection()
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+        self._pending[request_id] = (future, writer)
         try:
             await _write_frame(writer, {**header, "rid": request_id}, body)
             return await asyncio.wait_for(future, REQUEST_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
-            self._pending.pop(request_id, None)  # answered here, not by _drop
-            self._drop(exc)
+            self._pending.pop(request_id, None)  # answered here, not by _fail
+            self._fail(writer, exc)
             raise OwnerUnavailable(f"worker {self.owner} did not answer") from None
         finally:
             self._pending.pop(request_id, None)
@@ -189,38 +193,40 @@ class PeerClient:
         async with self._connecting:
             if self._writer is None or self._writer.is_closing():
                 try:
-                    reader, self._writer = await asyncio.open_unix_connection(self.path)
+                    reader, writer = await asyncio.open_unix_connection(self.path)
                 except OSError:
                     raise OwnerUnavailable(f"worker {self.owner} is not reachable") from None
-                self._reader_task = asyncio.create_task(self._read_replies(reader, self._writer))
+                self._writer = writer
+                task = asyncio.create_task(self._read_replies(reader, writer))
+                self._reader_tasks.add(task)
+                task.add_done_callback(self._reader_tasks.discard)
             return self._writer
 
     async def _read_replies(self, reader: asyncio.StreamReader, writer) -> None:
         try:
             while True:
                 header, _ = await _read_frame(reader)
-                future = self._pending.get(header.get("rid"))
-                if future is not None and not future.done():
-                    future.set_result(header)
+                entry = self._pending.get(header.get("rid"))
+                if entry is not None and not entry[0].done():
+                    entry[0].set_result(header)
         except (OSError, asyncio.IncompleteReadError, orjson.JSONDecodeError) as exc:
-            if self._writer is writer:
-                self._drop(exc)
+            self._fail(writer, exc)
 
-    def _drop(self, exc: BaseException) -> None:
-        """The connection broke: every request on it failed."""
-        if self._writer is not None:
-            self._writer.close()
+    def _fail(self, writer: asyncio.StreamWriter, exc: BaseException) -> None:
+        """A connection broke: every request that went out on it failed."""
+        writer.close()
+        if self._writer is writer:
             self._writer = None
-        for future in self._pending.values():
-            if not future.done():
+        for future, sent_on in self._pending.values():
+            if sent_on is writer and not future.done():
                 future.set_exception(OwnerUnavailable(f"worker {self.owner} went away"))
 
     async def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if self._reader_task is not None:
-            self._reader_task.cancel()
+        for task in list(self._reader_tasks):
+            task.cancel()
 
 
 class Router:

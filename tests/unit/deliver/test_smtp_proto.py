@@ -88,3 +88,18 @@ def test_pipelined_transaction_is_one_write():
 )
 def test_dot_stuffing(body, sent):
     assert smtp_proto.dot_stuffed(body) == sent
+
+
+@pytest.mark.parametrize(
+    "error", [EOFError("connection closed by server"), ConnectionResetError(104, "reset"), OSError()]
+)
+def test_lost_connections_become_delivery_errors(error):
+    from relay.deliver.session import map_exceptions
+    from relay.errors import DeliveryError
+    from relay.model import Stage
+
+    with pytest.raises(DeliveryError) as caught:
+        with map_exceptions(Stage.DOT, "mx.example"):
+            raise error
+    assert caught.value.reply.code == 0 and caught.value.stage is Stage.DOT
+    assert caught.value.reply.text.startswith("connection lost")
