@@ -255,6 +255,7 @@ class RelaySMTP(SMTP):
         self._refused = False
         self._counted_ip: str | None = None
         self._raw_250 = False  # EHLO/HELO lines carry no enhanced code
+        self._held_replies: list[bytes] = []  # replies to pipelined commands, not sent yet
         self._in_transaction = False
         self._data_watch: asyncio.TimerHandle | None = None
         self._bytes_in = 0  # every byte received, partial lines included
@@ -304,19 +305,45 @@ class RelaySMTP(SMTP):
 
     def _close_with(self, reply: str) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(reply.encode("ascii") + b"\r\n")
+            held, self._held_replies = b"".join(self._held_replies), []
+            self.transport.write(held + reply.encode("ascii") + b"\r\n")
             self.transport.close()
 
     # -- replies ------------------------------------------------------------
 
     async def push(self, status) -> None:
-        if isinstance(status, str) and not (self._raw_250 and status.startswith("250")):
-            status = replies.enhance(status)
-        await super().push(status)
+        """Send a reply.  While the client has pipelined more complete
+        commands, replies are held and go out together with the last one
+        (one write instead of one per command, as Postfix's smtpd does);
+        replies the client must see before it sends more (220, 221, 3xx,
+        421) always go at once."""
+        if isinstance(status, str):
+            if not (self._raw_250 and status.startswith("250")):
+                status = replies.enhance(status)
+            status = status.encode("utf-8")
+        self._held_replies.append(status + b"\r\n")
+        if status[3:4] == b"-":
+            return  # a line of a multi-line reply: the rest follows at once
+        if status[:1] != b"3" and status[:3] not in (b"220", b"221", b"421") and self._pipelined():
+            return
+        await self._flush_replies()
         if self.close_after_reply and not self._in_transaction and self.transport is not None:
-            if not status.startswith("421"):
-                await super().push(replies.S421_SHUTTING_DOWN)
+            if not status.startswith(b"421"):
+                self._held_replies.append(replies.S421_SHUTTING_DOWN.encode() + b"\r\n")
+                await self._flush_replies()
             self.transport.close()
+
+    def _pipelined(self) -> bool:
+        # StreamReader has no public peek; a complete line in its buffer is a
+        # command the client sent without waiting for this reply.
+        return b"\n" in self._reader._buffer
+
+    async def _flush_replies(self) -> None:
+        data, self._held_replies = b"".join(self._held_replies), []
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._writer.write(data)
+        await self._writer.drain()
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd would answer "500 Error: (Type) text": never show internals.
