@@ -17,6 +17,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from relay.testing.toml import toml_dumps
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,44 +26,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-# -- configuration -------------------------------------------------------
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(value)
-
-
-def toml_dumps(doc: dict) -> str:
-    """Enough TOML for relay configs: tables, arrays of tables, scalars, lists."""
-    out = []
-    for section, body in doc.items():
-        if isinstance(body, list):
-            for item in body:
-                out.append(f"[[{section}]]")
-                out += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
-            continue
-        out.append(f"[{section}]")
-        nested = {k: v for k, v in body.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
-        out += [f"{_key(k)} = {_toml_value(v)}" for k, v in body.items() if k not in nested]
-        for name, items in nested.items():
-            for item in items:
-                out.append(f"[[{section}.{name}]]")
-                out += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
-    return "\n".join(out) + "\n"
-
-
-def _key(key: str) -> str:
-    return key if key.replace("_", "").isalnum() else _toml_value(key)
 
 
 # -- the relay process ---------------------------------------------------

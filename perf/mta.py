@@ -1,0 +1,317 @@
+"""The servers under test: the relay, or a throwaway Postfix, in a temp dir.
+
+Input: a working directory, a listen port, where to deliver (the fake
+internet's DNS and MX port, or static routes per domain) and the limits
+to use.  Output: a running server that answers SMTP on 127.0.0.1:port,
+its process ids (for CPU and memory), and a clean stop.
+
+Both are started the way an operator would start them: the relay as
+``python -m relay.supervisor -c FILE`` with a generated config, Postfix as
+``postfix -c DIR start`` with its own config_directory, queue_directory and
+data_directory (nothing of the system's Postfix is read or touched).  The
+harness never installs anything: ``postfix_path()`` is None when Postfix is
+absent and the caller skips the comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from relay.testing.toml import toml_dumps
+from perf import procstat
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+READY_TIMEOUT = 120.0  # a spool of a million deferred messages is opened too
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_greeting(port: int, timeout: float, alive=lambda: True) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError("the server exited while starting")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                if sock.recv(100).startswith(b"220"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing greets on port {port} after {timeout}s")
+
+
+# -- the relay -------------------------------------------------------------------
+
+
+class Relay:
+    name = "relay"
+
+    def __init__(self, directory: str, *, workers: int, deliver_to: dict,
+                 routes: dict[str, tuple[str, int]] | None = None,
+                 overrides: dict | None = None, tree: str | None = None) -> None:
+        self.directory = directory
+        # Where `relay` is imported from: this checkout, or an exported
+        # commit, so a benchmark measures a fixed revision while the
+        # checkout changes under it.
+        self.tree = tree or ROOT
+        self.workers = workers
+        self.port = free_port()
+        self.config_path = os.path.join(directory, "relay.toml")
+        self.log_path = os.path.join(directory, "relay.log")
+        self.spool_dir = os.path.join(directory, "spool")
+        self.event_log_dir = os.path.join(directory, "log")
+        self.proc: subprocess.Popen | None = None
+        doc = {
+            "relay": {
+                "hostname": "relay.test",
+                "workers": workers,
+                "spool_dir": self.spool_dir,
+                "run_dir": os.path.join(directory, "run"),
+                "shutdown_timeout": "20s",
+            },
+            "listen": [{"address": f"127.0.0.1:{self.port}"}],
+            "intake": {},
+            "dns": dict(deliver_to.get("dns", {})),
+            "deliver": {
+                # Sinks are plaintext; a short schedule so 421s and timeouts retry within a run.
+                "tls": "none",
+                "retry_schedule": ["1s", "2s", "5s", "10s"],
+                "event_log_dir": self.event_log_dir,
+                **deliver_to.get("deliver", {}),
+            },
+        }
+        if routes:
+            doc["routes"] = {domain: f"{ip}:{port}" for domain, (ip, port) in routes.items()}
+        for section, values in (overrides or {}).items():
+            doc.setdefault(section, {}).update(values)
+        with open(self.config_path, "w") as file:
+            file.write(toml_dumps(doc))
+
+    def start(self) -> "Relay":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "relay.supervisor", "-c", self.config_path],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=self.directory,
+                env={**os.environ,
+                     "PYTHONPATH": self.tree + os.pathsep + os.environ.get("PYTHONPATH", "")},
+            )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while self.log().count(" ready") < self.workers or len(self.worker_pids()) < self.workers:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"relay did not start:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+        wait_greeting(self.port, READY_TIMEOUT, lambda: self.proc.poll() is None)
+        return self
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, "rb") as file:
+                return file.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def root_pid(self) -> int:
+        return self.proc.pid
+
+    def worker_pids(self) -> list[int]:
+        return procstat.children(self.proc.pid) if self.proc else []
+
+    def cpu_seconds(self) -> float:
+        return procstat.tree_cpu_seconds(self.proc.pid)
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the workers (the supervisor holds no mail)."""
+        return sum(procstat.rss_bytes(pid) for pid in self.worker_pids())
+
+    def pss_bytes(self) -> int:
+        return sum(procstat.pss_bytes(pid) for pid in procstat.tree(self.proc.pid))
+
+    def peak_rss(self) -> list[int]:
+        return [procstat.peak_rss_bytes(pid) for pid in self.worker_pids()]
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+            raise RuntimeError(f"relay did not stop within {timeout}s")
+
+
+# -- Postfix ----------------------------------------------------------------------
+
+
+def postfix_path() -> str | None:
+    """The postfix command, or None when Debian's postfix is not installed."""
+    found = shutil.which("postfix") or ("/usr/sbin/postfix" if os.path.exists("/usr/sbin/postfix") else None)
+    if found is None or os.geteuid() != 0:
+        return None  # a throwaway instance needs root (it drops to the postfix user)
+    return found
+
+
+MASTER_CF = """\
+# service type  private unpriv  chroot  wakeup  maxproc command
+127.0.0.1:{port} inet n -       n       -       -       smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+class Postfix:
+    """A Postfix instance of its own under ``directory`` (root only)."""
+
+    name = "postfix"
+
+    def __init__(self, directory: str, *, routes: dict[str, tuple[str, int]],
+                 concurrency: int, messages_per_connection: int, processes: int = 500) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.config_dir = os.path.join(directory, "etc")
+        self.queue_dir = os.path.join(directory, "queue")
+        self.data_dir = os.path.join(directory, "data")
+        self.log_path = os.path.join(directory, "maillog")
+        self.command = postfix_path()
+        if self.command is None:
+            raise RuntimeError("postfix is not installed (or not run as root)")
+        # The postfix user must reach the queue through every parent.
+        os.chmod(directory, 0o755)
+        os.makedirs(self.config_dir)
+        os.makedirs(self.queue_dir)  # root-owned; `postfix start` makes what is inside
+        os.makedirs(self.data_dir)
+        shutil.chown(self.data_dir, "postfix")
+        with open(os.path.join(self.config_dir, "transport"), "w") as file:
+            for domain, (ip, port) in sorted(routes.items()):
+                file.write(f"{domain} smtp:[{ip}]:{port}\n")
+        main_cf = {
+            "compatibility_level": "3.6",
+            "queue_directory": self.queue_dir,
+            "data_directory": self.data_dir,
+            "maillog_file": self.log_path,
+            "maillog_file_prefixes": directory,  # the default allows /var only
+            "myhostname": "postfix.test",
+            "mydestination": "",
+            "relay_domains": "",
+            "local_recipient_maps": "",
+            "mynetworks": "127.0.0.0/8",
+            "inet_interfaces": "127.0.0.1",
+            "inet_protocols": "ipv4",
+            "smtpd_relay_restrictions": "permit_mynetworks, reject",
+            "smtpd_recipient_restrictions": "",
+            "smtpd_peername_lookup": "no",
+            "smtpd_client_connection_count_limit": "0",
+            "smtpd_client_connection_rate_limit": "0",
+            "smtpd_tls_security_level": "none",
+            "smtp_tls_security_level": "none",
+            "smtp_dns_support_level": "disabled",
+            "transport_maps": f"texthash:{self.config_dir}/transport",
+            "alias_maps": "",
+            "alias_database": "",
+            # The relay's limits: connections per destination (the relay's
+            # per-worker limit times its workers) and messages per connection.
+            "default_process_limit": str(processes),
+            "default_destination_concurrency_limit": str(concurrency),
+            "smtp_destination_concurrency_limit": str(concurrency),
+            "initial_destination_concurrency": str(concurrency),
+            "smtp_connection_reuse_count_limit": str(messages_per_connection),
+            "default_destination_recipient_limit": "1000",
+            # Both sides retry on the same short schedule within a run.
+            "minimal_backoff_time": "1s",
+            "maximal_backoff_time": "10s",
+            "queue_run_delay": "1s",
+            "biff": "no",
+            "append_dot_mydomain": "no",
+            "readme_directory": "no",
+        }
+        with open(os.path.join(self.config_dir, "main.cf"), "w") as file:
+            file.writelines(f"{key} = {value}\n" for key, value in main_cf.items())
+        with open(os.path.join(self.config_dir, "master.cf"), "w") as file:
+            file.write(MASTER_CF.format(port=self.port))
+
+    def _postfix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [self.command, "-c", self.config_dir, *args],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, check=check, timeout=120,
+        )
+
+    def start(self) -> "Postfix":
+        try:
+            self._postfix("start")
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeError(
+                f"postfix did not start: {exc.stderr.strip()}\n{self.log()[-2000:]}"
+            ) from None
+        wait_greeting(self.port, READY_TIMEOUT)
+        return self
+
+    @property
+    def root_pid(self) -> int:
+        with open(os.path.join(self.queue_dir, "pid", "master.pid")) as file:
+            return int(file.read().strip())
+
+    def worker_pids(self) -> list[int]:
+        return procstat.tree(self.root_pid)
+
+    def cpu_seconds(self) -> float:
+        return procstat.tree_cpu_seconds(self.root_pid)
+
+    def rss_bytes(self) -> int:
+        return sum(procstat.rss_bytes(pid) for pid in self.worker_pids())
+
+    def pss_bytes(self) -> int:
+        return sum(procstat.pss_bytes(pid) for pid in self.worker_pids())
+
+    def peak_rss(self) -> list[int]:
+        return [procstat.peak_rss_bytes(pid) for pid in self.worker_pids()]
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, "rb") as file:
+                return file.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 60.0) -> int:
+        try:
+            master = self.root_pid
+        except (FileNotFoundError, ValueError):
+            return 0
+        self._postfix("stop", check=False)
+        deadline = time.monotonic() + timeout
+        while os.path.exists(f"/proc/{master}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if os.path.exists(f"/proc/{master}"):
+            self._postfix("abort", check=False)
+        return 0

@@ -1,0 +1,140 @@
+"""The benchmark scenarios (pure data): who receives, who sends, how much.
+
+Input: a scenario name and whether the quick variant is wanted.  Output: a
+``Scenario`` — the fake internet's layout (MX sites, their behaviour, the
+recipient domains), the generator's streams, the time bounds and the relay
+settings that differ from the harness's defaults.
+
+Full variants follow issue 6; quick ones keep the same shape at a size
+that runs in seconds (the smoke test runs ``transactional --quick``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from perf.farm import Layout, layout
+from perf.loadgen import Stream
+
+KB = 1024
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    layout: Layout
+    streams: tuple[Stream, ...]
+    time_limit: float  # seconds of injection at most
+    drain_limit: float  # then seconds to wait for the last deliveries
+    relay_overrides: dict = field(default_factory=dict)
+    deferred: int = 0  # deferred-1m: messages already deferred in the spool
+
+
+def _domains(farm: Layout) -> tuple[str, ...]:
+    return tuple(domain for domain, _ in farm.domains)
+
+
+def transactional(quick: bool) -> Scenario:
+    farm = layout(domains=100, sites=20)
+    messages = 1_000 if quick else 20_000
+    return Scenario(
+        "transactional", "1 recipient, 2 KB, 100 domains on 20 MX hosts, 50 connections",
+        farm,
+        (Stream("transactional", messages, _domains(farm), concurrency=50),),
+        time_limit=30 if quick else 600, drain_limit=20 if quick else 120,
+    )
+
+
+def bulk(quick: bool) -> Scenario:
+    farm = layout(domains=100 if quick else 1_000, sites=10 if quick else 50)
+    messages = 50 if quick else 1_000  # x 100 recipients
+    return Scenario(
+        "bulk", "100 recipients per message, 20 KB, Zipf-distributed over 1,000 domains on 50 MX hosts",
+        farm,
+        (Stream("bulk", messages, _domains(farm), recipients=100, sizes=((20 * KB, 1.0),),
+                concurrency=10),),
+        time_limit=60 if quick else 900, drain_limit=60 if quick else 600,
+    )
+
+
+def mixed(quick: bool) -> Scenario:
+    farm = layout(domains=100 if quick else 1_000, sites=10 if quick else 50)
+    domains = _domains(farm)
+    bulk_messages = 50 if quick else 500
+    probes = 50 if quick else 300
+    return Scenario(
+        "mixed", "bulk (100 rcpt, 20 KB) while transactional probes (1 rcpt, 2 KB, 5/s) measure latency",
+        farm,
+        (
+            Stream("bulk", bulk_messages, domains, recipients=100, sizes=((20 * KB, 1.0),),
+                   concurrency=10),
+            Stream("probe", probes, domains, concurrency=4, rate=5.0),
+        ),
+        time_limit=60 if quick else 900, drain_limit=60 if quick else 600,
+    )
+
+
+def slow_receivers(quick: bool) -> Scenario:
+    # 4 of 20 MX hosts wait 2 s before every reply: 20 of the 100 domains.
+    farm = layout(domains=100, sites=20, slow_sites=4, slow_delay=2.0)
+    messages = 500 if quick else 2_000
+    return Scenario(
+        "slow-receivers", "1 recipient, 2 KB; 4 of 20 MX hosts take 2 s per reply",
+        farm,
+        (Stream("transactional", messages, _domains(farm), zipf=0.0, concurrency=50),),
+        time_limit=60 if quick else 600, drain_limit=90 if quick else 240,
+    )
+
+
+def throttling(quick: bool) -> Scenario:
+    farm = layout(domains=100, sites=20, max_messages=10)
+    messages = 1_000 if quick else 10_000
+    return Scenario(
+        "throttling", "1 recipient, 2 KB; every MX host answers 421 after 10 messages on a connection",
+        farm,
+        (Stream("transactional", messages, _domains(farm), concurrency=50),),
+        time_limit=60 if quick else 600, drain_limit=60 if quick else 300,
+    )
+
+
+def large(quick: bool) -> Scenario:
+    farm = layout(domains=100, sites=20)
+    messages = 300 if quick else 5_000
+    return Scenario(
+        "large", "1 recipient, 100 KB",
+        farm,
+        (Stream("large", messages, _domains(farm), sizes=((100 * KB, 1.0),), concurrency=20),),
+        time_limit=60 if quick else 600, drain_limit=60 if quick else 300,
+    )
+
+
+def deferred_1m(quick: bool) -> Scenario:
+    farm = layout(domains=100, sites=20)
+    messages = 2_000 if quick else 10_000
+    return Scenario(
+        "deferred-1m", "transactional intake with 1,000,000 deferred messages in the spool vs an empty spool",
+        farm,
+        (Stream("transactional", messages, _domains(farm), concurrency=50),),
+        time_limit=60 if quick else 600, drain_limit=60 if quick else 120,
+        deferred=100_000 if quick else 1_000_000,
+    )
+
+
+SCENARIOS = {
+    "transactional": transactional,
+    "bulk": bulk,
+    "mixed": mixed,
+    "slow-receivers": slow_receivers,
+    "throttling": throttling,
+    "large": large,
+    "deferred-1m": deferred_1m,
+}
+
+# Not a Scenario: a flow of its own (perf.idle).
+IDLE = "idle-connections"
+NAMES = tuple(SCENARIOS) + (IDLE,)
+
+
+def build(name: str, quick: bool) -> Scenario:
+    return SCENARIOS[name](quick)

@@ -1,0 +1,83 @@
+"""Smoke tests of the perf harness and the host tuning scripts.
+
+Correctness only, never timing: ``perf/bench --scenario transactional
+--quick`` runs end to end (fake internet, real relay, load generator) and
+its JSON holds every field with every injected message delivered once;
+``scripts/tune-host --check`` and ``scripts/nofile --check`` run and name
+what they check.  --apply is never run here: it changes the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+pytestmark = pytest.mark.slow
+
+
+def run(*argv: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [os.path.join(ROOT, *argv[0].split("/")), *argv[1:]],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL,
+    )
+
+
+def test_bench_transactional_quick(tmp_path):
+    output = tmp_path / "bench.json"
+    done = run("perf/bench", "--scenario", "transactional", "--quick", "--json", str(output),
+               timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(output.read_text())
+    assert result["scenario"] == "transactional" and result["quick"] is True
+    assert set(result["machine"]) >= {"nproc", "cpu", "memory_bytes", "kernel", "python"}
+    (figures,) = result["runs"]["relay"]
+    for key in ("injected", "delivered", "injected_per_s", "delivered_per_s",
+                "inject_to_250_ms", "inject_to_delivered_ms", "cpu_seconds",
+                "peak_rss_bytes", "sampled_peak_pss_bytes", "outbound_connections"):
+        assert key in figures, key
+    for key in ("p50", "p90", "p99"):
+        assert figures["inject_to_250_ms"][key] is not None
+        assert figures["inject_to_delivered_ms"][key] is not None
+    assert set(figures["cpu_seconds"]) >= {"server", "generator", "sinks"}
+    assert figures["failed"] == 0
+    assert figures["injected"] == 1000
+    assert figures["delivered"] == figures["injected"]
+    assert figures["duplicates"] == 0
+    assert figures["outbound_connections"] >= 1
+    assert figures["peak_rss_bytes"] > 0
+    assert "delivered/s" in done.stdout  # the table
+
+
+def test_tune_host_check():
+    done = run("scripts/tune-host", "--check", timeout=30)
+    assert done.returncode == 0, done.stderr
+    for key in ("fs.file-max", "fs.nr_open", "net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog",
+                "net.ipv4.ip_local_port_range", "net.ipv4.tcp_tw_reuse",
+                "net.netfilter.nf_conntrack_max", "net.core.netdev_max_backlog"):
+        assert key in done.stdout, key
+
+
+def test_tune_host_dry_run_writes_nothing():
+    done = run("scripts/tune-host", "--dry-run", timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "/etc/sysctl.d/90-relay.conf" in done.stdout
+    assert "sysctl -p" in done.stdout
+
+
+def test_nofile_check():
+    done = run("scripts/nofile", "--check", timeout=30)
+    assert done.returncode == 0, done.stderr
+    for text in ("RLIMIT_NOFILE", "fs.nr_open", "LimitNOFILE", "relay.service.d/nofile.conf",
+                 "/etc/security/limits.d/90-relay.conf"):
+        assert text in done.stdout, text
+
+
+def test_nofile_dry_run_writes_nothing():
+    done = run("scripts/nofile", "--dry-run", timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "LimitNOFILE=" in done.stdout and "nofile" in done.stdout
