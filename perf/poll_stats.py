@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hz", type=float, default=100.0)
     parser.add_argument("--seconds", type=float, default=30.0)
     args = parser.parse_args(argv)
-    period, took = 1.0 / args.hz, []
+    period, took, readers = 1.0 / args.hz, [], {}
     deadline = time.monotonic() + args.seconds
     next_read = time.monotonic()
     while time.monotonic() < deadline:
@@ -32,9 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         paths = [ring.ring_path(args.run_dir)] if args.run_dir else glob.glob("/dev/shm/relay-stats-*")
         for path in paths:
             try:
-                ring.merge(ring.read(path))
+                if path not in readers:
+                    readers[path] = ring.Reader(path)
+                ring.merge(readers[path].read())
             except (OSError, ValueError):
-                pass  # not started yet, or stopped
+                readers.pop(path, None)  # not started yet, or stopped
         took.append(time.perf_counter() - started)
         next_read += period
         time.sleep(max(0.0, next_read - time.monotonic()))

@@ -212,17 +212,34 @@ def _snapshot(worker: int, published: int, raw: bytes) -> Snapshot:
     return Snapshot(worker, published / 1e6, counters, gauges, histograms, top)
 
 
-def read(path: str) -> list[Snapshot]:
-    """Every worker's latest snapshot (workers that never published are left out)."""
-    buffer = _map(path, write=False)
-    try:
-        magic, workers, region = HEADER.unpack_from(buffer, 0)
+class Reader:
+    """Reads a ring again and again through one mapping (a dashboard polling
+    it many times a second pays for the open and mmap once)."""
+
+    def __init__(self, path: str) -> None:
+        self._map = _map(path, write=False)
+        magic, self.workers, region = HEADER.unpack_from(self._map, 0)
         if magic != MAGIC or region != REGION_SIZE:
+            self._map.close()
             raise ValueError(f"{path} is not a stats ring")
-        snapshots = [_read_region(buffer, HEADER_SIZE + i * REGION_SIZE, i) for i in range(workers)]
+
+    def read(self) -> list[Snapshot]:
+        """Every worker's latest snapshot (workers that never published are left out)."""
+        snapshots = [_read_region(self._map, HEADER_SIZE + i * REGION_SIZE, i)
+                     for i in range(self.workers)]
+        return [s for s in snapshots if s is not None]
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def read(path: str) -> list[Snapshot]:
+    """Every worker's latest snapshot, in one go."""
+    reader = Reader(path)
+    try:
+        return reader.read()
     finally:
-        buffer.close()
-    return [s for s in snapshots if s is not None]
+        reader.close()
 
 
 def merge(snapshots: list[Snapshot]) -> dict:
