@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import statistics
 import time
 
 from relay.stats import ring
 
 
+def _newest_ring() -> list[str]:
+    """The ring of the relay started last (a benchmark's own)."""
+    rings = glob.glob("/dev/shm/relay-stats-*")
+    return [max(rings, key=os.path.getmtime)] if rings else []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", nargs="?", help="the relay's run_dir; default: every ring in /dev/shm")
+    parser.add_argument("run_dir", nargs="?", help="the relay's run_dir; default: the newest ring")
     parser.add_argument("--hz", type=float, default=100.0)
     parser.add_argument("--seconds", type=float, default=30.0)
     args = parser.parse_args(argv)
@@ -29,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     next_read = time.monotonic()
     while time.monotonic() < deadline:
         started = time.perf_counter()
-        paths = [ring.ring_path(args.run_dir)] if args.run_dir else glob.glob("/dev/shm/relay-stats-*")
+        paths = [ring.ring_path(args.run_dir)] if args.run_dir else _newest_ring()
         for path in paths:
             try:
                 if path not in readers:

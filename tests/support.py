@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from relay.stats import ring
 from relay.testing.toml import toml_dumps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,6 +153,8 @@ class RelayProcess:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+            # A killed supervisor leaves its stats ring in /dev/shm.
+            ring.remove(os.path.join(self.directory, "run"))
 
 
 # -- clients -------------------------------------------------------------
