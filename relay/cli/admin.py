@@ -57,16 +57,23 @@ def _request(args) -> dict:
     return message
 
 
-def run(args) -> int:
+def _ask(args, message: dict) -> dict | int:
+    """The running relay's answer, or the exit status after saying why not."""
     try:
         settings = config.load(args.config)
-        answer = request(settings.relay.run_dir, _request(args))
+        return request(settings.relay.run_dir, message)
     except ConfigError as exc:
         print(f"relayctl: {exc}", file=sys.stderr)
         return 2
     except (NotRunning, ControlError) as exc:
         print(f"relayctl: {exc}", file=sys.stderr)
         return 1
+
+
+def run(args) -> int:
+    answer = _ask(args, _request(args))
+    if isinstance(answer, int):
+        return answer
     if args.json:
         print(orjson.dumps(answer).decode())
     elif args.op in ("suspend", "resume"):
@@ -94,15 +101,9 @@ def run_trace(args) -> int:
             print(f"relayctl: trace {args.action} needs at least one ADDRESS", file=sys.stderr)
             return 1
         message[args.action] = args.addresses
-    try:
-        settings = config.load(args.config)
-        answer = request(settings.relay.run_dir, message)
-    except ConfigError as exc:
-        print(f"relayctl: {exc}", file=sys.stderr)
-        return 2
-    except (NotRunning, ControlError) as exc:
-        print(f"relayctl: {exc}", file=sys.stderr)
-        return 1
+    answer = _ask(args, message)
+    if isinstance(answer, int):
+        return answer
     traced = answer.get("traced", [])
     print(orjson.dumps(answer).decode() if args.json
           else "traced recipients: " + (", ".join(traced) if traced else "none"))

@@ -208,6 +208,14 @@ class _Op:
         self.wakes = wakes  # commits mail that may be delivered now
 
 
+async def _query_on(executor: ThreadPoolExecutor, conn: sqlite3.Connection,
+                    query: Callable[[sqlite3.Connection], Any]) -> Any:
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, query, conn)
+    except sqlite3.Error as exc:
+        raise SpoolError(f"spool read failed: {exc}") from None
+
+
 def _regexp(pattern: str, value: str) -> bool:
     return value is not None and re.search(pattern, value) is not None
 
@@ -525,21 +533,11 @@ class Spool:
 
     async def _read(self, query: Callable[[sqlite3.Connection], Any]) -> Any:
         """A read on the reader connection (concurrent with the writer)."""
-        try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._read_executor, query, self._read_conn
-            )
-        except sqlite3.Error as exc:
-            raise SpoolError(f"spool read failed: {exc}") from None
+        return await _query_on(self._read_executor, self._read_conn, query)
 
     async def read(self, query: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run a read on the writer thread (serialised with the writes)."""
-        try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._executor, query, self._conn
-            )
-        except sqlite3.Error as exc:
-            raise SpoolError(f"spool read failed: {exc}") from None
+        return await _query_on(self._executor, self._conn, query)
 
     async def held_parts(self, received_before: float) -> list[tuple[str, int]]:
         """(queue id, coordinator) of held parts received before a time."""
