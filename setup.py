@@ -82,7 +82,7 @@ setup(
         "orjson>=3.9",
         "idna>=3.7",
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6", "pynacl>=1.5", "prometheus_client>=0.20"]},
+    extras_require={"test": ["pytest>=8", "hypothesis>=6", "pynacl>=1.5", "prometheus_client>=0.20", "ruff>=0.5"]},
     ext_modules=fast_extensions(),
     cmdclass={"build_ext": build_ext},
     entry_points={

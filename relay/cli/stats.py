@@ -10,7 +10,6 @@ i, "counters": {...}, "gauges": {...}}, ...]}``.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 

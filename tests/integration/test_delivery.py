@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import glob
-import json
 import math
 import os
 import random
@@ -17,7 +15,7 @@ import time
 import pytest
 
 from relay.route.shard import slot_of
-from relay.testing.fakenet import Behaviour, FakeInternet, Rule
+from relay.testing.fakenet import Behaviour, Rule
 from support import deliver_relay, events, inject, read_spool, wait_events, wait_for
 
 

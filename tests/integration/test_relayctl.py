@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.testing.fakenet import Behaviour, Rule
 from support import (
-    deliver_relay, events, free_port, inject, read_spool, relayctl, wait_events, wait_for,
+    deliver_relay, free_port, inject, read_spool, relayctl, wait_events, wait_for,
 )
 
 BODY = b"From: app@sender.example\r\nSubject: stats\r\n\r\nbody\r\n"
