@@ -207,8 +207,7 @@ class Dispatcher:
         self.stopping = True
         self._wakeup.set()
         for queue in self.queues.values():
-            self.loaded -= sum(len(job.recipients) for job in queue.jobs)
-            queue.jobs.clear()
+            self.loaded -= sum(len(job.recipients) for job in queue.take_all())
         deadline = time.monotonic() + timeout
         while any(q.senders for q in self.queues.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -373,8 +372,7 @@ class Dispatcher:
         raise last or DeliveryError(Reply(0, "4.4.4", "no host to connect to", None), Stage.CONNECT)
 
     async def _fail_queue(self, queue: DestinationQueue, exc: DeliveryError) -> None:
-        jobs = list(queue.jobs)
-        queue.jobs.clear()
+        jobs = queue.take_all()
         for job in jobs:
             await self._record(job, [(r, exc.reply, exc.stage) for r in job.recipients],
                                queue.destination, None)

@@ -21,6 +21,12 @@ from relay.deliver.resolve import Destination
 from relay.spool.store import DueRecipient
 
 
+# Recipients merged into one transaction at most (RFC 5321 4.5.3.1.8 asks
+# servers to take at least 100; a server that takes fewer answers 452 and
+# the rest go in the next transaction).
+MAX_RECIPIENTS_PER_TRANSACTION = 100
+
+
 @dataclass
 class Job:
     """One message's recipients at one domain: one SMTP transaction."""
@@ -62,6 +68,9 @@ class DestinationQueue:
     # fast receivers are served by few reused connections, slow ones by many.
     spawn_after: float = 0.25
     jobs: collections.deque = field(default_factory=collections.deque)
+    # Jobs not started yet, by queue id: a message's recipients at several
+    # domains that share this destination go in one transaction.
+    waiting: dict = field(default_factory=dict)
     idle: list = field(default_factory=list)  # parked sessions, oldest first
     senders: int = 0  # sender tasks running (each holds or is opening a connection)
 
@@ -71,13 +80,32 @@ class DestinationQueue:
 
     def push(self, job: Job, front: bool = False) -> None:
         job.queued = job.queued or time.monotonic()
+        same = self.waiting.get(job.queue_id)
+        if (same is not None and not front
+                and len(same.recipients) + len(job.recipients) <= MAX_RECIPIENTS_PER_TRANSACTION):
+            same.recipients.extend(job.recipients)
+            same.trace = same.trace or job.trace
+            return
         if front:
             self.jobs.appendleft(job)
         else:
             self.jobs.append(job)
+        self.waiting.setdefault(job.queue_id, job)
 
     def next_job(self) -> Job | None:
-        return self.jobs.popleft() if self.jobs else None
+        if not self.jobs:
+            return None
+        job = self.jobs.popleft()
+        if self.waiting.get(job.queue_id) is job:
+            del self.waiting[job.queue_id]
+        return job
+
+    def take_all(self) -> list[Job]:
+        """Every job not started (the site failed, or the worker stops)."""
+        jobs = list(self.jobs)
+        self.jobs.clear()
+        self.waiting.clear()
+        return jobs
 
     def wants_sender(self, now: float) -> bool:
         """Start another sender?  For work the running ones cannot carry

@@ -287,3 +287,14 @@ def test_recipients_over_the_servers_limit_go_in_a_later_transaction(relay_facto
     assert sorted(r for m in received for r in m.rcpt_tos) == recipients
     requeued = [e for e in events(relay) if e["outcome"] == "requeued"]
     assert len(requeued) == 3 + 1 and all(e["code"] == 452 for e in requeued)
+
+
+def test_domains_sharing_an_mx_get_one_transaction_per_message(relay_factory, net):
+    [sink] = net.add_domain("d1.example", ["127.0.0.10"])
+    net.dns.add_mx("d2.example", [(10, "mx1.d1.example")])  # the same MX host
+    relay = deliver_relay(relay_factory, net)
+    inject(relay, "app@sender.example", ["a@d1.example", "b@d2.example"], BODY)
+    [received] = sink.wait_received(1)
+    assert sorted(received.rcpt_tos) == ["a@d1.example", "b@d2.example"]
+    delivered = wait_events(relay, lambda e: e["outcome"] == "delivered", count=2)
+    assert {e["destination"] for e in delivered} == {"mx1.d1.example"}

@@ -53,3 +53,22 @@ def test_the_pump_stops_with_idle_connections_and_waiting_jobs():
 def test_never_more_than_the_connection_limit():
     assert spawned(queue(500, max_connections=4, per_connection=1), now=101.0) == 4
     assert spawned(queue(500, senders=2, idle=2, max_connections=4, per_connection=1), now=101.0) == 2
+
+
+def test_a_messages_recipients_at_domains_sharing_the_destination_merge():
+    from relay.spool.store import DueRecipient
+
+    def job(queue_id, domain, *addresses):
+        rows = [DueRecipient(queue_id, i, a, domain, 0, "s@x.example", 0.0, False, 10)
+                for i, a in enumerate(addresses)]
+        return Job(queue_id, "s@x.example", False, 0.0, 10, domain, rows)
+
+    q = queue(0)
+    q.push(job("A", "one.example", "a@one.example"))
+    q.push(job("B", "one.example", "b@one.example"))
+    q.push(job("A", "two.example", "c@two.example"))
+    first = q.next_job()
+    assert [r.address for r in first.recipients] == ["a@one.example", "c@two.example"]
+    # Started jobs take no more recipients: a later part goes on its own.
+    q.push(job("A", "three.example", "d@three.example"))
+    assert [j.queue_id for j in q.take_all()] == ["B", "A"] and q.waiting == {}
