@@ -479,7 +479,3 @@ def flatten(settings: Settings) -> dict[str, Any]:
         for name in keys:
             flat[f"[{section}] {name}"] = getattr(getattr(settings, section), name)
     return flat
-
-
-def replace(settings: Settings, **changes) -> Settings:
-    return dataclasses.replace(settings, **changes)

@@ -21,27 +21,15 @@ import importlib.util
 import os
 import re
 
-import dkim
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding
 
 from relay.config import DkimIdentity
 from relay.dkim.sign import Signer, split_header
+from support import dkimpy_verify
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-# dkimpy verifies Ed25519 with PyNaCl, a test-only dependency: without it the
-# Ed25519 checks are skipped with a reason, never passed vacuously.
-HAVE_NACL = importlib.util.find_spec("nacl") is not None
-
-
-def dkimpy_verify(signed: bytes, dnsfunc, idx: int | None = None) -> bool:
-    if not HAVE_NACL and b"a=ed25519-sha256" in signed.partition(b"\r\n\r\n")[0]:
-        pytest.skip("PyNaCl is not installed: dkimpy cannot verify Ed25519 (pip install pynacl)")
-    if idx is None:
-        return dkim.verify(signed, dnsfunc=dnsfunc)
-    return dkim.DKIM(signed).verify(idx=idx, dnsfunc=dnsfunc)
 
 
 def golden(name: str) -> bytes:

@@ -10,8 +10,6 @@ WSP run) must match too, not only the final hash.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import os
 import random
 import re
 
@@ -19,16 +17,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from support import implementation
+
 CANONS = ("simple", "relaxed")
 
 
 def _module(package: str):
-    try:
-        return importlib.import_module(f"relay.{package}.bodyhash")
-    except ImportError:
-        if package == "_ref" or os.environ.get("RELAY_REQUIRE_EXTENSIONS") == "1":
-            raise
-        pytest.skip("relay._fast is not built (python setup.py build_ext --inplace)")
+    return implementation(package, "bodyhash")
 
 
 @pytest.fixture(params=["_ref", "_fast"])

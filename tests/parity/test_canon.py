@@ -17,16 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from support import implementation
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _module(package: str):
-    try:
-        return importlib.import_module(f"relay.{package}.canon")
-    except ImportError:
-        if package == "_ref" or os.environ.get("RELAY_REQUIRE_EXTENSIONS") == "1":
-            raise
-        pytest.skip("relay._fast is not built (python setup.py build_ext --inplace)")
+    return implementation(package, "canon")
 
 
 @pytest.fixture(params=["_ref", "_fast"])

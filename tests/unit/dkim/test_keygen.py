@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import argparse
 import base64
-import importlib.util
 import os
 import re
 import stat
 
-import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 
@@ -21,24 +19,13 @@ from relay.config import DkimIdentity
 from relay.dkim.keys import generate, load_private_key
 from relay.dkim.sign import Signer
 from relay.errors import ConfigError
+from support import dkimpy_verify
 
 MESSAGE = (
     b"From: Ada <ada@example.com>\r\nTo: grace@example.org\r\nSubject: keys\r\n"
     b"Message-ID: <k1@example.com>\r\n\r\nHello.\r\n"
 )
 RECORD = re.compile(r'^(\S+)\._domainkey\.(\S+)\. IN TXT ((?:"[^"]*" ?)+)$')
-
-# dkimpy verifies Ed25519 with PyNaCl, a test-only dependency: without it the
-# Ed25519 checks are skipped with a reason, never passed vacuously.
-HAVE_NACL = importlib.util.find_spec("nacl") is not None
-
-
-def dkimpy_verify(signed: bytes, dnsfunc, idx: int | None = None) -> bool:
-    if not HAVE_NACL and b"a=ed25519-sha256" in signed.partition(b"\r\n\r\n")[0]:
-        pytest.skip("PyNaCl is not installed: dkimpy cannot verify Ed25519 (pip install pynacl)")
-    if idx is None:
-        return dkim.verify(signed, dnsfunc=dnsfunc)
-    return dkim.DKIM(signed).verify(idx=idx, dnsfunc=dnsfunc)
 
 
 def keygen(argv: list[str]) -> int:

@@ -8,10 +8,8 @@ verified on its own: dkimpy checks the topmost DKIM-Signature only.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import re
 
-import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -22,21 +20,10 @@ from relay.dkim import sign as sign_module
 from relay.dkim.keys import public_key_txt
 from relay.dkim.sign import Signer, split_header
 from relay.errors import ConfigError
+from support import dkimpy_verify
 
 NOW = 1_700_000_000.0
 CANONICALIZATIONS = ("relaxed/relaxed", "simple/simple", "relaxed/simple", "simple/relaxed")
-
-# dkimpy verifies Ed25519 with PyNaCl, a test-only dependency: without it the
-# Ed25519 checks are skipped with a reason, never passed vacuously.
-HAVE_NACL = importlib.util.find_spec("nacl") is not None
-
-
-def dkimpy_verify(signed: bytes, dnsfunc, idx: int | None = None) -> bool:
-    if not HAVE_NACL and b"a=ed25519-sha256" in signed.partition(b"\r\n\r\n")[0]:
-        pytest.skip("PyNaCl is not installed: dkimpy cannot verify Ed25519 (pip install pynacl)")
-    if idx is None:
-        return dkim.verify(signed, dnsfunc=dnsfunc)
-    return dkim.DKIM(signed).verify(idx=idx, dnsfunc=dnsfunc)
 
 
 # -- keys and a fake DNS -------------------------------------------------------
