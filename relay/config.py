@@ -165,6 +165,9 @@ RELAY_KEYS = _keys(
     Key("source_ips", _ips, (), "outbound bind addresses; empty = kernel's choice", reload=False),
     Key("log_level", _choice("debug", "info", "warning", "error"), "info", "log verbosity"),
     Key("shutdown_timeout", parse_duration, 30.0, "SIGTERM: how long sessions in flight may finish"),
+    Key("listen_backlog", _int(1, 65535), 4096,
+        "pending connections per listen socket (the kernel caps it at net.core.somaxconn)",
+        reload=False),
 )
 
 LISTEN_KEYS = _keys(
@@ -204,6 +207,8 @@ INTAKE_KEYS = _keys(
     Key("auth_lockout", parse_duration, 600.0, "how long a locked-out IP stays locked out"),
     Key("max_received_headers", _int(1), 50, "more Received: headers than this is a loop (554 5.4.6)"),
     Key("min_free_space", parse_size, 100 * 1024**2, "free spool disk below this: 452 4.3.1 at MAIL"),
+    Key("max_data_memory", parse_size, 256 * 1024**2,
+        "message bytes held in DATA across a worker's sessions; past it DATA gets 451 4.3.1"),
 )
 
 DNS_KEYS = _keys(
@@ -470,6 +475,18 @@ def restart_needed(old: Settings, new: Settings) -> list[str]:
     if old.listen != new.listen:
         changed.append("[[listen]] address")
     return changed
+
+
+def pin_restart_keys(new: Settings, running: Settings) -> Settings:
+    """``new`` with every restart-only key set back to its running value: what
+    a reload applies, and what a worker forked after the reload must get so
+    that it never disagrees with the workers already running."""
+    sections = {}
+    for section, keys in SECTIONS.items():
+        pinned = {name: getattr(getattr(running, section), name)
+                  for name, key in keys.items() if not key.reload}
+        sections[section] = dataclasses.replace(getattr(new, section), **pinned)
+    return dataclasses.replace(new, listen=running.listen, **sections)
 
 
 def flatten(settings: Settings) -> dict[str, Any]:

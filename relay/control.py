@@ -5,8 +5,10 @@ Input: one JSON request per connection on ``run_dir/control.sock``; HTTP
 GETs on ``[stats] metrics_address``.  Output: JSON answers (a command that
 changes state is passed to the worker that owns the slots concerned, or to
 every worker, over its peer socket); the stats ring in Prometheus text.
-Both are served from the supervisor's selector loop, one short blocking
-exchange at a time: they are rare, and the workers never wait on them.
+The supervisor's selector loop only accepts relayctl connections; every
+exchange, and every /metrics request, runs on a thread of its own, so a
+client that connects and says nothing never holds up reaping, restarts or
+signals.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import logging
 import os
 import socket
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
 
 from relay.cli.control import socket_path as control_socket_path
-from relay.config import Settings, parse_hostport
+from relay.config import Settings
 from relay.intake.policy import BadDomain, routing_domain
 from relay.route.forward import request_blocking, socket_path
 from relay.route.shard import owner_of, slot_of
@@ -40,18 +43,6 @@ def open_control_socket(run_dir: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     os.chmod(path, 0o600)  # the operator's, not every local user's
-    sock.listen(16)
-    sock.setblocking(False)
-    return sock
-
-
-def open_metrics_socket(address: str) -> socket.socket | None:
-    if not address:
-        return None
-    host, port = parse_hostport(address)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
     sock.listen(16)
     sock.setblocking(False)
     return sock
@@ -144,25 +135,51 @@ class ControlPlane:
             result["suspended"] = sorted({d for a in answers.values() for d in a.get("suspended", [])})
         return result
 
-    # -- /metrics ---------------------------------------------------------------
 
-    def serve_metrics(self, listener: socket.socket) -> None:
-        try:
-            conn, _ = listener.accept()
-        except BlockingIOError:
+# -- /metrics -------------------------------------------------------------------
+
+
+class MetricsServer:
+    """``GET /metrics`` on its own threads (one per request, with a timeout),
+    reading the stats ring; anything else is 404."""
+
+    def __init__(self, sock: socket.socket, ring_path: str) -> None:
+        handler = type("Handler", (_MetricsHandler,), {"ring_path": ring_path})
+        self._server = ThreadingHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
+        self._server.socket.close()
+        self._server.socket = sock
+        self._server.daemon_threads = True
+        sock.setblocking(True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._server.shutdown()
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    ring_path = ""
+    timeout = EXCHANGE_TIMEOUT  # a client that sends nothing costs one thread this long
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:
+        if self.path.split("?")[0] != "/metrics":
+            self._reply(404, b"not found\n", "text/plain")
             return
-        with conn:
-            conn.settimeout(EXCHANGE_TIMEOUT)
-            try:
-                request = conn.recv(8192)
-                path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
-                if not request.startswith(b"GET ") or path.split(b"?")[0] != b"/metrics":
-                    conn.sendall(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-                    return
-                body = prometheus.render(ring.merge(ring.read(self.ring_path))).encode()
-                conn.sendall(
-                    b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
-                    + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
-                )
-            except Exception as exc:  # a scrape must never take the supervisor down
-                log.warning("metrics request failed: %s", exc)
+        try:
+            body = prometheus.render(ring.merge(ring.read(self.ring_path))).encode()
+        except Exception as exc:  # a scrape must never take the supervisor down
+            log.warning("metrics request failed: %s", exc)
+            self._reply(500, b"stats unavailable\n", "text/plain")
+            return
+        self._reply(200, body, "text/plain; version=0.0.4; charset=utf-8")
+
+    def _reply(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args) -> None:  # scrapes are not news
+        pass

@@ -113,13 +113,23 @@ class Dispatcher:
         self._tls_broken: dict[str, float] = {}
         self._verify_context = self._make_verify_context(deliver.ca_file)
         self._queue_ids = queue_ids  # the worker's one generator: no id twice
-        os.makedirs(deliver.event_log_dir, exist_ok=True)
-        self._event_log = open(os.path.join(deliver.event_log_dir, f"delivery-{worker}.jsonl"), "ab")
+        self._event_log = None
+        self.reopen_log()
         self.stopping = False
         self.suspended: frozenset[str] = frozenset()  # domains relayctl suspended
         self.traced: frozenset[str] = frozenset()  # addresses relayctl traces
         self.counters: collections.Counter[str] = collections.Counter()  # names of stats.ring
         self.accept_to_delivered = Histogram()
+
+    def reopen_log(self) -> None:
+        """(Re)open delivery-N.jsonl: at start, after a reload that moves it,
+        and on SIGUSR1 once logrotate has renamed the old file."""
+        directory = self.settings.deliver.event_log_dir
+        os.makedirs(directory, exist_ok=True)
+        new = open(os.path.join(directory, f"delivery-{self.worker}.jsonl"), "ab")
+        old, self._event_log = self._event_log, new
+        if old is not None:
+            old.close()
 
     @staticmethod
     def _make_verify_context(ca_file: str) -> ssl.SSLContext:
@@ -225,7 +235,10 @@ class Dispatcher:
     def apply(self, settings: Settings) -> None:
         """Take reloaded settings (SIGHUP): later attempts use them."""
         deliver = settings.deliver
+        moved = deliver.event_log_dir != self.settings.deliver.event_log_dir
         self.settings = settings
+        if moved:
+            self.reopen_log()
         self.hostname = settings.hostname
         self.resolver = Resolver(
             nameservers=settings.dns.nameservers, routes=settings.routes, mx_port=deliver.mx_port

@@ -2,15 +2,23 @@
 
 Input: the configuration file and signals.  Output: one forked worker per
 ``relay.workers`` (0 = one per core), restarted with backoff when one dies;
-SIGTERM drains them all and exits 0; SIGHUP validates the file again, says
-which changed keys need a restart and passes the reload on.  No mail logic
-lives here: before the first fork it only runs the spool's offline
-recovery (relay.spool.recover), while no worker can be writing.
+SIGTERM drains them all and exits 0; SIGHUP validates the file again and
+passes the reload on, keeping every restart-only key at the value the
+running workers have (and saying so at every reload until a restart);
+SIGUSR1 has every process reopen its log files.  No mail logic lives here:
+before the first fork it only takes the instance lock (one relay per spool
+and run directory) and runs the spool's offline recovery, while no worker
+can be writing.  Workers die with their supervisor (PR_SET_PDEATHSIG).
+
+``relay --check -c FILE`` runs every start-up check and exits; ``relay
+--version`` prints the version.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import importlib.metadata
 import logging
 import os
 import resource
@@ -19,18 +27,20 @@ import signal
 import sys
 import time
 
-from relay import config
+from relay import config, preflight
 from relay.cli.control import socket_path as control_socket_path
-from relay.control import ControlPlane, open_control_socket, open_metrics_socket
+from relay.control import ControlPlane, MetricsServer, open_control_socket
 from relay.dkim.sign import Signer
 from relay.errors import ConfigError, SpoolError
-from relay.intake.listener import open_listen_sockets, server_tls_context
+from relay.intake.listener import server_tls_context
+from relay.spool.lock import InstanceLock
 from relay.spool.recover import recover
 from relay.stats import ring
 
 log = logging.getLogger("relay.supervisor")
 
-SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+PR_SET_PDEATHSIG = 1
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a worker that ran this long restarts without backoff
@@ -45,6 +55,20 @@ def setup_logging(level: str, worker: int | None = None) -> None:
         format=f"%(asctime)s relay[{who}] %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel send SIGTERM (a drain) to this process when its
+    parent dies, so orphaned workers never serve a spool that a new
+    supervisor may already be recovering.  Where prctl is missing the worker
+    watches its parent itself (worker.py)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
 
 
 def raise_nofile_limit() -> int:
@@ -67,11 +91,15 @@ class Slot:
 
 
 class Supervisor:
-    def __init__(self, settings: config.Settings) -> None:
+    def __init__(self, settings: config.Settings, metrics_sock=None) -> None:
+        # The settings the running workers have; a reload changes only the
+        # reloadable keys, so a worker forked later gets the same restart-only
+        # values as its siblings.
         self.settings = settings
         self.workers = settings.worker_count
         self.slots = [Slot(i) for i in range(self.workers)]
         self.stopping = False
+        self._metrics_sock = metrics_sock
 
     def run(self) -> int:
         run_dir = self.settings.relay.run_dir
@@ -87,10 +115,10 @@ class Supervisor:
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, "signals")
         self._listeners = [open_control_socket(run_dir)]
         self.selector.register(self._listeners[0], selectors.EVENT_READ, self.control.serve_control)
-        metrics = open_metrics_socket(self.settings.stats.metrics_address)
-        if metrics is not None:
-            self._listeners.append(metrics)
-            self.selector.register(metrics, selectors.EVENT_READ, self.control.serve_metrics)
+        self._metrics = None
+        if self._metrics_sock is not None:
+            self._listeners.append(self._metrics_sock)
+            self._metrics = MetricsServer(self._metrics_sock, self.control.ring_path)
         for slot in self.slots:
             self._fork(slot)
         log.info(
@@ -111,8 +139,13 @@ class Supervisor:
                             return self._stop()
                         elif signum == signal.SIGHUP:
                             self._reload()
+                        elif signum == signal.SIGUSR1:
+                            self._signal_workers(signal.SIGUSR1)
+                            log.info("SIGUSR1: workers reopen their logs")
                 self._restart_due()
         finally:
+            if self._metrics is not None:
+                self._metrics.shutdown()
             for sock in self._listeners:
                 sock.close()
             try:
@@ -138,10 +171,12 @@ class Supervisor:
         return max(0.0, min(min(due) - time.monotonic(), 1.0))
 
     def _fork(self, slot: Slot) -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child
             code = 2
             try:
+                die_with_parent(parent)
                 signal.set_wakeup_fd(-1)
                 for signum in SIGNALS:
                     signal.signal(signum, signal.SIG_DFL)
@@ -155,7 +190,7 @@ class Supervisor:
                 setup_logging(self.settings.relay.log_level, slot.index)
                 from relay import worker
 
-                code = worker.main(self.settings, slot.index, self.workers)
+                code = worker.main(self.settings, slot.index, self.workers, parent)
             except BaseException:
                 log.exception("worker %d crashed", slot.index)
             finally:
@@ -202,18 +237,29 @@ class Supervisor:
             new = config.load(self.settings.source)
             server_tls_context(new.tls)
             Signer.from_identities(new.dkim)
+            preflight.check_ca_file(new.deliver.ca_file)
         except ConfigError as exc:
             log.error("SIGHUP: configuration not reloaded: %s", exc)
             return
+        # Said at every reload until a restart: the file and the running relay
+        # disagree until then.
         needs_restart = config.restart_needed(self.settings, new)
         if needs_restart:
             log.warning("SIGHUP: these changes take effect only after a restart: %s",
                         ", ".join(needs_restart))
-        self.settings = new
+        self.settings = config.pin_restart_keys(new, self.settings)
+        self.control.settings = self.settings
+        setup_logging(self.settings.relay.log_level)
+        self._signal_workers(signal.SIGHUP)
+        log.info("SIGHUP: configuration reloaded")
+
+    def _signal_workers(self, signum: int) -> None:
         for slot in self.slots:
             if slot.pid is not None:
-                os.kill(slot.pid, signal.SIGHUP)
-        log.info("SIGHUP: configuration reloaded")
+                try:
+                    os.kill(slot.pid, signum)
+                except ProcessLookupError:  # exited; reaped on the next SIGCHLD
+                    pass
 
     def _stop(self) -> int:
         self.stopping = True
@@ -250,35 +296,66 @@ class Supervisor:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="relay", description="Run the SMTP relay.")
     parser.add_argument("-c", "--config", default="conf/relay.toml", help="TOML configuration file")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the configuration and every file it names, then exit")
+    parser.add_argument("--version", action="version", version=f"relay {version()}")
     return parser.parse_args(argv)
 
 
-def prepare(settings: config.Settings) -> None:
-    """Checks and recovery before the first fork; raises ConfigError/SpoolError."""
-    for sock in open_listen_sockets(settings, listen=False):  # fail early on a bad address
-        sock.close()
-    server_tls_context(settings.tls)
-    Signer.from_identities(settings.dkim)  # a missing or bad key file stops the start
-    os.makedirs(settings.relay.run_dir, exist_ok=True)
-    recover(settings.relay.spool_dir, settings.worker_count)
+def version() -> str:
+    try:
+        return importlib.metadata.version("relay")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def prepare(settings: config.Settings):
+    """Checks and recovery before the first fork, under the instance lock;
+    returns the /metrics socket (or None).  Raises ConfigError/SpoolError."""
+    preflight.check(settings)
+    metrics_sock = preflight.open_metrics_socket(settings.stats.metrics_address)
+    try:
+        os.makedirs(settings.relay.run_dir, exist_ok=True)
+        recover(settings.relay.spool_dir, settings.worker_count)
+    except BaseException:
+        if metrics_sock is not None:
+            metrics_sock.close()
+        raise
+    return metrics_sock
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = config.load(args.config)
+        if args.check:
+            preflight.check(settings)
     except ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
+    if args.check:
+        print(f"relay: {args.config}: configuration OK ({settings.worker_count} workers, "
+              f"{len(settings.listen)} listen addresses, {len(settings.dkim)} DKIM identities)")
+        return 0
     setup_logging(settings.relay.log_level)
-    nofile = raise_nofile_limit()
-    log.info("open files limit: %d", nofile)
+    lock = InstanceLock(settings.relay.spool_dir, settings.relay.run_dir)
     try:
-        prepare(settings)
-    except (ConfigError, SpoolError) as exc:
+        lock.acquire()
+    except SpoolError as exc:
         log.error("%s", exc)
         return 2
-    return Supervisor(settings).run()
+    try:
+        nofile = raise_nofile_limit()
+        log.info("open files limit: %d", nofile)
+        try:
+            metrics_sock = prepare(settings)
+        except (ConfigError, SpoolError) as exc:
+            log.error("%s", exc)
+            return 2
+        return Supervisor(settings, metrics_sock).run()
+    finally:
+        # The workers hold their inherited copies until they exit.
+        lock.release()
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 Input: the settings, this worker's index and the worker count.  Output: an
 SMTP intake on every listen address (its own SO_REUSEPORT sockets), the
 spool of the shard slots it owns, the peer socket other workers hand their
-parts to, and the delivery loop of its slots' mail.  Exit status 0 after a drain (SIGTERM), 2 on a startup
-error.
+parts to, and the delivery loop of its slots' mail.  SIGHUP reloads the
+reloadable keys (restart-only keys keep the values this worker started
+with, as its siblings do), SIGUSR1 reopens the delivery log, and a worker
+whose supervisor is gone drains and exits.  Exit status 0 after a drain
+(SIGTERM), 2 on a startup error.
 """
 
 from __future__ import annotations
@@ -36,10 +39,12 @@ log = logging.getLogger("relay.worker")
 STATS_INTERVAL = 0.25  # seconds between publications to the stats ring
 
 class Worker:
-    def __init__(self, settings: config.Settings, index: int, workers: int) -> None:
+    def __init__(self, settings: config.Settings, index: int, workers: int,
+                 parent_pid: int | None = None) -> None:
         self.settings = settings
         self.index = index
         self.workers = workers
+        self.parent_pid = parent_pid
         self._stop = asyncio.Event()
 
     async def accept(self, txn: Transaction) -> None:
@@ -75,13 +80,17 @@ class Worker:
         self.router.control = self.control
         traced = await self.spool.get_meta("traced")  # relayctl trace, kept across restarts
         self.intake.traced = frozenset(orjson.loads(traced)) if traced else frozenset()
+        # create_server listens again on the socket it is given, with its own
+        # backlog (100 unless told): pass the configured one.
         servers = [
-            await loop.create_server(self.intake.factory, sock=sock)
+            await loop.create_server(self.intake.factory, sock=sock,
+                                     backlog=settings.relay.listen_backlog)
             for sock in open_listen_sockets(settings)
         ]
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.dispatcher.reopen_log)
         loop.add_signal_handler(signal.SIGUSR2, _log_tasks)
         publishing = asyncio.create_task(self._publish_stats(), name="stats")
         log.info("worker %d of %d ready", self.index, self.workers)
@@ -151,6 +160,11 @@ class Worker:
         """Every ~250 ms: this worker's figures into its region of the ring."""
         tick = 0
         while True:
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                # PR_SET_PDEATHSIG covers Linux; this covers the rest.
+                log.error("worker %d: supervisor %d is gone; draining", self.index, self.parent_pid)
+                self.parent_pid = None
+                self._stop.set()
             if tick % 20 == 0:  # the queue counts cost a query: every 5 s
                 try:
                     self._queue_counts = await self.spool.counts()
@@ -179,12 +193,13 @@ class Worker:
 
     def _reload(self) -> None:
         try:
-            settings = config.load(self.settings.source)
+            settings = config.pin_restart_keys(config.load(self.settings.source), self.settings)
             tls_context = server_tls_context(settings.tls)
             signer = Signer.from_identities(settings.dkim)
         except ConfigError as exc:
             log.error("reload refused: %s", exc)
             return
+        logging.getLogger().setLevel(settings.relay.log_level.upper())
         self.settings = settings
         self.signer = signer
         self.intake.apply(settings, tls_context)
@@ -210,9 +225,9 @@ def _fatal_if_failed(task: asyncio.Task) -> None:
         os._exit(70)
 
 
-def main(settings: config.Settings, index: int, workers: int) -> int:
+def main(settings: config.Settings, index: int, workers: int, parent_pid: int | None = None) -> int:
     """Entry point in the forked child."""
-    worker = Worker(settings, index, workers)
+    worker = Worker(settings, index, workers, parent_pid)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(worker.run())

@@ -14,10 +14,7 @@ import ssl
 from relay.config import Settings
 from relay.errors import ConfigError
 
-BACKLOG = 4096
-
-
-def open_listen_socket(host: str, port: int, listen: bool = True) -> socket.socket:
+def open_listen_socket(host: str, port: int, listen: bool = True, backlog: int = 4096) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -27,7 +24,7 @@ def open_listen_socket(host: str, port: int, listen: bool = True) -> socket.sock
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
         if listen:  # a bound socket that does not listen is given no connections
-            sock.listen(BACKLOG)
+            sock.listen(backlog)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -39,7 +36,8 @@ def open_listen_sockets(settings: Settings, listen: bool = True) -> list[socket.
     sockets = []
     try:
         for item in settings.listen:
-            sockets.append(open_listen_socket(*item.address, listen=listen))
+            sockets.append(open_listen_socket(*item.address, listen=listen,
+                                              backlog=settings.relay.listen_backlog))
     except OSError as exc:
         for sock in sockets:
             sock.close()

@@ -35,7 +35,7 @@ for rank, names in enumerate(
         # dispatch is the worker's delivery loop, wiring deliver/outcome/spool.
         ("dispatch",),
         ("cli",),
-        ("worker", "supervisor", "control"),
+        ("worker", "supervisor", "control", "preflight"),
         # testing is test infrastructure that no relay module may import.
         ("testing",),
     ]
