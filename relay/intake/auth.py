@@ -6,7 +6,8 @@ client IP a count of failures that locks the address out for a while.
 Passwords are stored as scrypt hashes (``scrypt$n$r$p$salt$hash``, made
 by ``relayctl hash-password``).  A successful check is remembered by a
 keyed digest of the password, so an application that authenticates on
-every connection pays for scrypt once, not per session.
+every connection pays for scrypt once, not per session; the scrypt itself
+runs in an executor (``check_async``), never on the event loop.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import hashlib
 import hmac
 import os
 import time
-
-from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from relay.config import User
 
@@ -45,7 +44,7 @@ def verify_password(password: bytes, encoded: str) -> bool:
 
 
 class Authenticator:
-    """aiosmtpd authenticator over the configured users."""
+    """Checks credentials against the configured users."""
 
     def __init__(self, users: tuple[User, ...]) -> None:
         self._users = {user.name: user.password_hash for user in users}
@@ -53,6 +52,20 @@ class Authenticator:
         self._verified: set[tuple[str, bytes]] = set()
 
     def check(self, login: bytes, password: bytes) -> bool:
+        step = self._lookup(login, password)
+        if isinstance(step, bool):
+            return step
+        return self._remember(step, verify_password(password, step[0]))
+
+    async def check_async(self, login: bytes, password: bytes, loop) -> bool:
+        """``check`` with the scrypt (tens of ms) on the loop's executor."""
+        step = self._lookup(login, password)
+        if isinstance(step, bool):
+            return step
+        return self._remember(step, await loop.run_in_executor(None, verify_password, password, step[0]))
+
+    def _lookup(self, login: bytes, password: bytes) -> bool | tuple[str, bytes]:
+        """True/False when known without scrypt, else what scrypt must check."""
         try:
             name = login.decode("utf-8")
         except UnicodeDecodeError:
@@ -61,19 +74,12 @@ class Authenticator:
         if encoded is None:
             return False
         token = (encoded, hmac.digest(self._key, password, "sha256"))
-        if token in self._verified:
-            return True
-        if verify_password(password, encoded):
-            self._verified.add(token)
-            return True
-        return False
+        return True if token in self._verified else token
 
-    def __call__(self, server, session, envelope, mechanism, auth_data) -> AuthResult:
-        if mechanism not in ("PLAIN", "LOGIN") or not isinstance(auth_data, LoginPassword):
-            return AuthResult(success=False, handled=False)
-        if self.check(auth_data.login, auth_data.password):
-            return AuthResult(success=True, auth_data=auth_data.login.decode("utf-8"))
-        return AuthResult(success=False, handled=False)
+    def _remember(self, token: tuple[str, bytes], ok: bool) -> bool:
+        if ok:
+            self._verified.add(token)
+        return ok
 
 
 class FailureLockout:

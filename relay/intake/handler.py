@@ -24,7 +24,7 @@ import ssl
 import time
 from typing import Awaitable, Callable
 
-from aiosmtpd.smtp import SMTP, AuthResult
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from relay.config import Settings
 from relay.errors import RelayError
@@ -66,6 +66,7 @@ class IntakeState:
         self.traced: frozenset[str] = frozenset()  # addresses `relayctl trace add` named
         self.counters: collections.Counter[str] = collections.Counter()  # names of stats.ring
         self.data_to_250 = Histogram()
+        self.data_bytes = 0  # bytes of DATA held by every session of this worker
         self._free_checked = 0.0
         self._low_disk = False
         self.apply(settings, tls_context)
@@ -103,12 +104,21 @@ class IntakeState:
                 self._low_disk = True
         return self._low_disk
 
-    def authenticate(self, server, session, envelope, mechanism, auth_data) -> AuthResult:
-        result = self.authenticator(server, session, envelope, mechanism, auth_data)
-        if not result.success:
-            self.lockout.failed(session.peer[0])
-            self.counters["rejected_auth"] += 1
-        return result
+    async def authenticate(self, session, mechanism: str, auth_data) -> AuthResult:
+        if mechanism not in ("PLAIN", "LOGIN") or not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        ip = session.peer[0]
+        loop = asyncio.get_running_loop()
+        if await self.authenticator.check_async(auth_data.login, auth_data.password, loop):
+            return AuthResult(success=True, auth_data=auth_data.login.decode("utf-8"))
+        self.lockout.failed(ip)
+        self.counters["rejected_auth"] += 1
+        user = auth_data.login.decode("utf-8", "replace")[:64]
+        log.warning("AUTH %s failed for user %r from [%s]", mechanism, user, ip)
+        if self.lockout.is_locked(ip):
+            log.warning("AUTH: [%s] locked out for %.0fs after %d failures",
+                        ip, self.lockout.lockout, self.lockout.max_failures)
+        return AuthResult(success=False, handled=False)
 
     def drain(self) -> None:
         """SIGTERM: refuse new sessions, let the ones in flight finish."""
@@ -128,8 +138,14 @@ class IntakeState:
             tls_context=self.tls_context,
             timeout=intake.idle_timeout,
             auth_require_tls=True,
-            authenticator=self.authenticate,
+            # Never called: RelaySMTP._authenticate takes over, so that the
+            # check can await scrypt on an executor.
+            authenticator=_never_called,
         )
+
+
+def _never_called(*args) -> AuthResult:
+    raise AssertionError("RelaySMTP._authenticate replaces aiosmtpd's authenticator call")
 
 
 _TRACE_HEADER = re.compile(rb"^x-relay-trace:[ \t]*1[ \t]*$", re.IGNORECASE | re.MULTILINE)
@@ -242,6 +258,11 @@ class Handler:
             " trace" if transaction.trace else "",
         )
         return replies.queued(queue_id)
+
+
+async def _settled(result):
+    """An AuthResult, awaiting it first when it is our coroutine."""
+    return await result if asyncio.iscoroutine(result) else result
 
 
 class RelaySMTP(SMTP):
@@ -366,6 +387,18 @@ class RelaySMTP(SMTP):
         finally:
             self._raw_250 = False
 
+    # aiosmtpd's auth_PLAIN / auth_LOGIN parse the credentials, then return
+    # self._authenticate(...) synchronously; ours returns a coroutine, which
+    # these overrides await, so the scrypt check never blocks the loop.
+    def _authenticate(self, mechanism: str, auth_data):
+        return self.state.authenticate(self.session, mechanism, auth_data)
+
+    async def auth_PLAIN(self, _, args):
+        return await _settled(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _, args):
+        return await _settled(await super().auth_LOGIN(_, args))
+
     async def smtp_AUTH(self, arg: str) -> None:
         ip = self.session.peer[0]
         if self.state.lockout.is_locked(ip):
@@ -412,33 +445,48 @@ class RelaySMTP(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
+        state = self.state
+        intake = state.intake
+        if state.data_bytes >= intake.max_data_memory:
+            # Backpressure: the client retries later; memory does not grow.
+            state.counters["rejected_memory"] += 1
+            await self.push(replies.S451_LOW_MEMORY)
+            return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        intake = self.state.intake
         reader = DataReader(
             max_size=intake.max_message_size,
             normalize=intake.bare_line_endings == "normalize",
             max_received=intake.max_received_headers,
         )
         self._start_data_watch()
+        held = 0  # what this session adds to state.data_bytes, given back below
         try:
-            while self.transport is not None:
-                try:
-                    line = await self._reader.readuntil(b"\r\n")
-                except asyncio.LimitOverrunError as exc:
-                    reader.feed_overrun(await self._reader.read(exc.consumed))
-                    continue
-                if reader.feed_line(line):
-                    break
+            try:
+                while self.transport is not None:
+                    try:
+                        line = await self._reader.readuntil(b"\r\n")
+                    except asyncio.LimitOverrunError as exc:
+                        line = await self._reader.read(exc.consumed)
+                        reader.feed_overrun(line)
+                        held += len(line)
+                        state.data_bytes += len(line)
+                        continue
+                    held += len(line)
+                    state.data_bytes += len(line)
+                    if reader.feed_line(line):
+                        break
+            finally:
+                self._stop_data_watch()
+            verdict, body = reader.finish()
+            if verdict is None:
+                ended = time.monotonic()
+                self.envelope.content = self.envelope.original_content = body
+                verdict = await self._call_handler_hook("DATA")
+                state.data_to_250.observe(time.monotonic() - ended)
+            else:
+                state.counters["rejected_data"] += 1
         finally:
-            self._stop_data_watch()
-        verdict, body = reader.finish()
-        if verdict is None:
-            ended = time.monotonic()
-            self.envelope.content = self.envelope.original_content = body
-            verdict = await self._call_handler_hook("DATA")
-            self.state.data_to_250.observe(time.monotonic() - ended)
-        else:
-            self.state.counters["rejected_data"] += 1
+            state.data_bytes -= held
         self._set_post_data_state()
         self._in_transaction = False
         await self.push(verdict)

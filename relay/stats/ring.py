@@ -42,6 +42,7 @@ COUNTERS = (
     "rejected_auth_lockout",
     "rejected_too_many_recipients",
     "rejected_slow_data",
+    "rejected_memory",
     "delivered",
     "deferred",
     "bounced",

@@ -244,6 +244,15 @@ def test_auth_offered_only_after_tls_and_locks_out(relay_factory, certificate, t
     assert smtp.rcpt("anyone@elsewhere.example")[0] == 250  # authenticated: may relay
     smtp.quit()
 
+    # AUTH LOGIN, through its two challenges (the check is awaited, off the loop).
+    smtp = smtplib.SMTP("127.0.0.1", relay.port, source_address=(UNTRUSTED, 0))
+    smtp.starttls(context=context)
+    smtp.ehlo()
+    assert smtp.docmd("AUTH", "LOGIN")[0] == 334
+    assert smtp.docmd(base64.b64encode(b"app").decode())[0] == 334
+    assert smtp.docmd(base64.b64encode(b"s3cret").decode())[0] == 235
+    smtp.quit()
+
     smtp = smtplib.SMTP("127.0.0.1", relay.port, source_address=(UNTRUSTED, 0))
     smtp.starttls(context=context)
     smtp.ehlo()
@@ -255,6 +264,9 @@ def test_auth_offered_only_after_tls_and_locks_out(relay_factory, certificate, t
     smtp.close()
     client = RawClient(relay.port, source=UNTRUSTED)
     assert client.reply()[:2] == (421, "4.7.0 Too many failed authentications, try again later")
+    log = relay.log()
+    assert log.count(f"AUTH PLAIN failed for user 'app' from [{UNTRUSTED}]") == 2
+    assert f"AUTH: [{UNTRUSTED}] locked out for 600s after 2 failures" in log
 
 
 def test_connections_per_ip_are_limited(relay_factory):
@@ -339,3 +351,22 @@ def test_bad_configuration_exits_2_naming_the_key(relay_factory):
     relay.start(wait=False)
     assert relay.proc.wait(20) == 2
     assert "[intake] max_recipients: expected an integer >= 1, got 'many'" in relay.log()
+
+
+def test_data_memory_budget_answers_451_instead_of_growing(relay_factory):
+    relay = relay_factory(workers=1, intake={"max_data_memory": "4k", "min_free_space": 0}).start()
+    first, second = open_session(relay), open_session(relay)
+    for client in (first, second):
+        assert client.command("MAIL FROM:<a@example.com>")[0] == 250
+        assert client.command("RCPT TO:<b@example.net>")[0] == 250
+    assert first.command("DATA")[0] == 354
+    first.send(b"Subject: big\r\n\r\n" + (b"y" * 500 + b"\r\n") * 10)
+    time.sleep(0.3)  # the worker has read the first session's bytes: over 4 KiB held
+    assert second.command("DATA") == (451, "4.3.1 Insufficient system resources, try again later")
+    first.send(b".\r\n")
+    assert first.reply()[0] == 250
+    # The budget is given back once the message is stored: DATA goes on.
+    assert second.command("DATA")[0] == 354
+    second.send(b"Subject: small\r\n\r\nhi\r\n.\r\n")
+    assert second.reply()[0] == 250
+    assert len(read_spool(relay.spool_dir)) == 2

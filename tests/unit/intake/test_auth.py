@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 
 import pytest
-from aiosmtpd.smtp import LoginPassword
 
 from relay.config import User
 from relay.intake import auth
@@ -133,26 +132,44 @@ def test_cache_does_not_hold_the_password(encoded):
     assert all(password != item for token in authenticator._verified for item in token)
 
 
-@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
-def test_aiosmtpd_callable_success(encoded, mechanism):
+class ExecutorLoop:
+    """Stands in for the event loop: records what goes to its executor."""
+
+    def __init__(self) -> None:
+        self.ran: list = []
+
+    async def run_in_executor(self, executor, fn, *args):
+        self.ran.append(fn)
+        return fn(*args)
+
+
+def run_coroutine(coro):
+    """Drive a coroutine that never suspends, with no event loop."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise AssertionError("the coroutine suspended")
+
+
+def test_check_async_runs_scrypt_on_the_executor_once(encoded):
     authenticator = Authenticator((User("app", encoded),))
-    data = LoginPassword(b"app", "s3cret pässword".encode())
-    result = authenticator(None, None, None, mechanism, data)
-    assert result.success is True
-    assert result.auth_data == "app"
+    loop = ExecutorLoop()
+    password = "s3cret pässword".encode()
+    assert run_coroutine(authenticator.check_async(b"app", password, loop)) is True
+    assert loop.ran == [verify_password]
+    assert run_coroutine(authenticator.check_async(b"app", password, loop)) is True
+    assert loop.ran == [verify_password]  # remembered: no second scrypt
+    assert run_coroutine(authenticator.check_async(b"app", b"nope", loop)) is False
+    assert loop.ran == [verify_password, verify_password]
 
 
-def test_aiosmtpd_callable_failure(encoded):
+def test_check_async_unknown_user_needs_no_executor(encoded):
     authenticator = Authenticator((User("app", encoded),))
-    result = authenticator(None, None, None, "PLAIN", LoginPassword(b"app", b"nope"))
-    assert result.success is False
-    assert result.handled is False
-
-
-@pytest.mark.parametrize("mechanism, data", [("CRAM-MD5", LoginPassword(b"app", b"x")), ("PLAIN", b"raw")])
-def test_aiosmtpd_callable_other_mechanisms(encoded, mechanism, data):
-    authenticator = Authenticator((User("app", encoded),))
-    assert authenticator(None, None, None, mechanism, data).success is False
+    loop = ExecutorLoop()
+    assert run_coroutine(authenticator.check_async(b"nobody", b"x", loop)) is False
+    assert run_coroutine(authenticator.check_async(b"\xff", b"x", loop)) is False
+    assert loop.ran == []
 
 
 # -- FailureLockout -------------------------------------------------------------
