@@ -32,6 +32,7 @@ from relay.cli.control import socket_path as control_socket_path
 from relay.control import ControlPlane, MetricsServer, open_control_socket
 from relay.dkim.sign import Signer
 from relay.errors import ConfigError, SpoolError
+from relay.intake.clients import ClientTable
 from relay.intake.listener import server_tls_context
 from relay.spool.lock import InstanceLock
 from relay.spool.recover import recover
@@ -104,6 +105,8 @@ class Supervisor:
     def run(self) -> int:
         run_dir = self.settings.relay.run_dir
         ring.create(run_dir, self.workers)
+        # Per-client-IP counts for the whole relay, inherited by every fork.
+        self.clients = ClientTable(self.workers)
         self.control = ControlPlane(self.settings, self.workers, self._worker_pids)
         self._wakeup_r, wakeup_w = os.pipe()
         os.set_blocking(self._wakeup_r, False)
@@ -190,7 +193,7 @@ class Supervisor:
                 setup_logging(self.settings.relay.log_level, slot.index)
                 from relay import worker
 
-                code = worker.main(self.settings, slot.index, self.workers, parent)
+                code = worker.main(self.settings, slot.index, self.workers, parent, self.clients)
             except BaseException:
                 log.exception("worker %d crashed", slot.index)
             finally:

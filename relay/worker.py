@@ -26,6 +26,7 @@ from relay import config
 from relay.dispatch import Dispatcher
 from relay.dkim.sign import Signer
 from relay.errors import ConfigError, RelayError
+from relay.intake.clients import ClientTable
 from relay.intake.handler import IntakeState
 from relay.intake.listener import open_listen_sockets, server_tls_context
 from relay.model import Transaction
@@ -40,8 +41,9 @@ STATS_INTERVAL = 0.25  # seconds between publications to the stats ring
 
 class Worker:
     def __init__(self, settings: config.Settings, index: int, workers: int,
-                 parent_pid: int | None = None) -> None:
+                 parent_pid: int | None = None, clients: ClientTable | None = None) -> None:
         self.settings = settings
+        self.clients = clients
         self.index = index
         self.workers = workers
         self.parent_pid = parent_pid
@@ -70,8 +72,11 @@ class Worker:
         await self.spool.open()
         self.router = Router(self.index, self.workers, self.spool, settings.relay.run_dir)
         await self.router.serve()
+        clients = None
+        if self.clients is not None:
+            clients = self.clients.view(self.index, settings.intake.auth_lockout)
         self.intake = IntakeState(
-            settings, self.index, self.accept, server_tls_context(settings.tls)
+            settings, self.index, self.accept, server_tls_context(settings.tls), clients
         )
         self.dispatcher = Dispatcher(settings, self.index, self.workers, self.spool,
                                      self.router.submit, self.intake.queue_ids)
@@ -225,9 +230,10 @@ def _fatal_if_failed(task: asyncio.Task) -> None:
         os._exit(70)
 
 
-def main(settings: config.Settings, index: int, workers: int, parent_pid: int | None = None) -> int:
+def main(settings: config.Settings, index: int, workers: int, parent_pid: int | None = None,
+         clients: ClientTable | None = None) -> int:
     """Entry point in the forked child."""
-    worker = Worker(settings, index, workers, parent_pid)
+    worker = Worker(settings, index, workers, parent_pid, clients)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(worker.run())

@@ -83,29 +83,41 @@ class Authenticator:
 
 
 class FailureLockout:
-    """Failed authentications per client IP; too many locks the IP out."""
+    """Failed authentications per client IP; too many locks the IP out.
+    With ``shared`` (intake.clients.ClientView) the failures counted by the
+    other workers count too, so the limit holds for the whole relay."""
 
-    def __init__(self, max_failures: int, lockout: float, clock=time.monotonic) -> None:
+    def __init__(self, max_failures: int, lockout: float, clock=time.monotonic, shared=None) -> None:
         self.max_failures = max_failures
         self.lockout = lockout
         self._clock = clock
+        self._shared = shared
         self._failures: dict[str, tuple[int, float]] = {}  # ip -> (count, last failure)
 
     def failed(self, ip: str) -> None:
         count, _ = self._current(ip)
-        self._failures[ip] = (count + 1, self._clock())
+        now = self._clock()
+        self._failures[ip] = (count + 1, now)
+        if self._shared is not None:
+            self._shared.set_failures(ip, count + 1, now)
         if len(self._failures) > 10000:  # addresses that never came back
-            now = self._clock()
-            self._failures = {
-                k: v for k, v in self._failures.items() if now - v[1] <= self.lockout
-            }
+            for old in [k for k, v in self._failures.items() if now - v[1] > self.lockout]:
+                self._forget(old)
 
     def is_locked(self, ip: str) -> bool:
-        return self._current(ip)[0] >= self.max_failures
+        count = self._current(ip)[0]
+        if self._shared is not None:
+            count += self._shared.other_failures(ip, self._clock() - self.lockout)
+        return count >= self.max_failures
 
     def _current(self, ip: str) -> tuple[int, float]:
         count, last = self._failures.get(ip, (0, 0.0))
         if count and self._clock() - last > self.lockout:
-            del self._failures[ip]
+            self._forget(ip)
             return 0, 0.0
         return count, last
+
+    def _forget(self, ip: str) -> None:
+        del self._failures[ip]
+        if self._shared is not None:
+            self._shared.set_failures(ip, 0, 0.0)

@@ -30,6 +30,7 @@ from relay.config import Settings
 from relay.errors import RelayError
 from relay.intake import policy, replies
 from relay.intake.auth import Authenticator, FailureLockout
+from relay.intake.clients import ClientView
 from relay.intake.data import DataReader
 from relay.intake.received import protocol_name, received_header
 from relay.model import QueueIds, Transaction
@@ -56,12 +57,15 @@ class IntakeState:
         worker: int,
         accept: Accept,
         tls_context: ssl.SSLContext | None = None,
+        clients: ClientView | None = None,
     ) -> None:
         self.worker = worker
         self.accept = accept
         self.queue_ids = QueueIds(worker)
         self.sessions: set[RelaySMTP] = set()
         self.connections: collections.Counter[str] = collections.Counter()
+        # The other workers' counts per client IP (None: this worker alone).
+        self.clients = clients
         self.draining = False
         self.traced: frozenset[str] = frozenset()  # addresses `relayctl trace add` named
         self.counters: collections.Counter[str] = collections.Counter()  # names of stats.ring
@@ -78,14 +82,20 @@ class IntakeState:
         self.hostname = settings.hostname
         self.tls_context = tls_context
         self.authenticator = Authenticator(settings.intake.users)
-        self.lockout = FailureLockout(settings.intake.max_auth_failures, settings.intake.auth_lockout)
+        if self.clients is not None:
+            self.clients.horizon = settings.intake.auth_lockout
+        self.lockout = FailureLockout(settings.intake.max_auth_failures, settings.intake.auth_lockout,
+                                      shared=self.clients)
         self.handler = Handler(self)  # stateless: one for every session
 
     def admit(self, ip: str) -> str | None:
         """The refusal for a new connection, or None to serve it."""
         if self.draining:
             return replies.S421_SHUTTING_DOWN
-        if self.connections[ip] >= self.intake.max_connections_per_ip:
+        sessions = self.connections[ip]
+        if self.clients is not None:
+            sessions += self.clients.other_sessions(ip)
+        if sessions >= self.intake.max_connections_per_ip:
             self.counters["rejected_connection_limit"] += 1
             return replies.S421_TOO_MANY_CONNECTIONS
         if self.lockout.is_locked(ip):
@@ -297,6 +307,8 @@ class RelaySMTP(SMTP):
                 return
             self._counted_ip = ip
             self.state.connections[ip] += 1
+            if self.state.clients is not None:
+                self.state.clients.set_sessions(ip, self.state.connections[ip])
             self.state.sessions.add(self)
             self.state.counters["connections"] += 1
         super().connection_made(transport)
@@ -308,6 +320,8 @@ class RelaySMTP(SMTP):
         if self._counted_ip is not None:
             ip, self._counted_ip = self._counted_ip, None
             self.state.connections[ip] -= 1
+            if self.state.clients is not None:
+                self.state.clients.set_sessions(ip, max(self.state.connections[ip], 0))
             if self.state.connections[ip] <= 0:
                 del self.state.connections[ip]
             self.state.sessions.discard(self)

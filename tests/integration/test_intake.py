@@ -370,3 +370,41 @@ def test_data_memory_budget_answers_451_instead_of_growing(relay_factory):
     second.send(b"Subject: small\r\n\r\nhi\r\n.\r\n")
     assert second.reply()[0] == 250
     assert len(read_spool(relay.spool_dir)) == 2
+
+
+def test_connections_per_ip_hold_for_the_whole_relay(relay_factory):
+    relay = relay_factory(workers=2, intake={"max_connections_per_ip": 3, "min_free_space": 0}).start()
+    # SO_REUSEPORT spreads these over both workers; the limit is still 3.
+    clients, banners = [], []
+    for _ in range(8):
+        client = RawClient(relay.port)
+        banners.append(client.reply()[0])
+        clients.append(client)
+    assert banners.count(220) == 3 and banners.count(421) == 5
+    for client in clients:
+        client.close()
+
+
+def test_auth_lockout_holds_for_the_whole_relay(relay_factory, certificate):
+    from relay.intake.auth import hash_password
+
+    cert, key = certificate
+    relay = relay_factory(
+        workers=2,
+        tls={"cert_file": cert, "key_file": key},
+        intake={"mynetworks": ["127.0.0.1/32"], "max_auth_failures": 3, "min_free_space": 0,
+                "users": [{"name": "app", "password_hash": hash_password("s3cret")}]},
+    ).start()
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    wrong = base64.b64encode(b"\0app\0wrong").decode()
+    for _ in range(3):  # one failure per connection, whichever worker takes it
+        smtp = smtplib.SMTP("127.0.0.1", relay.port, source_address=(UNTRUSTED, 0))
+        smtp.starttls(context=context)
+        smtp.ehlo()
+        assert smtp.docmd("AUTH", f"PLAIN {wrong}")[0] == 535
+        smtp.close()
+    for _ in range(4):  # locked out in every worker
+        client = RawClient(relay.port, source=UNTRUSTED)
+        assert client.reply()[0] == 421
+        client.close()
