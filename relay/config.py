@@ -251,6 +251,63 @@ STATS_KEYS = _keys(
     Key("metrics_address", _str, "", '"127.0.0.1:9425" to serve /metrics; empty = off', reload=False),
 )
 
+UNLIMITED = ""  # a rate key's default: no limit
+
+_RATE = re.compile(r"^\s*([0-9][0-9_,]*)\s*/\s*(s|sec|second|m|min|minute|h|hr|hour|d|day)\s*$")
+_RATE_PERIODS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
+                 "h": 3600, "hr": 3600, "hour": 3600, "d": 86400, "day": 86400}
+
+
+def parse_rate(value: Any) -> tuple[int, float] | None:
+    """``(count, period seconds)`` from ``"20/s"``, ``"100/min"``, ``"1,000/h"``;
+    ``""`` means unlimited (None)."""
+    if value == "":
+        return None
+    match = _RATE.match(value) if isinstance(value, str) else None
+    count = int(match.group(1).replace(",", "").replace("_", "")) if match else 0
+    if not match or count < 1:
+        raise ValueError('a rate such as "20/s", "100/min" or "1000/h", or "" for no limit')
+    return count, float(_RATE_PERIODS[match.group(2)])
+
+
+def _trigger(value: Any) -> tuple[int, float] | None:
+    if value == "immediate":
+        return None
+    count, _, window = value.partition("/") if isinstance(value, str) else ("", "", "")
+    try:
+        if not count.strip().isdigit() or int(count) < 1:
+            raise ValueError
+        return int(count), parse_duration(window)
+    except ValueError:
+        raise ValueError('"immediate" or "N/window" such as "3/10m"') from None
+
+
+def _regex(value: Any) -> re.Pattern:
+    if not isinstance(value, str) or not value:
+        raise ValueError("a regular expression")
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"a valid regular expression ({exc})") from None
+
+
+# Per site (the MX set of a domain); see relay/deliver/shaping.py.
+SHAPING_KEYS = _keys(
+    Key("connection_limit", _int(1), 20, "concurrent connections to the site, whole relay"),
+    Key("max_message_rate", parse_rate, UNLIMITED, '"N/s", "N/min", "N/h"; "" = unlimited'),
+    Key("max_connection_rate", parse_rate, UNLIMITED, 'new connections per period; "" = unlimited'),
+    Key("max_deliveries_per_connection", _int(1), 100, "transactions before a connection is closed"),
+    Key("consecutive_connection_failures", _int(1), 10,
+        "failed connections in a row that suspend the site (for 1 min, doubling up to 1 h)"),
+)
+
+RULE_KEYS = _keys(
+    Key("regex", _regex, None, "matched against the reply line (code, enhanced code, text)"),
+    Key("action", _choice("throttle", "suspend", "bounce"), None, "what the rule does to the site"),
+    Key("duration", parse_duration, None, "how long the effect lasts"),
+    Key("trigger", _trigger, "immediate", '"immediate" or "N/window": fire after N matches'),
+)
+
 DKIM_KEYS = _keys(
     Key("domain", _str, None, "d= of the signature"),
     Key("selector", _str, None, "s= of the signature"),
@@ -301,6 +358,88 @@ DkimIdentity = _section_class("DkimIdentity", DKIM_KEYS)
 
 
 @dataclass(frozen=True)
+class ShapingRule:
+    regex: Any  # re.Pattern
+    action: str  # throttle | suspend | bounce
+    duration: float
+    trigger: tuple[int, float] | None  # None = immediate
+    overrides: dict  # shaping keys a throttle sets
+
+
+@dataclass(frozen=True)
+class ShapingSettings:
+    """``[shaping]``: ``default`` (every key), ``domains`` and ``mx_suffixes``
+    (only the keys their tables set), ``rules``."""
+
+    default: dict = field(default_factory=lambda: _shaping_default({}))
+    domains: dict = field(default_factory=dict)  # domain -> {key: value}
+    mx_suffixes: tuple = ()  # ((".google.com", {key: value}), ...)
+    rules: tuple = ()  # of ShapingRule
+
+
+def _unlimited(values: dict) -> dict:
+    return {k: (None if v == UNLIMITED else v) for k, v in values.items()}
+
+
+def _shaping_default(raw: Any) -> dict:
+    return _unlimited(_section("[shaping.default]", raw, SHAPING_KEYS))
+
+
+def _shaping_overrides(label: str, raw: Any) -> dict:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{label}: expected a table")
+    values = {}
+    for name, value in raw.items():
+        key = SHAPING_KEYS.get(name)
+        if key is None:
+            raise ConfigError(f"{label} {name}: unknown key")
+        try:
+            values[name] = key.parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"{label} {name}: expected {exc}, got {value!r}") from None
+    return values
+
+
+def _shaping(raw: Any, deliver_raw: dict) -> ShapingSettings:
+    if not isinstance(raw, dict):
+        raise ConfigError("[shaping]: expected a table")
+    default_raw = dict(raw.get("default", {})) if isinstance(raw.get("default", {}), dict) else None
+    if default_raw is None:
+        raise ConfigError("[shaping.default]: expected a table")
+    # The [deliver] keys they replace still work, as defaults of [shaping.default].
+    for old, new in DEPRECATED_DELIVER_KEYS.items():
+        if old in deliver_raw and new not in default_raw:
+            default_raw[new] = deliver_raw[old]
+    default = _shaping_default(default_raw)
+    domains, suffixes = {}, []
+    for name, table in raw.items():
+        if name in ("default", "rules"):
+            continue
+        if name.startswith("mx:"):
+            suffix = name[3:].lower()
+            if not suffix.strip("."):
+                raise ConfigError(f'[shaping."{name}"]: expected an MX host suffix such as "mx:.google.com"')
+            suffixes.append((suffix, _shaping_overrides(f'[shaping."{name}"]', table)))
+        else:
+            domains[name.lower()] = _shaping_overrides(f'[shaping."{name}"]', table)
+    rules = []
+    for item in _array("[[shaping.rules]]", raw.get("rules", [])):
+        if not isinstance(item, dict):
+            raise ConfigError("[[shaping.rules]]: expected a table")
+        own = {k: v for k, v in item.items() if k in RULE_KEYS}
+        rest = {k: v for k, v in item.items() if k not in RULE_KEYS}
+        values = _section("[[shaping.rules]]", own, RULE_KEYS)
+        overrides = _shaping_overrides("[[shaping.rules]]", rest)
+        if values["action"] == "throttle" and not overrides:
+            raise ConfigError("[[shaping.rules]]: a throttle rule needs at least one shaping key"
+                              " (connection_limit, max_message_rate, ...)")
+        trigger = None if values["trigger"] == "immediate" else values["trigger"]
+        rules.append(ShapingRule(values["regex"], values["action"], values["duration"],
+                                 trigger, overrides))
+    return ShapingSettings(default, domains, tuple(suffixes), tuple(rules))
+
+
+@dataclass(frozen=True)
 class Settings:
     relay: Any  # RelaySettings
     listen: tuple  # of Listen
@@ -312,6 +451,7 @@ class Settings:
     routes: dict = field(default_factory=dict)  # domain -> (host, port)
     tls_policy: dict = field(default_factory=dict)  # domain -> none|opportunistic|required|verify
     dkim: tuple = ()  # of DkimIdentity
+    shaping: ShapingSettings = field(default_factory=ShapingSettings)
     source: str = ""  # the file these came from, for messages
 
     @property
@@ -355,7 +495,13 @@ def _array(label: str, raw: Any) -> list:
 
 TOP_LEVEL = (
     "relay", "listen", "tls", "intake", "dns", "deliver", "routes", "tls_policy", "stats", "dkim",
+    "shaping",
 )
+# Old [deliver] keys that are now defaults of [shaping.default].
+DEPRECATED_DELIVER_KEYS = {
+    "max_connections_per_destination": "connection_limit",
+    "max_messages_per_connection": "max_deliveries_per_connection",
+}
 TLS_MODES = ("none", "opportunistic", "required", "verify")
 
 
@@ -423,6 +569,8 @@ def from_dict(raw: dict, source: str = "") -> Settings:
         DkimIdentity(**_section("[[dkim]]", item, DKIM_KEYS))
         for item in _array("[[dkim]]", raw.get("dkim", []))
     )
+    deliver_raw = raw.get("deliver", {})
+    shaping = _shaping(raw.get("shaping", {}), deliver_raw if isinstance(deliver_raw, dict) else {})
     return Settings(
         relay=relay,
         listen=listen,
@@ -434,6 +582,7 @@ def from_dict(raw: dict, source: str = "") -> Settings:
         routes=routes,
         tls_policy=tls_policy,
         dkim=dkim,
+        shaping=shaping,
         source=source,
     )
 

@@ -1,0 +1,416 @@
+"""The delivery scheduler (pure core, clock injected): which job goes next,
+on which connection, and when a connection may open.
+
+Input: jobs routed to their site (``push``), and what the driver saw
+happen (``on_opened``, ``on_open_failed``, ``on_sent``, ``on_lost``), each
+with ``now``.  Output: actions for the driver to perform (``actions(now)``)
+and the time it should look again (``next_wake``).  No sockets, no sleeps,
+no clock reads: httpcore's connection pool and h11's state machine decide
+without doing, and so does this.
+
+Theory of operation
+-------------------
+A *site* is a destination (the MX set of a domain, with a TLS mode):
+domains sharing MX hosts share its queue, its connections and its limits
+(deliver.shaping).  Each site keeps its waiting jobs in order (a message's
+recipients at several domains of one site are merged into one
+transaction) and its connections, each opening, busy or idle.
+
+``actions`` walks the sites:
+
+* a ``bounce`` effect fails the queued jobs (``Fail``, bounced); a
+  ``suspend`` effect holds them: idle connections are closed, and jobs are
+  handed back to the spool until the effect ends (``Hold``: no attempt is
+  used, and they leave memory);
+* idle connections past ``idle_timeout`` are closed;
+* while a job waits, an idle connection is free and a message token is due
+  (``max_message_rate``), the job is sent (``Send``);
+* a connection opens (``Open``) when jobs wait that the connections in use
+  will not carry soon — more jobs than they carry per connection, or the
+  oldest has waited ``spawn_after`` — within the site's connection limit,
+  its adaptive concurrency and ``max_connection_rate``.
+
+What the driver reports moves the state: a connection that opened lets
+the next job go; one that failed lowers concurrency, counts towards the
+site's suspension and, when no other connection of the site is alive,
+fails the site's jobs (``Fail``, deferred: the site cannot be reached).
+After a transaction, a site-scope failure (a 421, a lost connection) from
+a host that answered closes that connection, lowers concurrency, keeps
+that host aside for a while, and sends the job in hand to the next MX
+host (``RETRY``) once per host; every reply is matched against the rules.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from dataclasses import dataclass, field
+
+from relay.deliver.shaping import Concurrency, Effects, Gcra, SiteLimits, limits_for
+from relay.model import Reply, Stage
+
+INITIAL_CONCURRENCY = 5  # a new site starts here and grows with successes (Postfix's slow start)
+HOP_REST = 30.0  # a host that answered 421 gets no new connection for this long
+MAX_RECIPIENTS_PER_TRANSACTION = 100  # RFC 5321 4.5.3.1.8: servers take at least 100
+HOLD_IN_MEMORY = 60.0  # a suspension longer than this hands its jobs back to the spool
+
+
+# -- actions -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Open:
+    conn: int
+    site: str
+    hops: tuple  # in the order to try (hosts resting after a 421 last)
+
+
+@dataclass(frozen=True)
+class Send:
+    conn: int
+    job: object
+
+
+@dataclass(frozen=True)
+class Close:
+    conn: int
+
+
+@dataclass(frozen=True)
+class Fail:
+    """Record these jobs' recipients as failed with this reply (deferred on
+    the retry schedule, or bounced when ``bounce``)."""
+
+    jobs: tuple
+    reply: Reply
+    stage: Stage
+    bounce: bool = False
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Give these jobs back to the spool, due at ``until``, attempts unchanged."""
+
+    jobs: tuple
+    until: float
+    reason: str
+
+
+# Verdicts of on_sent
+RECORD = "record"  # the replies are the jobs' outcome
+RETRY = "retry"  # the job went back to the queue for the next MX host
+BOUNCE = "bounce"  # a rule says bounce: record the job as bounced
+
+
+@dataclass
+class Connection:
+    id: int
+    site: "Site"
+    state: str = "opening"  # opening | busy | idle
+    since: float = 0.0  # when it entered its state
+    deliveries: int = 0
+    hop: object = None  # the host it reached
+
+
+@dataclass
+class Site:
+    key: tuple
+    name: str
+    destination: object  # deliver.resolve.Destination: its hops
+    domains: set = field(default_factory=set)
+    limits: SiteLimits | None = None
+    concurrency: Concurrency | None = None
+    jobs: collections.deque = field(default_factory=collections.deque)
+    waiting: dict = field(default_factory=dict)  # queue id -> job not started (to merge into)
+    connections: dict = field(default_factory=dict)  # id -> Connection
+    messages: Gcra = field(default_factory=lambda: Gcra(None))
+    opens: Gcra = field(default_factory=lambda: Gcra(None))
+    failures: int = 0  # failed opens in a row
+    resting: dict = field(default_factory=dict)  # host -> until (after a 421)
+
+    def count(self, state: str) -> int:
+        return sum(1 for c in self.connections.values() if c.state == state)
+
+    def status(self, now: float) -> dict:
+        limits = self.limits
+        return {
+            "site": self.name, "domains": sorted(self.domains),
+            "connection_limit": limits.connection_limit,
+            "concurrency": self.concurrency.allowed,
+            "max_message_rate": _rate_text(limits.max_message_rate),
+            "max_connection_rate": _rate_text(limits.max_connection_rate),
+            "max_deliveries_per_connection": limits.max_deliveries_per_connection,
+            "connections": len(self.connections), "queued": sum(len(j.recipients) for j in self.jobs),
+        }
+
+
+def _rate_text(interval: float | None) -> str:
+    if interval is None:
+        return ""
+    per_second = 1 / interval
+    return f"{per_second:g}/s" if per_second >= 1 else f"{per_second * 60:g}/min"
+
+
+class Scheduler:
+    def __init__(self, shaping, workers: int, effects: Effects, *, idle_timeout: float,
+                 spawn_after: float) -> None:
+        self.shaping = shaping  # config.ShapingSettings
+        self.workers = workers
+        self.effects = effects
+        self.idle_timeout = idle_timeout
+        self.spawn_after = spawn_after
+        self.sites: dict[tuple, Site] = {}
+        self._by_name: dict[str, Site] = {}
+        self._conns: dict[int, Connection] = {}
+        self._ids = itertools.count(1)
+        self._wake: float | None = None
+        self._pending_close: list[int] = []  # connections done with: closed by the next actions()
+
+    # -- configuration ----------------------------------------------------------
+
+    def apply(self, shaping, idle_timeout: float, spawn_after: float, now: float) -> None:
+        """Reloaded settings: every site's limits are computed again."""
+        self.shaping, self.idle_timeout, self.spawn_after = shaping, idle_timeout, spawn_after
+        for site in self.sites.values():
+            self._refresh(site, now)
+
+    def _refresh(self, site: Site, now: float) -> None:
+        mx_hosts = [host.split(":")[0] for host in site.destination.key]
+        limits = limits_for(self.shaping, site.domains, mx_hosts, self.workers,
+                            self.effects.overrides(site.name, now))
+        if limits == site.limits:
+            return
+        site.limits = limits
+        if site.concurrency is None:
+            site.concurrency = Concurrency(limits.connection_limit)
+            site.concurrency.value = float(min(limits.connection_limit, INITIAL_CONCURRENCY))
+        else:
+            site.concurrency.set_limit(limits.connection_limit)
+        site.messages.interval = limits.max_message_rate
+        site.opens.interval = limits.max_connection_rate
+
+    # -- input ----------------------------------------------------------------
+
+    def push(self, key: tuple, destination, domain: str, job, now: float, front: bool = False) -> Site:
+        """A job (one message's recipients at one domain) for a site."""
+        site = self.sites.get(key)
+        if site is None:
+            site = self.sites[key] = Site(key, destination.name, destination)
+            self._by_name[site.name] = site
+        site.destination = destination  # the freshest answer
+        if domain not in site.domains:
+            site.domains.add(domain)
+            site.limits = None
+        if site.limits is None:
+            self._refresh(site, now)
+        job.queued = job.queued or now
+        same = site.waiting.get(job.queue_id)
+        if (same is not None and not front
+                and len(same.recipients) + len(job.recipients) <= MAX_RECIPIENTS_PER_TRANSACTION):
+            same.recipients.extend(job.recipients)
+            same.trace = same.trace or job.trace
+            return site
+        if front:
+            site.jobs.appendleft(job)
+        else:
+            site.jobs.append(job)
+        site.waiting.setdefault(job.queue_id, job)
+        return site
+
+    def on_opened(self, conn_id: int, hop, now: float) -> None:
+        conn = self._conns.get(conn_id)
+        if conn is None:
+            return
+        conn.state, conn.since, conn.hop = "idle", now, hop
+        conn.site.failures = 0
+        self.effects.on_connected(conn.site.name)
+
+    def on_open_failed(self, conn_id: int, reply: Reply, stage: Stage, now: float) -> list:
+        """No host of the site took a connection; returns actions (Fail)."""
+        conn = self._conns.pop(conn_id, None)
+        if conn is None:
+            return []
+        site = conn.site
+        del site.connections[conn_id]
+        site.concurrency.decrease()
+        site.failures += 1
+        self.effects.on_reply(site.name, reply, now)
+        self.effects.on_connection_failures(site.name, site.failures,
+                                            site.limits.consecutive_connection_failures,
+                                            str(reply), now)
+        if site.connections or self.effects.held_until(site.name, now) is not None:
+            return []  # other connections carry the jobs, or a suspension holds them
+        jobs = self._take_jobs(site)
+        return [Fail(tuple(jobs), reply, stage)] if jobs else []
+
+    def on_sent(self, conn_id: int, job, now: float, replies: list[Reply],
+                delivered: bool, site_failure: Reply | None) -> str:
+        """A transaction ended; returns RECORD, RETRY or BOUNCE (see top)."""
+        conn = self._conns.get(conn_id)
+        site = conn.site if conn is not None else None
+        fired = None
+        for reply in replies:
+            if site is not None:
+                fired = self.effects.on_reply(site.name, reply, now) or fired
+        if conn is None:
+            return RECORD
+        conn.deliveries += 1
+        if site_failure is not None:
+            self._drop(conn)
+            site.concurrency.decrease()
+            host = conn.hop.host if conn.hop is not None else None
+            if site_failure.code != 0 and host is not None:
+                site.resting[host] = now + HOP_REST
+            tried = getattr(job, "hosts_tried", None)
+            if tried is None:
+                tried = job.hosts_tried = set()
+            if host is not None:
+                tried.add(host)
+            others = {hop.host for hop in site.destination.hops} - tried
+            if others and (fired is None or fired.kind != "bounce"):
+                self.push(site.key, site.destination, job.domain, job, now, front=True)
+                return RETRY
+        else:
+            if delivered:
+                site.concurrency.increase()
+            if conn.deliveries >= site.limits.max_deliveries_per_connection:
+                self._drop(conn)
+                self._pending_close.append(conn.id)
+            else:
+                conn.state, conn.since = "idle", now
+        if fired is not None and fired.kind == "bounce":
+            return BOUNCE
+        return RECORD
+
+    def on_lost(self, conn_id: int) -> None:
+        """An idle connection the server closed (or a close the driver did)."""
+        conn = self._conns.get(conn_id)
+        if conn is not None:
+            self._drop(conn)
+
+    def _drop(self, conn: Connection) -> None:
+        self._conns.pop(conn.id, None)
+        conn.site.connections.pop(conn.id, None)
+
+    # -- decisions --------------------------------------------------------------
+
+    def actions(self, now: float) -> list:
+        out: list = [Close(conn) for conn in self._pending_close]
+        self._pending_close = []
+        wake = [self.effects.next_expiry()]
+        for site in list(self.sites.values()):
+            self._refresh(site, now)
+            wake.append(self._site_actions(site, now, out))
+            if not site.jobs and not site.connections:
+                del self.sites[site.key]
+                self._by_name.pop(site.name, None)
+        self._wake = min((w for w in wake if w is not None), default=None)
+        return out
+
+    def _site_actions(self, site: Site, now: float, out: list) -> float | None:
+        wake = []
+        bounce = self.effects.bouncing(site.name, now)
+        if bounce is not None and site.jobs:
+            out.append(Fail(tuple(self._take_jobs(site)),
+                            Reply(550, "5.7.1", f"bounced by shaping: {bounce.reason}"[:400], None),
+                            Stage.LOCAL, bounce=True))
+        held = self.effects.held_until(site.name, now)
+        for conn in list(site.connections.values()):
+            if conn.state != "idle":
+                continue
+            if held is not None or now - conn.since >= self.idle_timeout:
+                self._drop(conn)
+                out.append(Close(conn.id))
+            else:
+                wake.append(conn.since + self.idle_timeout)
+        if held is not None:
+            if site.jobs and held - now > HOLD_IN_MEMORY:
+                out.append(Hold(tuple(self._take_jobs(site)), held,
+                                "; ".join(e.reason for e in self.effects.active(site.name, now)
+                                          if e.kind == "suspend")))
+            wake.append(held)
+            return min(wake)
+        # Send on idle connections while message tokens are due.
+        idle = sorted((c for c in site.connections.values() if c.state == "idle"),
+                      key=lambda c: -c.since)  # the most recently used first: keeps it warm
+        while site.jobs and idle:
+            due = site.messages.due(now)
+            if due > now:
+                wake.append(due)
+                break
+            conn = idle.pop(0)
+            job = site.jobs.popleft()
+            if site.waiting.get(job.queue_id) is job:
+                del site.waiting[job.queue_id]
+            site.messages.take(now)
+            conn.state, conn.since = "busy", now
+            out.append(Send(conn.id, job))
+        # Open more connections for work the others will not carry soon.
+        while site.jobs and self._wants_connection(site, now, wake):
+            due = site.opens.due(now)
+            if due > now:
+                wake.append(due)
+                break
+            site.opens.take(now)
+            conn = Connection(next(self._ids), site, "opening", now)
+            self._conns[conn.id] = conn
+            site.connections[conn.id] = conn
+            out.append(Open(conn.id, site.name, self._hop_order(site, now)))
+        return min(wake) if wake else None
+
+    def _wants_connection(self, site: Site, now: float, wake: list) -> bool:
+        allowed = min(site.limits.connection_limit, site.concurrency.allowed)
+        if len(site.connections) >= allowed:
+            return False
+        if any(c.state == "idle" for c in site.connections.values()):
+            return False  # waiting for a message token, not for a connection
+        working = site.count("busy") + site.count("opening")
+        if working == 0:
+            return True
+        # Jobs beyond what the running connections carry, or a slow receiver:
+        # the oldest job has waited spawn_after (at most one opening per job).
+        if working * site.limits.max_deliveries_per_connection < len(site.jobs):
+            return True
+        if site.count("opening") >= len(site.jobs):
+            return False
+        ready_at = site.jobs[0].queued + self.spawn_after
+        if now >= ready_at:
+            return True
+        wake.append(ready_at)
+        return False
+
+    def _hop_order(self, site: Site, now: float) -> tuple:
+        hops = site.destination.hops
+        resting = {host for host, until in site.resting.items() if until > now}
+        site.resting = {h: u for h, u in site.resting.items() if u > now}
+        return tuple(h for h in hops if h.host not in resting) + tuple(h for h in hops if h.host in resting)
+
+    def _take_jobs(self, site: Site) -> list:
+        jobs = list(site.jobs)
+        site.jobs.clear()
+        site.waiting.clear()
+        return jobs
+
+    def next_wake(self) -> float | None:
+        """When ``actions`` has something to do with no new input."""
+        return self._wake
+
+    # -- the driver's questions ---------------------------------------------------
+
+    def take_all(self) -> list:
+        """Every job not started (the worker stops)."""
+        return [job for site in self.sites.values() for job in self._take_jobs(site)]
+
+    def connection_count(self) -> int:
+        return len(self._conns)
+
+    def busiest(self, count: int) -> list[tuple[str, int]]:
+        load = [(site.name, len(site.jobs) + site.count("busy")) for site in self.sites.values()]
+        return sorted((item for item in load if item[1]), key=lambda item: -item[1])[:count]
+
+    def site_status(self, now: float) -> list[dict]:
+        return [site.status(now) for site in self.sites.values()]
+
+    def pending_jobs(self) -> int:
+        return sum(len(site.jobs) for site in self.sites.values())
+

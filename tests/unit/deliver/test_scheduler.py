@@ -1,0 +1,321 @@
+"""The scheduler core with a fake clock: limits, rates, reuse, adaptive
+concurrency, next MX, rules, suspension and its expiry.  No sockets, no
+sleeps: time moves when the test says so."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from relay import config
+from relay.deliver.resolve import Destination
+from relay.deliver.scheduler import (BOUNCE, RECORD, RETRY, Close, Fail, Hold, Open, Scheduler,
+                                     Send)
+from relay.deliver.session import Hop
+from relay.deliver.shaping import Effects
+from relay.model import Reply, Stage
+
+MX = Destination(("mx1.example.net", "mx2.example.net"),
+                 (Hop("mx1.example.net", "192.0.2.1", 25), Hop("mx2.example.net", "192.0.2.2", 25)))
+KEY = (MX.key, "none")
+OK = Reply(250, "2.0.0", "ok", "mx1.example.net")
+
+
+@dataclass
+class FakeJob:
+    queue_id: str
+    domain: str = "example.net"
+    recipients: list = field(default_factory=lambda: ["r"])
+    trace: bool = False
+    queued: float = 0.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def shaping(**sections) -> config.ShapingSettings:
+    return config.from_dict({"shaping": sections}).shaping
+
+
+def scheduler(workers=1, spawn_after=0.25, **sections) -> Scheduler:
+    settings = shaping(**sections)
+    return Scheduler(settings, workers, Effects(settings.rules), idle_timeout=10.0,
+                     spawn_after=spawn_after)
+
+
+def of(kind, actions):
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def open_all(s, clock, actions):
+    """The driver opens every requested connection successfully."""
+    for action in of(Open, actions):
+        s.on_opened(action.conn, action.hops[0], clock.now)
+    return s.actions(clock.now)
+
+
+def test_connections_never_exceed_the_limit_and_idle_ones_are_reused():
+    clock = Clock()
+    s = scheduler(**{"example.net": {"connection_limit": 3}})
+    for i in range(400):
+        s.push(KEY, MX, "example.net", FakeJob(f"m{i}"), clock.now)
+    opens = of(Open, s.actions(clock.now))
+    assert len(opens) == 3  # 400 jobs, more than 3 connections carry: the limit
+    sends = of(Send, open_all(s, clock, opens))
+    assert len(sends) == 3 and not of(Open, s.actions(clock.now))
+    verdict = s.on_sent(sends[0].conn, sends[0].job, clock.now, [OK], True, None)
+    assert verdict == RECORD
+    again = s.actions(clock.now)
+    assert of(Send, again)[0].conn == sends[0].conn  # the same connection, reused
+    assert s.connection_count() == 3
+
+
+def test_shared_site_limit_is_split_between_workers():
+    s = scheduler(workers=2, default={"connection_limit": 6})
+    clock = Clock()
+    for i in range(1000):
+        s.push(KEY, MX, "example.net", FakeJob(f"m{i}"), clock.now)
+    opens = of(Open, s.actions(clock.now))
+    assert len(opens) == 3  # the site's 6, this worker's half
+    # A domain's own limit is this worker's whole (the domain lives here only).
+    s2 = scheduler(workers=2, **{"example.net": {"connection_limit": 4}})
+    for i in range(1000):
+        s2.push(KEY, MX, "example.net", FakeJob(f"m{i}"), clock.now)
+    assert len(of(Open, s2.actions(clock.now))) == 4
+
+
+def test_message_rate_wakes_the_queue_when_a_token_is_due():
+    clock = Clock()
+    s = scheduler(**{"example.net": {"max_message_rate": "20/s", "connection_limit": 1}})
+    for i in range(5):
+        s.push(KEY, MX, "example.net", FakeJob(f"m{i}"), clock.now)
+    sends = of(Send, open_all(s, clock, s.actions(clock.now)))
+    assert len(sends) == 1
+    s.on_sent(sends[0].conn, sends[0].job, clock.now, [OK], True, None)
+    assert of(Send, s.actions(clock.now)) == []  # no token yet
+    assert abs(s.next_wake() - (clock.now + 0.05)) < 1e-6
+    clock.advance(0.05)
+    assert len(of(Send, s.actions(clock.now))) == 1
+
+
+def test_connection_rate_spaces_new_connections():
+    clock = Clock()
+    s = scheduler(**{"example.net": {"max_connection_rate": "2/s"}})
+    for i in range(1000):
+        s.push(KEY, MX, "example.net", FakeJob(f"m{i}"), clock.now)
+    assert len(of(Open, s.actions(clock.now))) == 1
+    assert s.next_wake() == clock.now + 0.5
+    clock.advance(0.5)
+    assert len(of(Open, s.actions(clock.now))) == 1
+
+
+def test_failed_opens_lower_concurrency_and_other_connections_keep_the_jobs():
+    clock = Clock()
+    s = scheduler(**{"example.net": {"connection_limit": 8}})
+    for i in range(1000):
+        s.push(KEY, MX, "example.net", FakeJob(f"m{i}"), clock.now)
+    opens = of(Open, s.actions(clock.now))
+    assert len(opens) == 5  # slow start
+    s.on_opened(opens[0].conn, opens[0].hops[0], clock.now)
+    s.on_opened(opens[1].conn, opens[1].hops[0], clock.now)
+    busy = Reply(421, "4.7.0", "too many connections", "mx1.example.net")
+    for action in opens[2:]:
+        assert s.on_open_failed(action.conn, busy, Stage.GREETING, clock.now) == []
+    site = s.sites[KEY]
+    assert site.concurrency.allowed == 1  # 5 -> 2.5 -> 1.25 -> 1
+    assert not of(Open, s.actions(clock.now))  # two open, one allowed: no more
+    assert site.jobs  # nothing failed: the open connections carry it
+
+
+def test_successes_raise_concurrency_back_to_the_limit():
+    clock = Clock()
+    s = scheduler(**{"example.net": {"connection_limit": 4}})
+    s.push(KEY, MX, "example.net", FakeJob("m0"), clock.now)
+    sends = of(Send, open_all(s, clock, s.actions(clock.now)))
+    site = s.sites[KEY]
+    site.concurrency.value = 1.0
+    for i in range(20):
+        s.push(KEY, MX, "example.net", FakeJob(f"n{i}"), clock.now)
+        s.on_sent(sends[0].conn, sends[0].job, clock.now, [OK], True, None)
+        sends = of(Send, s.actions(clock.now)) or sends
+    assert site.concurrency.allowed == 4
+
+
+def test_last_connection_failing_defers_the_site_jobs():
+    clock = Clock()
+    s = scheduler()
+    s.push(KEY, MX, "example.net", FakeJob("m0"), clock.now)
+    s.push(KEY, MX, "example.net", FakeJob("m1"), clock.now)
+    (opened,) = of(Open, s.actions(clock.now))
+    refused = Reply(0, "4.4.1", "connection refused", "mx2.example.net")
+    (fail,) = s.on_open_failed(opened.conn, refused, Stage.CONNECT, clock.now)
+    assert isinstance(fail, Fail) and [j.queue_id for j in fail.jobs] == ["m0", "m1"]
+    assert not fail.bounce
+
+
+def test_421_after_greeting_sends_the_job_to_the_next_mx_and_rests_the_host():
+    clock = Clock()
+    s = scheduler()
+    job = FakeJob("m0")
+    s.push(KEY, MX, "example.net", job, clock.now)
+    (opened,) = of(Open, s.actions(clock.now))
+    s.on_opened(opened.conn, MX.hops[0], clock.now)
+    (send,) = of(Send, s.actions(clock.now))
+    closing = Reply(421, "4.3.2", "closing", "mx1.example.net")
+    assert s.on_sent(send.conn, job, clock.now, [closing], False, closing) == RETRY
+    (reopen,) = of(Open, s.actions(clock.now))
+    assert reopen.hops[0].host == "mx2.example.net"  # mx1 rests after its 421
+    s.on_opened(reopen.conn, reopen.hops[0], clock.now)
+    (send2,) = of(Send, s.actions(clock.now))
+    assert send2.job is job
+    # Every host tried: now the replies are the outcome.
+    assert s.on_sent(send2.conn, job, clock.now, [closing], False, closing) == RECORD
+
+
+def test_max_deliveries_per_connection_closes_it():
+    clock = Clock()
+    s = scheduler(**{"example.net": {"max_deliveries_per_connection": 2, "connection_limit": 1}})
+    for i in range(3):
+        s.push(KEY, MX, "example.net", FakeJob(f"m{i}"), clock.now)
+    (send,) = of(Send, open_all(s, clock, s.actions(clock.now)))
+    s.on_sent(send.conn, send.job, clock.now, [OK], True, None)
+    (send,) = of(Send, s.actions(clock.now))
+    s.on_sent(send.conn, send.job, clock.now, [OK], True, None)
+    actions = s.actions(clock.now)
+    assert Close(send.conn) in actions and len(of(Open, actions)) == 1
+
+
+def test_idle_connections_close_after_the_idle_timeout():
+    clock = Clock()
+    s = scheduler()
+    s.push(KEY, MX, "example.net", FakeJob("m0"), clock.now)
+    (send,) = of(Send, open_all(s, clock, s.actions(clock.now)))
+    s.on_sent(send.conn, send.job, clock.now, [OK], True, None)
+    assert s.actions(clock.now) == [] and s.next_wake() == clock.now + 10.0
+    clock.advance(10.0)
+    assert s.actions(clock.now) == [Close(send.conn)]
+
+
+def test_slow_receiver_gets_another_connection_after_spawn_after():
+    clock = Clock()
+    s = scheduler(spawn_after=0.25)
+    s.push(KEY, MX, "example.net", FakeJob("m0"), clock.now)
+    s.push(KEY, MX, "example.net", FakeJob("m1"), clock.now)
+    assert len(of(Open, s.actions(clock.now))) == 1  # one connection carries two jobs
+    assert s.next_wake() == clock.now + 0.25
+    clock.advance(0.25)
+    assert len(of(Open, s.actions(clock.now))) == 1
+
+
+RULE = {"regex": "(?i)rate.?limit", "action": "suspend", "duration": "10m"}
+
+
+def test_rule_suspends_the_site_holds_its_jobs_without_an_attempt_and_expires():
+    clock = Clock()
+    s = scheduler(rules=[RULE])
+    for i in range(3):
+        s.push(KEY, MX, "example.net", FakeJob(f"m{i}"), clock.now)
+    (send,) = of(Send, open_all(s, clock, s.actions(clock.now)))
+    limited = Reply(451, "4.7.1", "Rate limit exceeded, try again later", "mx1.example.net")
+    assert s.on_sent(send.conn, send.job, clock.now, [limited], False, None) == RECORD
+    (effect,) = s.effects.all(clock.now)
+    assert effect.kind == "suspend" and "rule 1" in effect.reason and "Rate limit" in effect.reason
+    actions = s.actions(clock.now)
+    assert Close(send.conn) in actions
+    (hold,) = of(Hold, actions)
+    assert hold.until == clock.now + 600 and len(hold.jobs) == 2
+    clock.advance(600)
+    assert s.effects.all(clock.now) == []
+    started, ended = s.effects.drain_changes()
+    assert started == [effect] and ended == [effect]
+
+
+def test_rule_with_a_threshold_fires_after_n_matches_in_the_window():
+    clock = Clock()
+    s = scheduler(rules=[{**RULE, "action": "throttle", "connection_limit": 1, "trigger": "3/10m"}])
+    reply = Reply(421, "4.7.0", "rate limited", "mx1.example.net")
+    assert s.effects.on_reply(MX.name, reply, clock.now) is None
+    clock.advance(60)
+    assert s.effects.on_reply(MX.name, reply, clock.now) is None
+    clock.advance(600)  # the first match left the window
+    assert s.effects.on_reply(MX.name, reply, clock.now) is None
+    effect = s.effects.on_reply(MX.name, reply, clock.now)
+    assert effect is not None and effect.overrides == {"connection_limit": 1}
+
+
+def test_throttle_changes_the_limits_and_cancel_restores_them():
+    clock = Clock()
+    s = scheduler(rules=[{**RULE, "action": "throttle", "max_message_rate": "1/min",
+                          "connection_limit": 1}])
+    for i in range(500):
+        s.push(KEY, MX, "example.net", FakeJob(f"m{i}"), clock.now)
+    s.actions(clock.now)
+    assert s.sites[KEY].limits.connection_limit == 20
+    s.effects.on_reply(MX.name, Reply(421, None, "rate limit", None), clock.now)
+    s.actions(clock.now)
+    limits = s.sites[KEY].limits
+    assert limits.connection_limit == 1 and limits.max_message_rate == 60.0
+    (effect,) = s.effects.all(clock.now)
+    assert s.effects.cancel(effect.id, clock.now) is effect
+    s.actions(clock.now)
+    assert s.sites[KEY].limits.connection_limit == 20
+
+
+def test_internal_replies_never_match_a_rule():
+    s = scheduler(rules=[{**RULE, "regex": "timeout"}])
+    assert s.effects.on_reply(MX.name, Reply(0, "4.4.2", "timeout at mail", None), 0.0) is None
+
+
+def test_bounce_rule_fails_queued_jobs_as_bounces():
+    clock = Clock()
+    s = scheduler(rules=[{**RULE, "action": "bounce", "regex": "blocked"}])
+    job = FakeJob("m0")
+    s.push(KEY, MX, "example.net", job, clock.now)
+    s.push(KEY, MX, "example.net", FakeJob("m1"), clock.now)
+    (send,) = of(Send, open_all(s, clock, s.actions(clock.now)))
+    blocked = Reply(554, "5.7.1", "you are blocked", "mx1.example.net")
+    assert s.on_sent(send.conn, send.job, clock.now, [blocked], False, None) == BOUNCE
+    (fail,) = of(Fail, s.actions(clock.now))
+    assert fail.bounce and [j.queue_id for j in fail.jobs] == ["m1"]
+
+
+def test_consecutive_connection_failures_suspend_with_a_growing_hold():
+    clock = Clock()
+    s = scheduler(**{"example.net": {"consecutive_connection_failures": 2}})
+    refused = Reply(0, "4.4.1", "connection refused", None)
+    holds = []
+    # Two failures in a row suspend; after the hold, the next failure (still
+    # no success in between) suspends again, twice as long.
+    for failures in (2, 1):
+        for i in range(failures):
+            s.push(KEY, MX, "example.net", FakeJob(f"m{clock.now}{i}"), clock.now)
+            (opened,) = of(Open, s.actions(clock.now))
+            s.on_open_failed(opened.conn, refused, Stage.CONNECT, clock.now)
+        (effect,) = s.effects.all(clock.now)
+        holds.append(effect.expires - clock.now)
+        clock.advance(effect.expires - clock.now)
+        assert s.effects.all(clock.now) == []
+    assert holds == [60.0, 120.0]
+    # A connection that opens ends the ban: the next threshold starts at 1 min.
+    s.push(KEY, MX, "example.net", FakeJob("ok"), clock.now)
+    (opened,) = of(Open, s.actions(clock.now))
+    s.on_opened(opened.conn, MX.hops[0], clock.now)
+    assert s.sites[KEY].failures == 0
+
+
+def test_effects_survive_a_restart_through_their_json():
+    from relay.deliver.shaping import Effect
+
+    clock = Clock()
+    s = scheduler(rules=[{**RULE, "action": "throttle", "max_message_rate": "1/min"}])
+    s.effects.on_reply(MX.name, Reply(421, None, "rate limit", None), clock.now)
+    saved = [e.to_json() for e in s.effects.all(clock.now)]
+    fresh = Effects()
+    fresh.restore([Effect.from_json(e) for e in saved], clock.now)
+    (effect,) = fresh.all(clock.now)
+    assert effect.overrides == {"max_message_rate": (1, 60.0)}
+    assert fresh.start(MX.name, "suspend", {}, "x", "operator", clock.now, 60).id > effect.id
