@@ -531,3 +531,54 @@ def process_gone(pid: int) -> bool:
             return file.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+class SmallDisk:
+    """A small tmpfs at ``path`` (needs root), filled and freed on demand:
+    ``fill()`` writes a ballast file until the disk is full (ENOSPC, as a
+    real full disk answers), ``free()`` deletes it."""
+
+    def __init__(self, path: str, size: str = "16m") -> None:
+        self.path = path
+        self.size = size
+        self.ballast = os.path.join(path, "ballast")
+        self.mounted = False
+
+    def mount(self) -> "SmallDisk":
+        import pytest
+
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        os.makedirs(self.path, exist_ok=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size}", "tmpfs", self.path],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        self.mounted = True
+        return self
+
+    def fill(self) -> int:
+        """Bytes written before the disk said it is full."""
+        import errno
+
+        written = 0
+        chunk = b"\0" * 65536
+        with open(self.ballast, "ab", buffering=0) as file:
+            while True:
+                try:
+                    written += file.write(chunk)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    if len(chunk) == 1:
+                        return written
+                    chunk = chunk[: len(chunk) // 2]  # fill to the last byte
+
+    def free(self) -> None:
+        os.unlink(self.ballast)
+
+    def unmount(self) -> None:
+        """After every process using it is gone."""
+        if self.mounted:
+            subprocess.run(["umount", self.path], check=True)
+            self.mounted = False

@@ -13,7 +13,7 @@ import pytest
 
 from relay.testing.faultproxy import DOT, REPLACE, RESET, STALL, STARTTLS, Fault, FaultProxy
 from relay.testing.fakenet import Behaviour
-from support import deliver_relay, events, read_spool, tally, wait_events, wait_for
+from support import SmallDisk, deliver_relay, events, read_spool, tally, wait_events, wait_for
 
 # Short timeouts so that a stalled server costs seconds, not minutes.
 FAST = {"retry_schedule": ["1s"], "connect_timeout": "2s", "command_timeout": "2s",
@@ -115,3 +115,64 @@ def test_stalled_tls_handshake_falls_back_to_plaintext_when_opportunistic(relay_
         assert "STARTTLS to 127.0.0.1" in relay.log() and "plaintext" in relay.log()
         assert relay.stop() == 0
     assert tally([sink], acked) == ({}, 0)
+
+
+# -- a full disk while outcomes and DSNs are recorded ------------------------------
+
+
+def test_disk_full_during_completion_and_dsn_loses_nothing_and_recovers(relay_factory, net, tmp_path):
+    # The sinks greet after a delay: the relay has claimed the mail and
+    # waits on the connection when the disk fills, so the disk is full when
+    # it records what the servers said (delivered, or bounced with a DSN).
+    slow = Behaviour(greeting_delay=2.0)
+    [good] = net.add_domain("good.example", ["127.0.0.10"], behaviour=slow)
+    [bad] = net.add_domain("bad.example", ["127.0.0.11"],
+                           behaviour=Behaviour(greeting_delay=2.0, rules={".": "550 5.1.1 No such user"}))
+    [sender_mx] = net.add_domain("sender.example", ["127.0.0.20"])
+    disk = SmallDisk(str(tmp_path / "spool"), size="16m").mount()
+    relay = None
+    try:
+        relay = deliver_relay(relay_factory, net, workers=1,
+                              deliver={**FAST, "command_timeout": "10s"})
+        good_rcpts = [f"g{n}@good.example" for n in range(8)]
+        bad_rcpts = [f"b{n}@bad.example" for n in range(4)]
+        acked = send(relay, good_rcpts + bad_rcpts)
+        filled = disk.fill()
+        full_at = time.monotonic()
+        good.wait_received(len(good_rcpts), timeout=15)
+        # Longer than the relay retries a failed write before it gives up
+        # (15 s before the fix): the disk stays full for 18 s.
+        relay.wait_log("outcome not recorded yet", timeout=15)
+        relay.wait_log("could not be queued", timeout=15)
+        time.sleep(max(0.0, 18.0 - (time.monotonic() - full_at)))
+        assert sender_mx.received == []  # no DSN could be queued yet
+        disk.free()
+        freed_at = time.monotonic()
+        # Space is back: every outcome gets recorded, every DSN sent, with no restart.
+        sender_mx.wait_received(len(bad_rcpts), timeout=30)
+        wait_for(lambda: {m.queue_id for m in read_spool(relay.spool_dir)
+                          if any(a.endswith("@good.example") for a, _ in m.recipients)} == set(),
+                 timeout=30, what="the delivered mail recorded and gone from the spool")
+        recovered = time.monotonic() - freed_at
+        assert "outcome not recorded:" not in relay.log()  # never given up while running
+        assert_no_crash(relay)
+        assert relay.stop() == 0
+    finally:
+        if relay is not None:
+            relay.kill()
+        disk.unmount()
+    lost, duplicates = tally([good], {mid: r for mid, r in acked.items() if r <= set(good_rcpts)})
+    dsn_for = [next(line.split(";")[1].strip() for line in dsn.data.decode().split("\r\n")
+                    if line.startswith("Final-Recipient:")) for dsn in sender_mx.received]
+    print(f"\ndisk full ({filled} bytes of ballast): acked={len(acked)} lost={len(lost)} "
+          f"duplicates={duplicates} DSNs={len(dsn_for)} recovered {recovered:.1f}s after space returned")
+    assert lost == {}
+    assert bad.received == []
+    assert sorted(dsn_for) == sorted(bad_rcpts)  # one DSN per bounce, none lost, none twice
+    outcomes = {}
+    for event in events(relay):
+        outcomes.setdefault(event["recipient"], []).append(event["outcome"])
+    for rcpt in good_rcpts:
+        assert outcomes[rcpt][-1] == "delivered" and "bounced" not in outcomes[rcpt], outcomes[rcpt]
+    for rcpt in bad_rcpts:  # never marked delivered; bounced only once its DSN was queued
+        assert outcomes[rcpt][-1] == "bounced" and "delivered" not in outcomes[rcpt], outcomes[rcpt]
