@@ -7,18 +7,23 @@ remote 250 was not seen or not recorded)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import random
 import signal
+import smtplib
 import time
 
 import pytest
 
+from relay.route.forward import HELD_CHECK_INTERVAL, HELD_GRACE, REQUEST_TIMEOUT
+from relay.route.shard import owner_of, slot_of
+from relay.spool.format import MessageState
 from relay.stats import ring
 from relay.testing.faultproxy import DOT, REPLACE, RESET, STALL, STARTTLS, Fault, FaultProxy
 from relay.testing.fakenet import Behaviour
-from support import (Injector, SmallDisk, deliver_relay, events, process_gone, read_spool, tally,
-                     wait_events, wait_for)
+from support import (Injector, SmallDisk, deliver_relay, events, message_id_of, process_gone,
+                     read_spool, tally, wait_events, wait_for, worker_pid)
 
 # Short timeouts so that a stalled server costs seconds, not minutes.
 FAST = {"retry_schedule": ["1s"], "connect_timeout": "2s", "command_timeout": "2s",
@@ -32,8 +37,6 @@ def message(n: int, rcpt: str) -> bytes:
 
 def send(relay, rcpts: list[str]) -> dict[str, set[str]]:
     """One message per recipient over one session; every one must get 250."""
-    import smtplib
-
     acked = {}
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as smtp:
         for n, rcpt in enumerate(rcpts):
@@ -239,3 +242,104 @@ def test_sigkill_of_supervisor_and_workers_loses_no_acknowledged_mail(relay_fact
     assert lost == {}
     # At-least-once: only what was in flight at a kill can go twice.
     assert duplicates <= 20 * len(kills)
+
+
+# -- SIGSTOP of one worker -------------------------------------------------------------
+
+
+def domains_owned(worker: int, workers: int, count: int) -> list[str]:
+    return [d for d in (f"s{i}.example" for i in range(200))
+            if owner_of(slot_of(d), workers) == worker][:count]
+
+
+def live_session(port: int, within: float = 20.0) -> smtplib.SMTP:
+    """An SMTP session with a worker that greets.  SO_REUSEPORT may hand a
+    connection to the stopped worker, which never greets: try another."""
+    deadline = time.monotonic() + within
+    while True:
+        smtp = smtplib.SMTP(timeout=2)
+        try:
+            smtp.connect("127.0.0.1", port)
+            smtp.ehlo()
+            smtp.sock.settimeout(REQUEST_TIMEOUT + 15)  # now the replies may take long
+            return smtp
+        except (OSError, smtplib.SMTPException):
+            if time.monotonic() > deadline:
+                raise
+            smtp.close()
+
+
+def timed_send(port: int, rcpts: list[str], n: int) -> tuple[int, float, str]:
+    """(code, seconds from DATA to its reply, Message-ID) of one message."""
+    smtp = live_session(port)
+    try:
+        smtp.mail("app@sender.example")
+        for rcpt in rcpts:
+            assert smtp.rcpt(rcpt)[0] == 250
+        started = time.monotonic()
+        code, _ = smtp.data(message(n, rcpts[0]))
+        return code, time.monotonic() - started, f"<{n}@faults.test>"
+    finally:
+        smtp.close()
+
+
+def test_stopped_worker_gets_451_for_its_slots_then_catches_up(relay_factory, net):
+    [stopped_domain] = domains_owned(1, 2, 1)
+    [live_domain] = domains_owned(0, 2, 1)
+    stopped_sink = net.add_domain(stopped_domain, ["127.0.0.60"])[0]
+    live_sink = net.add_domain(live_domain, ["127.0.0.61"])[0]
+    stopped_sink.stop_listening()  # its mail waits in worker 1's spool, deferred
+    relay = deliver_relay(relay_factory, net, workers=2)
+    acked = {}
+    for n in range(5):
+        code, _, message_id = timed_send(relay.port, [f"q{n}@{stopped_domain}"], n)
+        assert code == 250
+        acked[message_id] = {f"q{n}@{stopped_domain}"}
+    wait_events(relay, lambda e: e["outcome"] == "deferred", count=5)
+    victim = worker_pid(relay, 1)
+    os.kill(victim, signal.SIGSTOP)
+    stopped_sink.start_listening()  # up now: only worker 1 itself holds its mail back
+    try:
+        # Worker 1's slots, alone or with worker 0's, while it is stopped.
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            refused = [pool.submit(timed_send, relay.port, rcpts, 100 + n) for n, rcpts in enumerate([
+                [f"x0@{stopped_domain}"], [f"x1@{stopped_domain}"],
+                [f"x2@{live_domain}", f"x2@{stopped_domain}"], [f"x3@{stopped_domain}"],
+            ])]
+            # Meanwhile worker 0's slots are served as usual.
+            for n in range(10):
+                code, took, message_id = timed_send(relay.port, [f"l{n}@{live_domain}"], 200 + n)
+                assert code == 250 and took < 5, (code, took)
+                acked[message_id] = {f"l{n}@{live_domain}"}
+            refused = [future.result() for future in refused]
+        for code, took, _ in refused:
+            assert code == 451 and took <= REQUEST_TIMEOUT + 5, (code, took)
+        assert not process_gone(victim)  # stopped, not dead: nobody restarted it
+        assert stopped_sink.received == []
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    resumed = time.monotonic()
+    # It catches up: its queue goes out, and its slots take mail again at once.
+    for n in range(3):
+        code, took, message_id = timed_send(relay.port, [f"a{n}@{stopped_domain}"], 300 + n)
+        assert code == 250 and took < 5, (code, took)
+        acked[message_id] = {f"a{n}@{stopped_domain}"}
+    sinks = [stopped_sink, live_sink]
+    wait_for(lambda: not tally(sinks, acked)[0], timeout=30, what="worker 1 caught up")
+    caught_up = time.monotonic() - resumed
+    # The parts it stored for the 451'd transactions after it woke are held,
+    # never released: the coordinator says they were aborted, so they go.
+    relay.wait_log("dropping a held part its coordinator never decided", count=len(refused),
+                   timeout=HELD_GRACE + 3 * HELD_CHECK_INTERVAL)
+    assert all(m.state == MessageState.ACTIVE for m in read_spool(relay.spool_dir))
+    assert_no_crash(relay)
+    assert relay.stop() == 0
+    lost, duplicates = tally(sinks, acked)
+    delivered_ids = {message_id_of(r.data) for sink in sinks for r in sink.received}
+    refused_ids = {message_id for _, _, message_id in refused}
+    print(f"\nSIGSTOP worker 1: acked={len(acked)} lost={len(lost)} duplicates={duplicates}; "
+          f"451 after {', '.join(f'{took:.1f}s' for _, took, _ in refused)}; "
+          f"caught up {caught_up:.1f}s after SIGCONT")
+    assert lost == {} and duplicates == 0
+    assert refused_ids.isdisjoint(delivered_ids)  # a 451 never leads to a delivery
+    assert read_spool(relay.spool_dir) == []
