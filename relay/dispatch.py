@@ -56,7 +56,10 @@ TLS_FALLBACK_MEMORY = 3600.0  # remember a host whose STARTTLS failed this long
 IDLE_CHECK_INTERVAL = 1.0
 PUMP_INTERVAL = 0.1
 MAX_WAIT = 5.0  # the loop looks at the spool at least this often
-COMPLETE_RETRIES = (1, 2, 4, 8, None)  # seconds between tries to record an outcome
+# Seconds between tries to record an outcome (the last repeats): the spool
+# may be full for long, and the outcome is known, so it is kept trying
+# until it is recorded or the worker stops.
+COMPLETE_RETRIES = (1, 2, 4, 8)
 INTERNAL_HEADER = re.compile(rb"^X-Relay-[A-Za-z0-9-]*:", re.IGNORECASE)
 
 Submit = Callable[[Transaction], Awaitable[None]]
@@ -488,16 +491,17 @@ class Dispatcher:
             events = [e[:10] + ("deferred",) + e[11:] if e[10] == "bounced" else e for e in events]
             suppress = []
         try:
-            for delay in COMPLETE_RETRIES:
+            for attempt in itertools.count():
                 try:
                     await self.spool.complete(updates, events, suppress)
                     break
                 except RelayError as exc:
-                    if delay is None:
+                    if self.stopping:
                         # Not recorded: the recipients stay claimed until the
                         # next start, then go out again (at-least-once).
                         log.error("%s: outcome not recorded: %s", job.queue_id, exc)
                         return
+                    delay = COMPLETE_RETRIES[min(attempt, len(COMPLETE_RETRIES) - 1)]
                     log.warning("%s: outcome not recorded yet (%s); again in %ss",
                                 job.queue_id, exc, delay)
                     await asyncio.sleep(delay)

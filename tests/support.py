@@ -402,3 +402,183 @@ def implementation(package: str, module: str):
         if package == "_ref" or os.environ.get("RELAY_REQUIRE_EXTENSIONS") == "1":
             raise
         pytest.skip("relay._fast is not built (python setup.py build_ext --inplace)")
+
+
+# -- fault injection: what was acknowledged against what arrived ----------------
+
+
+def message_id_of(data: bytes) -> str | None:
+    """The Message-ID a sink received (its header, unfolded), or None."""
+    head = data.partition(b"\r\n\r\n")[0]
+    for line in head.split(b"\r\n"):
+        if line[:11].lower() == b"message-id:":
+            return line[11:].strip().decode("ascii", "replace")
+    return None
+
+
+def tally(sinks, acked: dict[str, set[str]]) -> tuple[dict[str, set[str]], int]:
+    """(lost, duplicates) of acknowledged mail: ``acked`` maps a Message-ID
+    to its recipients; lost are the recipients no sink received, duplicates
+    the deliveries of a (Message-ID, recipient) beyond the first."""
+    seen: dict[tuple[str, str], int] = {}
+    for sink in sinks:
+        for received in list(sink.received):
+            message_id = message_id_of(received.data)
+            for rcpt in received.rcpt_tos:
+                seen[message_id, rcpt] = seen.get((message_id, rcpt), 0) + 1
+    lost = {mid: {r for r in rcpts if (mid, r) not in seen} for mid, rcpts in acked.items()}
+    lost = {mid: missing for mid, missing in lost.items() if missing}
+    duplicates = sum(n - 1 for key, n in seen.items() if key[0] in acked)
+    return lost, duplicates
+
+
+class Injector:
+    """Threads that send mail with a Message-ID each until told to stop (or
+    ``per_thread`` messages), recording each 250 and each refusal."""
+
+    def __init__(self, port: int, domains: list[str], threads: int = 4, per_thread: int = 300,
+                 timeout: float = 10.0, pause: float = 0.0) -> None:
+        import random
+        import threading
+
+        self.port = port
+        self.domains = domains
+        self.timeout = timeout
+        self.pause = pause
+        self.acked: dict[str, set[str]] = {}  # Message-ID -> recipients
+        self.refused: list[tuple[int, str]] = []  # (code, text); code 0: the connection failed
+        self._random = random.Random
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(n, per_thread), daemon=True)
+                         for n in range(threads)]
+
+    def start(self) -> "Injector":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
+
+    def join(self, timeout: float = 60.0) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+            assert not thread.is_alive(), "an injector thread did not finish"
+
+    def _run(self, n: int, limit: int) -> None:
+        rng = self._random(n)
+        smtp = None
+        for i in range(limit):
+            if self._stop.is_set():
+                break
+            message_id = f"<{n}-{i}@injector.test>"
+            rcpts = {f"u{n}-{i}-{k}@{rng.choice(self.domains)}" for k in range(rng.randint(1, 2))}
+            body = (f"Message-ID: {message_id}\r\nSubject: {n}-{i}\r\n\r\nbody {n}-{i}\r\n").encode()
+            try:
+                if smtp is None:
+                    smtp = smtplib.SMTP("127.0.0.1", self.port, timeout=self.timeout)
+                    smtp.ehlo()
+                smtp.mail(f"app{n}@sender.example")
+                for rcpt in rcpts:
+                    smtp.rcpt(rcpt)
+                code, text = smtp.data(body)
+                if code == 250:
+                    with self._lock:
+                        self.acked[message_id] = rcpts
+                else:
+                    with self._lock:
+                        self.refused.append((code, text.decode("utf-8", "replace")))
+            except (smtplib.SMTPException, OSError) as exc:
+                with self._lock:
+                    self.refused.append((0, str(exc)))
+                if smtp is not None:
+                    try:
+                        smtp.close()
+                    except OSError:
+                        pass
+                smtp = None
+                time.sleep(0.05)
+            if self.pause:
+                time.sleep(self.pause)
+        if smtp is not None:
+            try:
+                smtp.quit()
+            except (smtplib.SMTPException, OSError):
+                pass
+
+
+def worker_pid(relay: RelayProcess, index: int, timeout: float = 10.0) -> int:
+    """The pid of worker ``index``, as it publishes it in the stats ring."""
+    path = ring.ring_path(os.path.join(relay.directory, "run"))
+    pids = set(relay.worker_pids())
+
+    def find():
+        for snapshot in ring.read(path):
+            pid = int(snapshot.gauges.get("pid") or 0)
+            if snapshot.worker == index and pid in pids:
+                return pid
+        return None
+
+    return wait_for(find, timeout, f"worker {index}'s pid in the stats ring")
+
+
+def process_gone(pid: int) -> bool:
+    """Exited (a zombie counts: it runs no more code)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+class SmallDisk:
+    """A small tmpfs at ``path`` (needs root), filled and freed on demand:
+    ``fill()`` writes a ballast file until the disk is full (ENOSPC, as a
+    real full disk answers), ``free()`` deletes it."""
+
+    def __init__(self, path: str, size: str = "16m") -> None:
+        self.path = path
+        self.size = size
+        self.ballast = os.path.join(path, "ballast")
+        self.mounted = False
+
+    def mount(self) -> "SmallDisk":
+        import pytest
+
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        os.makedirs(self.path, exist_ok=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size}", "tmpfs", self.path],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        self.mounted = True
+        return self
+
+    def fill(self) -> int:
+        """Bytes written before the disk said it is full."""
+        import errno
+
+        written = 0
+        chunk = b"\0" * 65536
+        with open(self.ballast, "ab", buffering=0) as file:
+            while True:
+                try:
+                    written += file.write(chunk)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    if len(chunk) == 1:
+                        return written
+                    chunk = chunk[: len(chunk) // 2]  # fill to the last byte
+
+    def free(self) -> None:
+        os.unlink(self.ballast)
+
+    def unmount(self) -> None:
+        """After every process using it is gone."""
+        if self.mounted:
+            subprocess.run(["umount", self.path], check=True)
+            self.mounted = False
