@@ -369,6 +369,44 @@ class Spool:
         # A recipient still waiting may be due before the loop's next look.
         await self._submit(apply, wakes=any(u.state in PENDING_STATES for u in updates))
 
+    async def record_crash(self, queue_id: str, indices: list[int], error: str, destination: str,
+                           quarantine_after: int) -> list[tuple]:
+        """Charge a crash (a bug raised while delivering them) to recipients
+        of one message still being sent: one more crash and the error, and
+        back in the queue; those that reached ``quarantine_after`` crashes
+        are quarantined instead, never claimed until released.  An event per
+        recipient (outcome crashed or quarantined) is committed with the
+        change; the events are returned."""
+        now = time.time()
+
+        def apply(conn: sqlite3.Connection) -> list[tuple]:
+            marks = ",".join("?" * len(indices))
+            rows = conn.execute(
+                "SELECT idx, address, crashes FROM recipient"
+                f" WHERE message_id = ? AND state = ? AND idx IN ({marks})",
+                (queue_id, int(RecipientState.SENDING), *indices),
+            ).fetchall()
+            updates, events = [], []
+            for index, address, crashes in rows:
+                quarantined = crashes + 1 >= quarantine_after
+                state = RecipientState.QUARANTINED if quarantined else RecipientState.QUEUED
+                updates.append((int(state), crashes + 1, error, now, queue_id, index))
+                events.append((now, queue_id, address, destination, None, None, 0, 0, None, error,
+                               "quarantined" if quarantined else "crashed", "technical", 0.0))
+            conn.executemany(
+                "UPDATE recipient SET state = ?, crashes = ?, error = ?, next_attempt = ?"
+                " WHERE message_id = ? AND idx = ?",
+                updates,
+            )
+            conn.executemany(
+                f"INSERT INTO event ({', '.join(EVENT_COLUMNS)})"
+                f" VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
+                events,
+            )
+            return events
+
+        return await self._submit(apply)
+
     async def prune_events(self, older_than: float) -> None:
         await self._submit(
             lambda conn: conn.execute("DELETE FROM event WHERE time < ?", (older_than,))
@@ -440,6 +478,22 @@ class Spool:
             conn.executemany("DELETE FROM suppression WHERE address = ?",
                              [(address,) for _, _, address in rows])
             return len(rows)
+
+        return await self._submit(apply, wakes=True)
+
+    async def release_quarantined(self, queue_ids: list[str], now: float) -> int:
+        """Quarantined recipients of these messages go back in the queue,
+        their crash count reset."""
+
+        def apply(conn: sqlite3.Connection) -> int:
+            return sum(
+                conn.execute(
+                    "UPDATE recipient SET state = ?, crashes = 0, error = NULL, next_attempt = ?"
+                    " WHERE message_id = ? AND state = ?",
+                    (int(RecipientState.QUEUED), now, queue_id, int(RecipientState.QUARANTINED)),
+                ).rowcount
+                for queue_id in queue_ids
+            )
 
         return await self._submit(apply, wakes=True)
 
