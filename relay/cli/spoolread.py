@@ -439,27 +439,32 @@ class SpoolReader:
         except sqlite3.Error as exc:
             raise ReadError(f"{path}: cannot open: {exc}") from None
         self.conn.create_function("address_domain", 1, address_domain, deterministic=True)
-        try:
-            version = self.read(lambda conn: schema.recorded_version(conn, path))
-        except SpoolError as exc:
-            self.close()
-            raise ReadError(str(exc)) from None
-        except ReadError:
-            self.close()
-            raise
-        if version is not None and version != FORMAT_VERSION:
-            self.close()
-            newer = "newer" if version > FORMAT_VERSION else "older"
-            raise ReadError(f"{path}: format version {version} is {newer} than this relayctl's"
-                            f" ({FORMAT_VERSION})" + ("" if version > FORMAT_VERSION else
-                                                      ": starting the relay upgrades it"))
+        self._version_checked = False
 
     def close(self) -> None:
         self.conn.close()
 
+    def _check_version(self) -> None:
+        """Before the first read: the queries below know this format only."""
+        try:
+            version = self._read(lambda conn: schema.recorded_version(conn, self.path))
+        except SpoolError as exc:
+            raise ReadError(str(exc)) from None
+        if version is not None and version != FORMAT_VERSION:
+            newer = "newer" if version > FORMAT_VERSION else "older"
+            raise ReadError(f"{self.path}: format version {version} is {newer} than this"
+                            f" relayctl's ({FORMAT_VERSION})"
+                            + ("" if version > FORMAT_VERSION else ": starting the relay upgrades it"))
+        self._version_checked = True
+
     def read(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run ``work(conn)`` in one short read transaction (one snapshot),
         retrying while the database is busy."""
+        if not self._version_checked:
+            self._check_version()
+        return self._read(work)
+
+    def _read(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
         deadline = time.monotonic() + BUSY_FOR
         while True:
             try:

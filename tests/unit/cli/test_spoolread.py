@@ -133,8 +133,10 @@ def spool_file(tmp_path, version: str) -> str:
 ])
 def test_the_reader_refuses_a_spool_of_another_version(tmp_path, version, says):
     path = spool_file(tmp_path, version)
+    reader = spoolread.SpoolReader(0, path)
     with pytest.raises(spoolread.ReadError) as raised:
-        spoolread.SpoolReader(0, path)
+        reader.held_parts()
+    reader.close()
     assert str(raised.value) == f"{path}: {says}"
 
 
