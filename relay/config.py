@@ -245,6 +245,8 @@ DELIVER_KEYS = _keys(
     Key("event_retention", parse_duration, 7 * 86400.0, "delivery events kept in the spool"),
     Key("keep_bounced", parse_duration, 3 * 86400.0, "bounced mail kept for `relayctl requeue`"),
     Key("max_loaded", _int(1), 20000, "recipients held in memory for delivery, per worker"),
+    Key("quarantine_after", _int(1), 3,
+        "deliveries of a message that crashed the worker before it is quarantined"),
 )
 
 STATS_KEYS = _keys(

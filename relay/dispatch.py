@@ -18,6 +18,15 @@ Each reply is classified (outcome.classify): delivered, deferred to the
 next step of the retry schedule, or bounced — with a DSN to the sender.
 The loop sleeps until the earliest deferred recipient is due or the spool
 says new mail was committed.
+
+A bug (any other exception) raised while one job is routed or sent is
+charged to that job's message before it kills the worker: the crash and
+its error are committed for the job's recipients still being sent, and at
+the ``deliver.quarantine_after``-th crash they are quarantined, so the
+restarted worker does not claim them first again and loop.  A bug outside
+a job's delivery still just kills the worker.  ``RELAY_TEST_CRASH_ON``
+(tests only) makes the delivery of any job with a recipient containing
+that text raise, right before its transaction is sent.
 """
 
 from __future__ import annotations
@@ -60,6 +69,9 @@ MAX_WAIT = 5.0  # the loop looks at the spool at least this often
 # may be full for long, and the outcome is known, so it is kept trying
 # until it is recorded or the worker stops.
 COMPLETE_RETRIES = (1, 2, 4, 8)
+CRASH_RECORD_TIMEOUT = 10.0  # a crash not committed by then is not counted
+MAX_ERROR = 500  # characters of an exception's text kept in the spool
+TEST_CRASH_ON = "RELAY_TEST_CRASH_ON"  # the test hook's environment variable
 INTERNAL_HEADER = re.compile(rb"^X-Relay-[A-Za-z0-9-]*:", re.IGNORECASE)
 
 Submit = Callable[[Transaction], Awaitable[None]]
@@ -123,6 +135,7 @@ class Dispatcher:
         self.traced: frozenset[str] = frozenset()  # addresses relayctl traces
         self.counters: collections.Counter[str] = collections.Counter()  # names of stats.ring
         self.accept_to_delivered = Histogram()
+        self._crash_on = os.environ.get(TEST_CRASH_ON) or None  # test hook, see the docstring
 
     def reopen_log(self) -> None:
         """(Re)open delivery-N.jsonl: at start, after a reload that moves it,
@@ -187,7 +200,7 @@ class Dispatcher:
                     self._trace(job, "claimed %d recipient(s), attempt %d: %s", len(job.recipients),
                                 job.recipients[0].attempts + 1,
                                 ", ".join(r.address for r in job.recipients))
-                self._spawn(self._route(job))
+                self._spawn(self._charged(job, self._route(job)))
             if len(claimed) == room:
                 await asyncio.sleep(0)  # more may be due: look again soon
                 return
@@ -209,7 +222,8 @@ class Dispatcher:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             # A bug: let it kill the worker; the supervisor restarts it and
-            # the claimed recipients are queued again.
+            # the claimed recipients are queued again (a job's own bug was
+            # charged to its message first: _charged).
             log.error("delivery task failed", exc_info=task.exception())
             os._exit(70)
 
@@ -339,7 +353,7 @@ class Dispatcher:
                     self._trace(job, "session %s[%s] from %s, tls=%s, message %d on it",
                                 session.hop.host, session.hop.ip, session.source_ip or "any",
                                 session.tls, session.messages_sent + 1)
-                if not await self._deliver(job, session, queue.destination):
+                if not await self._charged(job, self._deliver(job, session, queue.destination)):
                     # A pooled connection the server had closed: the job was
                     # not tried; it goes again on a fresh connection.
                     queue.push(job, front=True)
@@ -406,6 +420,8 @@ class Dispatcher:
             return True
         started = time.monotonic()
         reused = session.messages_sent > 0
+        if self._crash_on is not None and any(self._crash_on in r.address for r in job.recipients):
+            raise RuntimeError(f"{TEST_CRASH_ON}: delivery of {job.queue_id} crashes")
         try:
             result = await session.send(
                 job.sender, [r.address for r in job.recipients], strip_internal_headers(body),
@@ -444,6 +460,35 @@ class Dispatcher:
             reply = result.data or Reply(0, "4.4.2", "no reply to DATA", None)
             return outcomes + [(r, reply, Stage.DATA) for r in accepted]
         return outcomes + [(r, result.dot, Stage.DOT) for r in accepted]
+
+    # -- crashes ----------------------------------------------------------------
+
+    async def _charged(self, job: Job, step: Awaitable):
+        """Run one job's step; a bug it raises is charged to the job's
+        message (relay.spool.store.Spool.record_crash) and raised again."""
+        try:
+            return await step
+        except Exception as exc:
+            await self._record_crash(job, exc)
+            raise
+
+    async def _record_crash(self, job: Job, exc: Exception) -> None:
+        error = " ".join(f"{type(exc).__name__}: {exc}".split())[:MAX_ERROR]
+        after = self.settings.deliver.quarantine_after
+        try:
+            events = await asyncio.wait_for(
+                self.spool.record_crash(job.queue_id, [r.index for r in job.recipients], error,
+                                        job.domain, after),
+                CRASH_RECORD_TIMEOUT,
+            )
+        except (RelayError, asyncio.TimeoutError) as failure:
+            log.error("%s: crash not recorded: %s", job.queue_id, str(failure) or "timed out")
+            return
+        self._write_events(events)
+        quarantined = [event[2] for event in events if event[10] == "quarantined"]
+        if quarantined:
+            log.error("%s: quarantined after %d crashed deliveries (%s): %s", job.queue_id, after,
+                      error, ", ".join(quarantined))
 
     # -- outcomes -------------------------------------------------------------
 

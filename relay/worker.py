@@ -137,6 +137,8 @@ class Worker:
         op, now = request["op"], time.time()
         if op == "flush":
             return {"count": await self.spool.flush(request.get("domain"), now)}
+        if op == "requeue" and request.get("quarantined"):
+            return {"count": await self.spool.release_quarantined(request["quarantined"], now)}
         if op == "requeue":
             count = await self.spool.requeue(
                 code=request.get("code"), sender=request.get("sender"),

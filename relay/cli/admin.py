@@ -4,6 +4,10 @@
 * ``requeue [--code 550] [--sender REGEX] [--recipient REGEX]`` — bounced
   recipients matching every filter go back in the queue and off the
   suppression list (pmq-publish);
+* ``requeue --quarantined ID...`` — the quarantined recipients of these
+  messages (their delivery crashed the worker ``deliver.quarantine_after``
+  times) go back in the queue with their crash count reset; exit status 1
+  when none of them had a quarantined recipient;
 * ``delete ID...`` — remove messages from the queue;
 * ``suspend DOMAIN`` / ``resume DOMAIN`` — hold a domain's mail in the
   queue (kept across restarts) / let it go again;
@@ -19,6 +23,7 @@ suspend/resume, ``"traced": [...]`` for trace).
 
 from __future__ import annotations
 
+import re
 import sys
 
 import orjson
@@ -26,6 +31,8 @@ import orjson
 from relay import config
 from relay.cli.control import ControlError, NotRunning, request
 from relay.errors import ConfigError
+
+_HEX = re.compile(r"[0-9A-Fa-f]+")
 
 
 def add_parser(subparsers) -> None:
@@ -35,6 +42,8 @@ def add_parser(subparsers) -> None:
     requeue.add_argument("--code", help="last reply starts with this, e.g. 550 or '550 5.1.1'")
     requeue.add_argument("--sender", help="envelope sender matches this regular expression")
     requeue.add_argument("--recipient", help="recipient matches this regular expression")
+    requeue.add_argument("--quarantined", nargs="+", metavar="ID",
+                         help="instead: release the quarantined recipients of these messages")
     delete = subparsers.add_parser("delete", help="remove messages from the queue")
     delete.add_argument("ids", nargs="+", metavar="ID")
     suspend = subparsers.add_parser("suspend", help="hold a domain's mail in the queue")
@@ -50,7 +59,7 @@ def add_parser(subparsers) -> None:
 
 def _request(args) -> dict:
     message = {"op": args.op}
-    for name in ("domain", "code", "sender", "recipient", "ids"):
+    for name in ("domain", "code", "sender", "recipient", "ids", "quarantined"):
         value = getattr(args, name, None)
         if value:
             message[name] = value
@@ -71,9 +80,24 @@ def _ask(args, message: dict) -> dict | int:
 
 
 def run(args) -> int:
+    quarantined = getattr(args, "quarantined", None)
+    if quarantined and (args.code or args.sender or args.recipient):
+        print("relayctl: requeue --quarantined takes no --code, --sender or --recipient",
+              file=sys.stderr)
+        return 2
+    if quarantined:
+        # Queue ids are upper-case hex; accept them as typed in lower case too.
+        args.quarantined = [queue_id.upper() if _HEX.fullmatch(queue_id) else queue_id
+                            for queue_id in quarantined]
     answer = _ask(args, _request(args))
     if isinstance(answer, int):
         return answer
+    if quarantined and not answer.get("count"):
+        if args.json:
+            print(orjson.dumps(answer).decode())
+        print("relayctl: no quarantined recipients in " + " ".join(args.quarantined),
+              file=sys.stderr)
+        return 1
     if args.json:
         print(orjson.dumps(answer).decode())
     elif args.op in ("suspend", "resume"):
@@ -82,6 +106,8 @@ def run(args) -> int:
     else:
         noun = {"flush": "recipients due now", "requeue": "recipients requeued",
                 "delete": "messages deleted"}[args.op]
+        if quarantined:
+            noun = "quarantined recipients requeued"
         print(f"{answer.get('count', 0)} {noun}")
     return 0
 

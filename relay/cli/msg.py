@@ -16,7 +16,7 @@ An event (``EVENT`` below) in JSON:
      "recipient": "user@example.com", "destination": "mx1.example.com,mx2.example.com",
      "mx": "mx1.example.com", "source_ip": "192.0.2.1", "tls": true,
      "code": 451, "enhanced": "4.7.1", "text": "try again later",
-     "outcome": "deferred",        # delivered|deferred|bounced|requeued|dropped
+     "outcome": "deferred",        # delivered|deferred|bounced|requeued|dropped|crashed|quarantined
      "class": "recipient",         # connection|recipient|technical|unknown|null
      "latency": 0.215}
 
@@ -35,9 +35,11 @@ is an error (exit 1).
      "parts": [{"worker": 0, "state": "active", "coordinator": null}],   # held|active
      "recipients": [{"index": 0, "address": "user@example.com",
                      "domain": "example.com", "worker": 0,
-                     "state": "deferred",  # queued|deferred|sending|delivered|bounced
-                     "attempts": 2, "next_attempt": 1714558200.0,  # null when final
-                     "last_reply": "451 4.7.1 try again later"}],
+                     "state": "deferred",  # queued|deferred|sending|delivered|bounced|quarantined
+                     "attempts": 2, "next_attempt": 1714558200.0,  # null when final or quarantined
+                     "last_reply": "451 4.7.1 try again later",
+                     "crashes": 0,         # deliveries of it that crashed the worker
+                     "error": null}],      # the last crash's "ExceptionType: message"
      "events": [EVENT, ...]}       # oldest first
 
 ``relayctl grep ADDRESS [--limit N]``: every event for one recipient
@@ -182,12 +184,17 @@ def _show_text(view: MessageView) -> str:
             table(
                 ["RECIPIENT", "STATE", "ATTEMPTS", "NEXT ATTEMPT", "WORKER", "LAST REPLY"],
                 [[r.address, spoolread.state_name(r.state), r.attempts,
-                  "-" if r.state in spoolread.FINAL_STATES else iso_local(r.next_attempt),
+                  "-" if r.state in spoolread.UNSCHEDULED_STATES else iso_local(r.next_attempt),
                   r.worker, r.last_reply]
                  for r in view.recipients],
                 right=(2, 4),
             ),
         ]
+        crashed = [r for r in view.recipients if r.crashes]
+        if crashed:
+            lines += ["", table(["RECIPIENT", "STATE", "CRASHES", "ERROR"],
+                                [[r.address, spoolread.state_name(r.state), r.crashes, r.error]
+                                 for r in crashed], right=(2,))]
     else:
         lines.append("state:      left the queue (every recipient delivered or bounced)")
     lines += ["", f"events: {len(view.events)}"]

@@ -11,7 +11,9 @@ arrived, in qshape's buckets: 0-5m, 5-10m, 10-20m, 20-40m, 40-80m,
 80-160m, 160-320m, 320m+; largest total first, after a TOTAL row.
 Recipients in held parts (a multi-owner transaction waiting for its
 decision, normally for milliseconds) are not in the rows: they are counted
-apart.  ``--by destination`` groups domains by the MX set their mail was
+apart, and so are quarantined recipients (their delivery crashed the
+worker ``deliver.quarantine_after`` times; ``relayctl requeue --quarantined
+ID`` releases them), with their messages' ids.  ``--by destination`` groups domains by the MX set their mail was
 last sent to (from their events); a domain not tried yet is its own row.
 
 ``--json`` prints one object:
@@ -19,6 +21,8 @@ last sent to (from their events); a domain not tried yet is its own row.
     {"total": 12,                  # waiting recipients in active messages
      "held": 0,                    # waiting recipients in held parts
      "held_parts": 0,              # held parts (messages) in all spools
+     "quarantined": 0,             # quarantined recipients (not in total)
+     "quarantined_ids": [],        # their queue ids (at most 100)
      "by": "domain",
      "buckets": ["0-5m", "5-10m", "10-20m", "20-40m", "40-80m", "80-160m",
                  "160-320m", "320m+"],
@@ -59,9 +63,13 @@ def run(args) -> int:
         with spoolread.open_spools(args) as spools:
             now = time.time()
             waiting, destinations, held_parts = [], {}, 0
+            quarantined, quarantined_ids = 0, []
             for reader in spools.readers:
                 waiting.extend(reader.waiting())
                 held_parts += reader.held_parts()
+                count, ids = reader.quarantined()
+                quarantined += count
+                quarantined_ids += ids
                 if args.by == "destination":
                     destinations.update(spoolread.latest_destinations(reader.destinations()))
     except ReadError as exc:
@@ -76,6 +84,8 @@ def run(args) -> int:
             "total": shape.total,
             "held": shape.held,
             "held_parts": held_parts,
+            "quarantined": quarantined,
+            "quarantined_ids": sorted(set(quarantined_ids))[:spoolread.MAX_LISTED],
             "by": args.by,
             "buckets": list(BUCKETS),
             "by_age": list(shape.by_age),
@@ -94,4 +104,10 @@ def run(args) -> int:
         print(f"({len(shape.rows) - len(rows)} more {args.by}s not shown)")
     print(f"held: {shape.held} recipients in {held_parts} parts"
           " awaiting their transaction's decision")
+    if quarantined:
+        ids = sorted(set(quarantined_ids))[:spoolread.MAX_LISTED]
+        print(f"quarantined: {quarantined} recipients, their delivery crashed the relay"
+              f" (relayctl show ID; relayctl requeue --quarantined ID): {' '.join(ids)}")
+    else:
+        print("quarantined: 0 recipients")
     return 0

@@ -35,9 +35,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 from relay import config
 from relay.cli import control
-from relay.errors import ConfigError
+from relay.errors import ConfigError, SpoolError
 from relay.intake.policy import BadDomain, routing_domain
-from relay.spool.format import MessageState, RecipientState
+from relay.spool import schema
+from relay.spool.format import FORMAT_VERSION, MessageState, RecipientState
 from relay.spool.recover import existing_spools
 
 # Rows per statement in a table scan: a few milliseconds of work each.
@@ -49,6 +50,10 @@ BUSY_TIMEOUT_MS = 250
 WAITING_STATES = (int(RecipientState.QUEUED), int(RecipientState.DEFERRED),
                   int(RecipientState.SENDING))
 FINAL_STATES = (int(RecipientState.DELIVERED), int(RecipientState.BOUNCED))
+# States with no next attempt to show.
+UNSCHEDULED_STATES = FINAL_STATES + (int(RecipientState.QUARANTINED),)
+QUARANTINED = int(RecipientState.QUARANTINED)
+MAX_LISTED = 100  # quarantined messages named by `queue`
 FAILURE_OUTCOMES = ("deferred", "bounced", "dropped")
 
 EVENT_SELECT = (
@@ -102,6 +107,8 @@ class RecipientRow:
     attempts: int
     next_attempt: float
     last_reply: str | None
+    crashes: int = 0  # deliveries of it that crashed the worker
+    error: str | None = None  # the last such crash's exception
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,8 +281,8 @@ class MessageView:
             "recipients": [
                 {"index": r.index, "address": r.address, "domain": r.domain,
                  "worker": r.worker, "state": state_name(r.state), "attempts": r.attempts,
-                 "next_attempt": None if r.state in FINAL_STATES else r.next_attempt,
-                 "last_reply": r.last_reply}
+                 "next_attempt": None if r.state in UNSCHEDULED_STATES else r.next_attempt,
+                 "last_reply": r.last_reply, "crashes": r.crashes, "error": r.error}
                 for r in self.recipients
             ],
             "events": [e.as_json() for e in self.events],
@@ -432,13 +439,32 @@ class SpoolReader:
         except sqlite3.Error as exc:
             raise ReadError(f"{path}: cannot open: {exc}") from None
         self.conn.create_function("address_domain", 1, address_domain, deterministic=True)
+        self._version_checked = False
 
     def close(self) -> None:
         self.conn.close()
 
+    def _check_version(self) -> None:
+        """Before the first read: the queries below know this format only."""
+        try:
+            version = self._read(lambda conn: schema.recorded_version(conn, self.path))
+        except SpoolError as exc:
+            raise ReadError(str(exc)) from None
+        if version is not None and version != FORMAT_VERSION:
+            newer = "newer" if version > FORMAT_VERSION else "older"
+            raise ReadError(f"{self.path}: format version {version} is {newer} than this"
+                            f" relayctl's ({FORMAT_VERSION})"
+                            + ("" if version > FORMAT_VERSION else ": starting the relay upgrades it"))
+        self._version_checked = True
+
     def read(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run ``work(conn)`` in one short read transaction (one snapshot),
         retrying while the database is busy."""
+        if not self._version_checked:
+            self._check_version()
+        return self._read(work)
+
+    def _read(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
         deadline = time.monotonic() + BUSY_FOR
         while True:
             try:
@@ -489,6 +515,14 @@ class SpoolReader:
             for domain, state, received, count in self.query(sql, (lo, hi, *WAITING_STATES)):
                 yield WaitingRow(domain, state == MessageState.HELD, float(received), count)
 
+    def quarantined(self) -> tuple[int, list[str]]:
+        """Quarantined recipients, and the ids of (at most MAX_LISTED of)
+        their messages."""
+        count = self.query("SELECT count(*) FROM recipient WHERE state = ?", (QUARANTINED,))[0][0]
+        ids = self.query("SELECT DISTINCT message_id FROM recipient WHERE state = ? LIMIT ?",
+                         (QUARANTINED, MAX_LISTED)) if count else []
+        return count, [row[0] for row in ids]
+
     def held_parts(self) -> int:
         # A literal 0 (MessageState.HELD), so the partial index is used.
         return self.query("SELECT count(*) FROM message WHERE state = 0")[0][0]
@@ -517,8 +551,9 @@ class SpoolReader:
             recipients = [
                 RecipientRow(self.worker, queue_id, *row)
                 for row in conn.execute(
-                    "SELECT idx, address, domain, state, attempts, next_attempt, last_reply"
-                    " FROM recipient WHERE message_id = ? ORDER BY idx", (queue_id,))
+                    "SELECT idx, address, domain, state, attempts, next_attempt, last_reply,"
+                    " crashes, error FROM recipient WHERE message_id = ? ORDER BY idx",
+                    (queue_id,))
             ]
             events = [
                 Event.from_row(self.worker, row)

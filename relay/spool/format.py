@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import enum
 
-FORMAT_VERSION = 1
+# Recorded in every spool file; relay.spool.schema migrates older files.
+FORMAT_VERSION = 2
 
 
 class MessageState(enum.IntEnum):
@@ -19,3 +20,4 @@ class RecipientState(enum.IntEnum):
     DELIVERED = 2
     BOUNCED = 3
     SENDING = 4  # claimed by the delivery loop; back to QUEUED at restart
+    QUARANTINED = 5  # its delivery crashed deliver.quarantine_after times: never claimed

@@ -24,6 +24,7 @@ import re
 from relay.intake.policy import BadDomain, routing_domain
 from relay.route.shard import slot_of
 from relay.spool.format import MessageState
+from relay.spool.schema import reporting
 from relay.spool.store import connect, spool_path
 
 log = logging.getLogger(__name__)
@@ -46,16 +47,22 @@ def recover(spool_dir: str, workers: int) -> dict[str, int]:
     paths = existing_spools(spool_dir)
     for worker in range(workers):
         paths.setdefault(worker, spool_path(spool_dir, worker))
-    conns = {worker: connect(path) for worker, path in paths.items()}
-    for conn in conns.values():
-        conn.create_function("address_slot", 1, _address_slot, deterministic=True)
+    conns: dict = {}
     counts = {"released": 0, "dropped": 0, "moved": 0}
     try:
-        _settle_held(conns, counts)
+        for worker, path in sorted(paths.items()):
+            conns[worker] = connect(path)  # a damaged or newer file: SpoolError naming it
+            conns[worker].create_function("address_slot", 1, _address_slot, deterministic=True)
+        _settle_held(conns, paths, counts)
         # Re-homing reads every row: only when the worker count changed.
-        if any(_recorded_workers(conn) != workers for conn in conns.values()):
+        recorded = {}
+        for worker, conn in conns.items():
+            with reporting(paths[worker]):
+                recorded[worker] = _recorded_workers(conn)
+        if any(count != workers for count in recorded.values()):
             for source, conn in conns.items():
-                _rehome(source, conn, conns, workers, counts)
+                with reporting(paths[source]):  # targets were checked by connect() above
+                    _rehome(source, conn, conns, workers, counts)
             for conn in conns.values():
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('workers', ?)", (str(workers),))
     finally:
@@ -78,31 +85,37 @@ def _recorded_workers(conn) -> int | None:
     return int(row[0]) if row else None
 
 
-def _settle_held(conns: dict, counts: dict[str, int]) -> None:
+def _settle_held(conns: dict, paths: dict[int, str], counts: dict[str, int]) -> None:
     decided = set()
-    for conn in conns.values():
-        decided.update(row[0] for row in conn.execute("SELECT id FROM txn"))
-    for conn in conns.values():
-        held = [
-            row[0]
-            # A literal 0 (MessageState.HELD), so the partial index is used.
-            for row in conn.execute("SELECT id FROM message WHERE state = 0")
-        ]
-        if not held:
-            continue
-        conn.execute("BEGIN IMMEDIATE")
-        for queue_id in held:
-            if queue_id in decided:
-                conn.execute(
-                    "UPDATE message SET state = ? WHERE id = ?",
-                    (int(MessageState.ACTIVE), queue_id),
-                )
-                counts["released"] += 1
-            else:
-                for table, column in (("recipient", "message_id"), ("body", "id"), ("message", "id")):
-                    conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (queue_id,))
-                counts["dropped"] += 1
-        conn.execute("COMMIT")
+    for worker, conn in conns.items():
+        with reporting(paths[worker]):
+            decided.update(row[0] for row in conn.execute("SELECT id FROM txn"))
+    for worker, conn in conns.items():
+        with reporting(paths[worker]):
+            _settle_held_in(conn, decided, counts)
+
+
+def _settle_held_in(conn, decided: set, counts: dict[str, int]) -> None:
+    held = [
+        row[0]
+        # A literal 0 (MessageState.HELD), so the partial index is used.
+        for row in conn.execute("SELECT id FROM message WHERE state = 0")
+    ]
+    if not held:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    for queue_id in held:
+        if queue_id in decided:
+            conn.execute(
+                "UPDATE message SET state = ? WHERE id = ?",
+                (int(MessageState.ACTIVE), queue_id),
+            )
+            counts["released"] += 1
+        else:
+            for table, column in (("recipient", "message_id"), ("body", "id"), ("message", "id")):
+                conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (queue_id,))
+            counts["dropped"] += 1
+    conn.execute("COMMIT")
 
 
 def _address_slot(address: str) -> int:

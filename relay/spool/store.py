@@ -13,10 +13,7 @@ once: many concurrent transactions share one fsync (group commit).  If the
 commit itself fails (disk full, I/O error) every operation in the batch
 fails and the transaction is rolled back, so nothing is half written.
 
-Schema: ``message`` (envelope, state held|active), ``body`` (stored once per
-part), ``recipient`` (per-recipient state and next attempt, indexed by due
-time), ``txn`` (this worker's decisions as the coordinator of multi-owner
-transactions), ``meta`` (format version and slot count).
+The tables are declared in relay.spool.schema.
 """
 
 from __future__ import annotations
@@ -34,63 +31,10 @@ from typing import Any, Callable
 from relay.errors import SpoolError, SpoolFull
 from relay.model import Part
 from relay.route.shard import SLOT_COUNT
-from relay.spool.format import FORMAT_VERSION, MessageState, RecipientState
+from relay.spool import schema
+from relay.spool.format import MessageState, RecipientState
 
 log = logging.getLogger(__name__)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS message (
-    id TEXT PRIMARY KEY,
-    sender TEXT NOT NULL,
-    received REAL NOT NULL,
-    smtputf8 INTEGER NOT NULL,
-    size INTEGER NOT NULL,
-    state INTEGER NOT NULL,
-    coordinator INTEGER,
-    trace INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS body (id TEXT PRIMARY KEY, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS recipient (
-    message_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    address TEXT NOT NULL,
-    domain TEXT NOT NULL,
-    slot INTEGER NOT NULL,
-    state INTEGER NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL,
-    last_reply TEXT,
-    PRIMARY KEY (message_id, idx)
-);
-CREATE INDEX IF NOT EXISTS recipient_due ON recipient (state, next_attempt);
-CREATE INDEX IF NOT EXISTS message_held ON message (state) WHERE state = 0;
-CREATE TABLE IF NOT EXISTS txn (id TEXT PRIMARY KEY, decided REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS event (
-    id INTEGER PRIMARY KEY,
-    time REAL NOT NULL,
-    queue_id TEXT NOT NULL,
-    recipient TEXT NOT NULL,
-    destination TEXT,
-    mx TEXT,
-    source_ip TEXT,
-    tls INTEGER NOT NULL,
-    code INTEGER NOT NULL,
-    enhanced TEXT,
-    text TEXT NOT NULL,
-    outcome TEXT NOT NULL,
-    class TEXT,
-    latency REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS event_recipient ON event (recipient, time);
-CREATE TABLE IF NOT EXISTS suppression (
-    address TEXT PRIMARY KEY,
-    time REAL NOT NULL,
-    reply TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS event_queue_id ON event (queue_id);
-CREATE INDEX IF NOT EXISTS event_time ON event (time);
-"""
 
 # Recipients that still wait for delivery (claimable once due).
 PENDING_STATES = (int(RecipientState.QUEUED), int(RecipientState.DEFERRED))
@@ -137,20 +81,26 @@ def spool_path(spool_dir: str, worker: int) -> str:
 
 
 def connect(path: str) -> sqlite3.Connection:
-    """Open a spool database with the durability settings of the contract."""
+    """Open a spool database with the durability settings of the contract,
+    at this relay's format version (relay.spool.schema).  Raises SpoolError,
+    naming the file, for a damaged or newer file."""
     new = not os.path.exists(path)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=5000")
-    conn.executescript(SCHEMA)
-    conn.execute(
-        "INSERT OR IGNORE INTO meta VALUES ('version', ?), ('slot_count', ?)",
-        (str(FORMAT_VERSION), str(SLOT_COUNT)),
-    )
-    slots = conn.execute("SELECT value FROM meta WHERE key = 'slot_count'").fetchone()[0]
-    if int(slots) != SLOT_COUNT:
-        raise SpoolError(f"spool was made with {slots} slots, this relay uses {SLOT_COUNT}")
+    try:
+        with schema.reporting(path):
+            conn.execute("PRAGMA busy_timeout=5000")
+            version = schema.check_version(conn, path)  # before anything is written
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            schema.upgrade(conn, version)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('slot_count', ?)", (str(SLOT_COUNT),))
+            slots = conn.execute("SELECT value FROM meta WHERE key = 'slot_count'").fetchone()[0]
+        if int(slots) != SLOT_COUNT:
+            raise SpoolError(f"spool file {path} was made with {slots} slots,"
+                             f" this relay uses {SLOT_COUNT}")
+    except BaseException:
+        conn.close()
+        raise
     if new:
         # The new file's directory entry must survive a crash too.
         fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
@@ -419,6 +369,44 @@ class Spool:
         # A recipient still waiting may be due before the loop's next look.
         await self._submit(apply, wakes=any(u.state in PENDING_STATES for u in updates))
 
+    async def record_crash(self, queue_id: str, indices: list[int], error: str, destination: str,
+                           quarantine_after: int) -> list[tuple]:
+        """Charge a crash (a bug raised while delivering them) to recipients
+        of one message still being sent: one more crash and the error, and
+        back in the queue; those that reached ``quarantine_after`` crashes
+        are quarantined instead, never claimed until released.  An event per
+        recipient (outcome crashed or quarantined) is committed with the
+        change; the events are returned."""
+        now = time.time()
+
+        def apply(conn: sqlite3.Connection) -> list[tuple]:
+            marks = ",".join("?" * len(indices))
+            rows = conn.execute(
+                "SELECT idx, address, crashes FROM recipient"
+                f" WHERE message_id = ? AND state = ? AND idx IN ({marks})",
+                (queue_id, int(RecipientState.SENDING), *indices),
+            ).fetchall()
+            updates, events = [], []
+            for index, address, crashes in rows:
+                quarantined = crashes + 1 >= quarantine_after
+                state = RecipientState.QUARANTINED if quarantined else RecipientState.QUEUED
+                updates.append((int(state), crashes + 1, error, now, queue_id, index))
+                events.append((now, queue_id, address, destination, None, None, 0, 0, None, error,
+                               "quarantined" if quarantined else "crashed", "technical", 0.0))
+            conn.executemany(
+                "UPDATE recipient SET state = ?, crashes = ?, error = ?, next_attempt = ?"
+                " WHERE message_id = ? AND idx = ?",
+                updates,
+            )
+            conn.executemany(
+                f"INSERT INTO event ({', '.join(EVENT_COLUMNS)})"
+                f" VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
+                events,
+            )
+            return events
+
+        return await self._submit(apply)
+
     async def prune_events(self, older_than: float) -> None:
         await self._submit(
             lambda conn: conn.execute("DELETE FROM event WHERE time < ?", (older_than,))
@@ -490,6 +478,22 @@ class Spool:
             conn.executemany("DELETE FROM suppression WHERE address = ?",
                              [(address,) for _, _, address in rows])
             return len(rows)
+
+        return await self._submit(apply, wakes=True)
+
+    async def release_quarantined(self, queue_ids: list[str], now: float) -> int:
+        """Quarantined recipients of these messages go back in the queue,
+        their crash count reset."""
+
+        def apply(conn: sqlite3.Connection) -> int:
+            return sum(
+                conn.execute(
+                    "UPDATE recipient SET state = ?, crashes = 0, error = NULL, next_attempt = ?"
+                    " WHERE message_id = ? AND state = ?",
+                    (int(RecipientState.QUEUED), now, queue_id, int(RecipientState.QUARANTINED)),
+                ).rowcount
+                for queue_id in queue_ids
+            )
 
         return await self._submit(apply, wakes=True)
 

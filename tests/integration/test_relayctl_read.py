@@ -199,8 +199,9 @@ def test_queue_scans_in_chunks_across_holes(capsys, relay_dir, monkeypatch):
     whole = json_of(capsys, relay_dir, "queue")
     # Holes in the rowids, as delivered mail leaves behind.
     conn = sqlite3.connect(spool_path(str(relay_dir / "spool"), 0))
-    conn.execute("INSERT INTO recipient SELECT message_id, idx + 100, address, domain, slot, 2,"
-                 " next_attempt, 0, NULL FROM recipient")
+    conn.execute("INSERT INTO recipient (message_id, idx, address, domain, slot, state,"
+                 " next_attempt, attempts, last_reply) SELECT message_id, idx + 100, address,"
+                 " domain, slot, 2, next_attempt, 0, NULL FROM recipient")
     conn.execute("DELETE FROM recipient WHERE idx >= 100")
     conn.commit()
     conn.close()

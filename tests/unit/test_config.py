@@ -53,6 +53,7 @@ def test_defaults_load():
     assert s.deliver.retry_schedule == (60.0, 300.0, 600.0, 1200.0, 1800.0, 2400.0, 3000.0, 3600.0, 21600.0)
     assert s.deliver.max_lifetime == 5 * 86400.0
     assert s.deliver.tls == "opportunistic"
+    assert s.deliver.quarantine_after == 3
     assert s.routes == {} and s.dkim == ()
 
 
@@ -214,6 +215,7 @@ BAD_VALUES = [
     ("deliver", "retry_schedule", "1m"),
     ("deliver", "max_lifetime", "5 days"),
     ("deliver", "tls", "always"),
+    ("deliver", "quarantine_after", 0),
 ]
 
 

@@ -1,0 +1,162 @@
+"""The spool's schema: the tables of a worker's database, the format
+version a file records, and the numbered migrations from older versions.
+
+Input: a connection to a spool file.  Output: the file at
+``FORMAT_VERSION`` (created, or upgraded in one transaction), or a
+``SpoolError`` naming the file when it is damaged (not a database, or
+malformed) or was written by a newer relay, which this one refuses rather
+than misread.
+
+Tables: ``message`` (envelope, state held|active), ``body`` (stored once
+per part), ``recipient`` (per-recipient state, next attempt indexed by due
+time, crash count and error), ``txn`` (this worker's decisions as the
+coordinator of multi-owner transactions), ``event`` (delivery attempts),
+``suppression`` (hard-bounced addresses), ``meta`` (format version, slot
+count, worker count, operator settings kept across restarts).
+
+Migrations only ever append columns with defaults or add tables and
+indexes: recovery copies rows between spools with ``SELECT *``, so every
+file at one version has its columns in one order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from typing import Iterator
+
+from relay.errors import SpoolError
+from relay.spool.format import FORMAT_VERSION
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS message (
+    id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    received REAL NOT NULL,
+    smtputf8 INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    coordinator INTEGER,
+    trace INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS body (id TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS recipient (
+    message_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    address TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_reply TEXT,
+    crashes INTEGER NOT NULL DEFAULT 0,  -- deliveries of it that raised (a bug)
+    error TEXT,  -- the exception of the last such crash: "Type: message"
+    PRIMARY KEY (message_id, idx)
+);
+CREATE INDEX IF NOT EXISTS recipient_due ON recipient (state, next_attempt);
+CREATE INDEX IF NOT EXISTS message_held ON message (state) WHERE state = 0;
+CREATE TABLE IF NOT EXISTS txn (id TEXT PRIMARY KEY, decided REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS event (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    queue_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    destination TEXT,
+    mx TEXT,
+    source_ip TEXT,
+    tls INTEGER NOT NULL,
+    code INTEGER NOT NULL,
+    enhanced TEXT,
+    text TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    class TEXT,
+    latency REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS event_recipient ON event (recipient, time);
+CREATE TABLE IF NOT EXISTS suppression (
+    address TEXT PRIMARY KEY,
+    time REAL NOT NULL,
+    reply TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS event_queue_id ON event (queue_id);
+CREATE INDEX IF NOT EXISTS event_time ON event (time);
+"""
+
+# MIGRATIONS[n] takes a file from version n - 1 to version n.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: (  # quarantine: crashes charged to a recipient's delivery
+        "ALTER TABLE recipient ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE recipient ADD COLUMN error TEXT",
+    ),
+}
+
+# SQLite's codes for a file that is not a database or is malformed.
+DAMAGED_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def spool_error(path: str, exc: sqlite3.Error) -> SpoolError:
+    """One line for the operator: which file, and what is wrong with it."""
+    if getattr(exc, "sqlite_errorcode", None) in DAMAGED_CODES:
+        return SpoolError(f"spool file {path} is damaged: {exc}"
+                          " (`relayctl spool check` lists the problems)")
+    return SpoolError(f"spool file {path} cannot be used: {exc}")
+
+
+@contextlib.contextmanager
+def reporting(path: str) -> Iterator[None]:
+    """SQLite errors inside become ``spool_error(path, ...)``."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        raise spool_error(path, exc) from None
+
+
+def recorded_version(conn: sqlite3.Connection, path: str) -> int | None:
+    """The format version the file records; None for a new (empty) file."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+                    ).fetchone() is None:
+        return None
+    row = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+    if row is None:
+        raise SpoolError(f"spool file {path} is damaged: it records no format version")
+    try:
+        return int(row[0])
+    except ValueError:
+        raise SpoolError(f"spool file {path} is damaged: format version {row[0]!r}") from None
+
+
+def check_version(conn: sqlite3.Connection, path: str) -> int | None:
+    """``recorded_version``, refusing a file newer than this relay."""
+    version = recorded_version(conn, path)
+    if version is not None and version > FORMAT_VERSION:
+        raise SpoolError(
+            f"spool file {path} has format version {version}, newer than this relay's"
+            f" ({FORMAT_VERSION}): run the relay that wrote it"
+        )
+    return version
+
+
+def upgrade(conn: sqlite3.Connection, version: int | None) -> None:
+    """Create a new file at ``FORMAT_VERSION``, or migrate an older one to
+    it; each in one transaction, so a crash leaves the old version whole."""
+    if version is None:
+        conn.executescript(
+            "BEGIN IMMEDIATE;" + SCHEMA
+            + f"INSERT OR IGNORE INTO meta VALUES ('version', '{FORMAT_VERSION}'); COMMIT;"
+        )
+        return
+    if version < FORMAT_VERSION:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for step in range(version + 1, FORMAT_VERSION + 1):
+                for statement in MIGRATIONS[step]:
+                    conn.execute(statement)
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'version'", (str(FORMAT_VERSION),))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    conn.executescript(SCHEMA)  # indexes added since (IF NOT EXISTS: cheap)
