@@ -61,7 +61,7 @@ HOLD_IN_MEMORY = 60.0  # a suspension longer than this hands its jobs back to th
 @dataclass(frozen=True)
 class Open:
     conn: int
-    site: str
+    site: tuple  # the site's key: (destination key, TLS mode)
     hops: tuple  # in the order to try (hosts resting after a 421 last)
 
 
@@ -355,7 +355,7 @@ class Scheduler:
             conn = Connection(next(self._ids), site, "opening", now)
             self._conns[conn.id] = conn
             site.connections[conn.id] = conn
-            out.append(Open(conn.id, site.name, self._hop_order(site, now)))
+            out.append(Open(conn.id, site.key, self._hop_order(site, now)))
         return min(wake) if wake else None
 
     def _wants_connection(self, site: Site, now: float, wake: list) -> bool:

@@ -48,6 +48,7 @@ from relay.model import Reply
 
 FAILURE_HOLD_FIRST = 60.0
 FAILURE_HOLD_MAX = 3600.0
+ID_STEP = 256  # effect ids: n * 256 + worker (workers <= 256)
 
 
 @dataclass(frozen=True)
@@ -155,10 +156,13 @@ class _Trigger:
 class Effects:
     """The effects in force, per site, and the rules that start them."""
 
-    def __init__(self, rules=(), first_id: int = 1) -> None:
+    def __init__(self, rules=(), worker: int = 0) -> None:
         self.rules = tuple(rules)  # config.ShapingRule
         self.by_site: dict[str, list[Effect]] = {}
-        self._ids = itertools.count(first_id)
+        # Ids are unique across the relay: the low byte is the worker, so
+        # `relayctl shaping cancel ID` knows whom to ask.
+        self.worker = worker
+        self._ids = itertools.count(ID_STEP + worker, ID_STEP)
         self._triggers: dict[tuple[int, str], _Trigger] = {}
         self._failure_holds: dict[str, float] = {}  # site -> last hold, doubled on repeat
         self.started: list[Effect] = []  # since the last drain_changes(): for events
@@ -236,7 +240,10 @@ class Effects:
             if effect.expires > now:
                 self.by_site.setdefault(effect.site, []).append(effect)
         top = max((e.id for e in effects), default=0)
-        self._ids = itertools.count(max(top + 1, next(self._ids)))
+        following = next(self._ids)
+        while following <= top:
+            following += ID_STEP
+        self._ids = itertools.count(following, ID_STEP)
 
     def drain_changes(self) -> tuple[list[Effect], list[Effect]]:
         started, ended, self.started, self.ended = self.started, self.ended, [], []
