@@ -101,10 +101,35 @@ class ControlPlane:
                 }
             if op in ("flush", "suspend", "resume", "requeue", "delete", "trace"):
                 return self._to_workers(request)
+            if op in ("shaping", "shaping_cancel"):
+                return self._shaping(request)
         except (OSError, ValueError) as exc:
             log.warning("relayctl %s failed: %s", op, exc)
             return {"ok": False, "error": f"{op} failed: {exc}"}
         return {"ok": False, "error": f"unknown request {op!r}"}
+
+    def _shaping(self, request: dict) -> dict:
+        """Every worker's effects and sites; a cancel goes to the effect's
+        worker (the low byte of its id, deliver.shaping.ID_STEP)."""
+        if request["op"] == "shaping_cancel":
+            worker = int(request["id"]) % 256
+            if worker >= self.workers:
+                return {"ok": False, "error": f"no effect {request['id']} in force"}
+            answer = request_blocking(socket_path(self.settings.relay.run_dir, worker), request,
+                                      WORKER_TIMEOUT)
+            if not answer.get("ok"):
+                return {"ok": False, "error": answer.get("error") or f"no effect {request['id']} in force"}
+            return {"ok": True, "cancelled": answer["cancelled"]}
+        effects, sites = [], []
+        for worker in range(self.workers):
+            answer = request_blocking(socket_path(self.settings.relay.run_dir, worker), request,
+                                      WORKER_TIMEOUT)
+            if not answer.get("ok"):
+                return {"ok": False, "error": f"worker {worker} refused shaping"}
+            effects += answer.get("effects", [])
+            sites += answer.get("sites", [])
+        return {"ok": True, "effects": sorted(effects, key=lambda e: e["since"]),
+                "sites": sorted(sites, key=lambda s: (-s["queued"], s["site"]))}
 
     def _to_workers(self, request: dict) -> dict:
         """A domain's command goes to its owner; the others to every worker."""

@@ -46,8 +46,10 @@ from typing import Awaitable, Callable
 import orjson
 
 from relay.config import Settings
-from relay.deliver.queue import DestinationQueue, Job, jobs_from
+from relay.deliver.queue import Job, jobs_from
 from relay.deliver.resolve import Destination, Resolver
+from relay.deliver.scheduler import BOUNCE, RETRY, Close, Fail, Hold, Open, Scheduler, Send
+from relay.deliver.shaping import Effect, Effects
 from relay.deliver.schedule import RetrySchedule
 from relay.deliver.session import SmtpSession, Timeouts, TransactionResult
 from relay.errors import DeliveryError, RelayError, TlsUnavailable
@@ -62,9 +64,7 @@ log = logging.getLogger("relay.deliver")
 trace_log = logging.getLogger("relay.trace")
 
 TLS_FALLBACK_MEMORY = 3600.0  # remember a host whose STARTTLS failed this long
-IDLE_CHECK_INTERVAL = 1.0
-PUMP_INTERVAL = 0.1
-MAX_WAIT = 5.0  # the loop looks at the spool at least this often
+MAX_WAIT = 5.0  # the loops look again at least this often, whatever they were told
 # Seconds between tries to record an outcome (the last repeats): the spool
 # may be full for long, and the outcome is known, so it is kept trying
 # until it is recorded or the worker stops.
@@ -121,7 +121,13 @@ class Dispatcher:
         self.timeouts = Timeouts(deliver.connect_timeout, deliver.command_timeout, deliver.data_timeout)
         self.source_ips = worker_source_ips(settings.relay.source_ips, worker, workers)
         self._next_source = itertools.count()
-        self.queues: dict[tuple, DestinationQueue] = {}
+        self.effects = Effects(settings.shaping.rules, worker)
+        self.scheduler = Scheduler(settings.shaping, workers, self.effects,
+                                   idle_timeout=deliver.connection_idle_timeout,
+                                   spawn_after=deliver.spawn_after)
+        self.sessions: dict[int, SmtpSession] = {}  # the scheduler's connection id -> session
+        self._poke = asyncio.Event()  # the scheduler has news: look at its actions again
+        self._sending = 0  # transactions in flight
         self.loaded = 0
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -166,6 +172,9 @@ class Dispatcher:
         self.suspended = frozenset(orjson.loads(suspended)) if suspended else frozenset()
         traced = await self.spool.get_meta("traced")
         self.traced = frozenset(orjson.loads(traced)) if traced else frozenset()
+        effects = await self.spool.get_meta("effects")  # throttles and suspensions outlive a restart
+        if effects:
+            self.effects.restore([Effect.from_json(e) for e in orjson.loads(effects)], time.time())
 
     async def run(self) -> None:
         step, backoff = self._start, 0.0
@@ -174,7 +183,7 @@ class Dispatcher:
                 await step()
                 if step == self._start:
                     self.spool.on_ready = self.wake
-                    self._spawn(self._close_idle_connections())
+                    self._spawn(self._drive())
                     self._spawn(self._prune_events())
                     step = self._once
                 backoff = 0.0
@@ -233,18 +242,16 @@ class Dispatcher:
         finish and record their outcome, within ``timeout``."""
         self.stopping = True
         self._wakeup.set()
-        for queue in self.queues.values():
-            self.loaded -= sum(len(job.recipients) for job in queue.take_all())
+        self.loaded -= sum(len(job.recipients) for job in self.scheduler.take_all())
         deadline = time.monotonic() + timeout
-        while any(q.senders for q in self.queues.values()) and time.monotonic() < deadline:
+        while self._sending and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        for queue in self.queues.values():
-            for session in queue.idle:
-                session.close()
+        for session in self.sessions.values():
+            session.close()
         self._event_log.close()
 
     # -- routing a job to its destination -------------------------------------
@@ -263,19 +270,17 @@ class Dispatcher:
         self.schedule = RetrySchedule(deliver.retry_schedule, deliver.max_lifetime, rng=random.Random())
         self.timeouts = Timeouts(deliver.connect_timeout, deliver.command_timeout, deliver.data_timeout)
         self._verify_context = self._make_verify_context(deliver.ca_file)
-        for queue in self.queues.values():
-            queue.max_connections = deliver.max_connections_per_destination
-            queue.messages_per_connection = deliver.max_messages_per_connection
-            queue.spawn_after = deliver.spawn_after
+        self.effects.rules = settings.shaping.rules
+        self.scheduler.apply(settings.shaping, deliver.connection_idle_timeout, deliver.spawn_after,
+                             time.time())
+        self._poke.set()
 
     def outbound_connections(self) -> int:
-        return sum(queue.connections for queue in self.queues.values())
+        return self.scheduler.connection_count()
 
     def busiest(self, count: int) -> list[tuple[str, int]]:
-        """The destinations with the most work waiting or in flight."""
-        load = [(queue.destination.name, len(queue.jobs) + queue.senders)
-                for queue in self.queues.values()]
-        return sorted((item for item in load if item[1]), key=lambda item: -item[1])[:count]
+        """The sites with the most work waiting or in flight."""
+        return self.scheduler.busiest(count)
 
     def tls_mode(self, domain: str) -> str:
         return self.settings.tls_policy.get(domain, self.settings.deliver.tls)
@@ -310,73 +315,116 @@ class Dispatcher:
         if self.stopping:
             self.loaded -= len(job.recipients)
             return
-        mode = self.tls_mode(job.domain)
-        key = (destination.key, mode)
-        queue = self.queues.get(key)
-        if queue is None:
-            deliver = self.settings.deliver
-            queue = self.queues[key] = DestinationQueue(
-                destination, mode, deliver.max_connections_per_destination,
-                deliver.max_messages_per_connection, deliver.spawn_after,
-            )
-        queue.destination = destination  # the freshest answer
-        queue.push(job)
-        self._pump(queue)
+        job.destination = destination
+        job.site_key = (destination.key, self.tls_mode(job.domain))
+        self.scheduler.push(job.site_key, destination, job.domain, job, time.time())
+        self._poke.set()
 
-    def _pump(self, queue: DestinationQueue) -> None:
-        now = time.monotonic()
-        while not self.stopping and queue.wants_sender(now):
-            queue.senders += 1
-            self._spawn(self._sender(queue))
+    # -- the driver: performing what the scheduler decides -------------------------
 
-    # -- senders ------------------------------------------------------------
+    async def _drive(self) -> None:
+        """Perform the scheduler's actions, then sleep until it wants to look
+        again (a rate token, an expiry, an idle timeout) or news arrives."""
+        while True:
+            self._poke.clear()
+            if not self.stopping:
+                for action in self.scheduler.actions(time.time()):
+                    self._perform(action)
+            await self._publish_effects()
+            wake = self.scheduler.next_wake()
+            timeout = MAX_WAIT if wake is None else min(max(wake - time.time(), 0.001), MAX_WAIT)
+            try:
+                await asyncio.wait_for(self._poke.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+            self._forget_tls_failures()
 
-    async def _sender(self, queue: DestinationQueue) -> None:
-        session = queue.take_idle()
-        while session is not None and not session.alive:
-            session.close()
-            session = queue.take_idle()
+    def _perform(self, action) -> None:
+        if isinstance(action, Send):
+            self._sending += 1
+            self._spawn(self._charged(action.job, self._send(action.conn, action.job)))
+        elif isinstance(action, Open):
+            self._spawn(self._open(action))
+        elif isinstance(action, Close):
+            session = self.sessions.pop(action.conn, None)
+            if session is not None:
+                self._spawn(session.quit())
+        elif isinstance(action, Fail):
+            for job in action.jobs:
+                self._spawn(self._record(job, [(r, action.reply, action.stage) for r in job.recipients],
+                                         job.destination, None))
+        elif isinstance(action, Hold):
+            self._spawn(self._hold(list(action.jobs), action.until, action.reason))
+
+    async def _open(self, action: Open) -> None:
         try:
-            while queue.jobs:
-                if session is None:
-                    try:
-                        session = await self._connect(queue.destination, queue.tls_mode)
-                    except DeliveryError as exc:
-                        # The whole site failed: every queued job waits for
-                        # the next attempt, rather than each failing alone.
-                        await self._fail_queue(queue, exc)
-                        break
-                job = queue.next_job()
-                if job is None:
-                    break
-                if job.trace:
-                    self._trace(job, "session %s[%s] from %s, tls=%s, message %d on it",
-                                session.hop.host, session.hop.ip, session.source_ip or "any",
-                                session.tls, session.messages_sent + 1)
-                if not await self._charged(job, self._deliver(job, session, queue.destination)):
-                    # A pooled connection the server had closed: the job was
-                    # not tried; it goes again on a fresh connection.
-                    queue.push(job, front=True)
-                    session = None
-                    continue
-                limit = self.settings.deliver.max_messages_per_connection
-                if not session.usable or session.messages_sent >= limit:
-                    await session.quit()
-                    session = None
-        finally:
-            queue.senders -= 1
-        if session is not None:
-            if session.usable:
-                queue.idle.append(session)
-            else:
-                session.close()
-        self._pump(queue)
+            session = await self._connect(action.hops, action.site[1])
+        except DeliveryError as exc:
+            for then in self.scheduler.on_open_failed(action.conn, exc.reply, exc.stage, time.time()):
+                self._perform(then)
+        else:
+            self.sessions[action.conn] = session
+            self.scheduler.on_opened(action.conn, session.hop, time.time())
+        self._poke.set()
 
-    async def _connect(self, destination: Destination, tls_mode: str) -> SmtpSession:
+    async def _send(self, conn: int, job: Job) -> None:
+        """One transaction on one pooled connection, reported back to the
+        scheduler; its outcome recorded unless the job goes to the next MX."""
+        try:
+            session = self.sessions.get(conn)
+            if session is None or not session.alive:
+                # The server closed it while it was idle: the job was not
+                # tried, and goes again on a fresh connection.
+                self._lost(conn)
+                self.scheduler.push(job.site_key, job.destination, job.domain, job, time.time(),
+                                    front=True)
+                return
+            if job.trace:
+                self._trace(job, "session %s[%s] from %s, tls=%s, message %d on it",
+                            session.hop.host, session.hop.ip, session.source_ip or "any",
+                            session.tls, session.messages_sent + 1)
+            done = await self._transact(job, session)
+            if done is None:  # nothing was sent: a body gone, or a dead pooled connection
+                self.scheduler.on_sent(conn, job, time.time(), [], False, None)
+                if not session.usable:
+                    self._lost(conn)
+                    if job.retried == "again":
+                        job.retried = True
+                        self.scheduler.push(job.site_key, job.destination, job.domain, job,
+                                            time.time(), front=True)
+                return
+            outcomes, site_failure, latency, body = done
+            replies = [reply for _, reply, _ in outcomes if reply is not None]
+            delivered = any(reply.code in (250, 251) for reply in replies)
+            verdict = self.scheduler.on_sent(conn, job, time.time(), replies, delivered, site_failure)
+            if site_failure is not None or not session.usable:
+                self._lost(conn)
+            if verdict == RETRY:
+                if job.trace:
+                    self._trace(job, "%s from %s: trying the next MX host", site_failure,
+                                session.hop.host)
+                return
+            if verdict == BOUNCE:
+                outcomes = [(r, reply if reply.code in (250, 251) else
+                             Reply(554, "5.7.1", f"bounced by a shaping rule: {reply}"[:400], reply.mx),
+                             stage if reply.code in (250, 251) else Stage.LOCAL)
+                            for r, reply, stage in outcomes]
+            await self._record(job, outcomes, job.destination, session, latency, body)
+        finally:
+            self._sending -= 1
+            self._poke.set()
+
+    def _lost(self, conn: int) -> None:
+        session = self.sessions.pop(conn, None)
+        if session is not None:
+            session.close()
+        self.scheduler.on_lost(conn)
+
+    async def _connect(self, hops, tls_mode: str) -> SmtpSession:
         """Open a session to the first hop that takes one (RFC 5321 5.1)."""
         source_ip = self.source_ips[next(self._next_source) % len(self.source_ips)]
         last: DeliveryError | None = None
-        for hop in destination.hops:
+        for hop in hops:
             mode = tls_mode
             if mode == "opportunistic" and self._tls_broken.get(hop.ip, 0) > time.monotonic():
                 mode = "none"
@@ -401,15 +449,29 @@ class Dispatcher:
                     break
         raise last or DeliveryError(Reply(0, "4.4.4", "no host to connect to", None), Stage.CONNECT)
 
-    async def _fail_queue(self, queue: DestinationQueue, exc: DeliveryError) -> None:
-        jobs = queue.take_all()
-        for job in jobs:
-            await self._record(job, [(r, exc.reply, exc.stage) for r in job.recipients],
-                               queue.destination, None)
+    def _forget_tls_failures(self) -> None:
+        if len(self._tls_broken) > 64:
+            now = time.monotonic()
+            self._tls_broken = {ip: until for ip, until in self._tls_broken.items() if until > now}
 
-    async def _deliver(self, job: Job, session: SmtpSession, destination: Destination) -> bool:
-        """One transaction; False when a reused connection turned out dead
-        before the server said anything about this job (try it again)."""
+    async def _hold(self, jobs: list[Job], until: float, reason: str) -> None:
+        """Jobs of a suspended site back to the spool, due when the suspension
+        ends, their attempts unchanged (KumoMTA issue 322 is what this avoids)."""
+        updates = [RecipientUpdate(r.queue_id, r.index, RecipientState.DEFERRED, r.attempts, until,
+                                   f"held: {reason}"[:500])
+                   for job in jobs for r in job.recipients]
+        try:
+            await self._complete(updates, [], [], jobs[0].queue_id)
+        finally:
+            self.loaded -= len(updates)
+        log.info("%d recipient(s) held until %s: %s", len(updates),
+                 time.strftime("%H:%M:%S", time.localtime(until)), reason)
+
+    async def _transact(self, job: Job, session: SmtpSession):
+        """One transaction: (outcomes, site failure or None, latency, body),
+        or None when nothing was sent (the message is gone, or a reused
+        connection turned out dead before the server said anything about
+        this job: then job.retried is "again" and it should be tried anew)."""
         try:
             body = await self.spool.body(job.queue_id)
         except RelayError as exc:
@@ -417,7 +479,7 @@ class Dispatcher:
             body = None
         if body is None:  # removed meanwhile (relayctl delete, say)
             self.loaded -= len(job.recipients)
-            return True
+            return None
         started = time.monotonic()
         reused = session.messages_sent > 0
         if self._crash_on is not None and any(self._crash_on in r.address for r in job.recipients):
@@ -430,18 +492,17 @@ class Dispatcher:
         except DeliveryError as exc:
             session.close()
             if reused and exc.stage is Stage.MAIL and exc.reply.code == 0 and not job.retried:
-                job.retried = True
-                return False
-            outcomes = [(r, exc.reply, exc.stage) for r in job.recipients]
+                job.retried = "again"
+                return None
             if job.trace:
                 self._trace(job, "connection failed at %s: %s", exc.stage.value, exc.reply)
-        else:
-            outcomes = self._per_recipient(job, result)
-            if job.trace:
-                self._trace(job, "MAIL %s | RCPT %s | DATA %s | end %s", result.mail,
-                            " ; ".join(map(str, result.rcpt)), result.data, result.dot)
-        await self._record(job, outcomes, destination, session, time.monotonic() - started, body)
-        return True
+            return ([(r, exc.reply, exc.stage) for r in job.recipients], exc.reply,
+                    time.monotonic() - started, body)
+        outcomes = self._per_recipient(job, result)
+        if job.trace:
+            self._trace(job, "MAIL %s | RCPT %s | DATA %s | end %s", result.mail,
+                        " ; ".join(map(str, result.rcpt)), result.data, result.dot)
+        return outcomes, None, time.monotonic() - started, body
 
     @staticmethod
     def _per_recipient(job: Job, result: TransactionResult) -> list:
@@ -536,20 +597,8 @@ class Dispatcher:
             events = [e[:10] + ("deferred",) + e[11:] if e[10] == "bounced" else e for e in events]
             suppress = []
         try:
-            for attempt in itertools.count():
-                try:
-                    await self.spool.complete(updates, events, suppress)
-                    break
-                except RelayError as exc:
-                    if self.stopping:
-                        # Not recorded: the recipients stay claimed until the
-                        # next start, then go out again (at-least-once).
-                        log.error("%s: outcome not recorded: %s", job.queue_id, exc)
-                        return
-                    delay = COMPLETE_RETRIES[min(attempt, len(COMPLETE_RETRIES) - 1)]
-                    log.warning("%s: outcome not recorded yet (%s); again in %ss",
-                                job.queue_id, exc, delay)
-                    await asyncio.sleep(delay)
+            if not await self._complete(updates, events, suppress, job.queue_id):
+                return
         finally:
             self.loaded -= len(job.recipients)
         if job.trace:
@@ -565,6 +614,23 @@ class Dispatcher:
             if label == "delivered":
                 self.accept_to_delivered.observe(now - job.received)
         self._write_events(events)
+
+    async def _complete(self, updates, events, suppress, queue_id: str) -> bool:
+        """Commit an outcome, trying again while the spool fails (it may be
+        full for long, and the outcome is known); False only when the
+        worker stops first: the recipients stay claimed until the next
+        start, then go out again (at-least-once)."""
+        for attempt in itertools.count():
+            try:
+                await self.spool.complete(updates, events, suppress)
+                return True
+            except RelayError as exc:
+                if self.stopping:
+                    log.error("%s: outcome not recorded: %s", queue_id, exc)
+                    return False
+                delay = COMPLETE_RETRIES[min(attempt, len(COMPLETE_RETRIES) - 1)]
+                log.warning("%s: outcome not recorded yet (%s); again in %ss", queue_id, exc, delay)
+                await asyncio.sleep(delay)
 
     def _next_state(self, rcpt: DueRecipient, reply: Reply, outcome: Outcome, now: float,
                     some_accepted: bool):
@@ -622,29 +688,31 @@ class Dispatcher:
 
     # -- housekeeping ---------------------------------------------------------
 
-    async def _close_idle_connections(self) -> None:
-        """Close pooled connections idle too long; give queues whose jobs
-        wait behind busy connections another one (deliver.spawn_after)."""
-        ticks = 0
-        while True:
-            await asyncio.sleep(PUMP_INTERVAL)
-            for queue in self.queues.values():
-                if queue.jobs:
-                    self._pump(queue)
-            ticks += 1
-            if ticks * PUMP_INTERVAL < IDLE_CHECK_INTERVAL:
-                continue
-            ticks = 0
-            timeout = self.settings.deliver.connection_idle_timeout
-            now = time.monotonic()
-            for queue in self.queues.values():
-                keep = []
-                for session in queue.idle:
-                    if now - session.idle_since > timeout:
-                        self._spawn(session.quit())
-                    else:
-                        keep.append(session)
-                queue.idle = keep
+    async def _publish_effects(self) -> None:
+        """Effects that started or ended: a record in the delivery log, a
+        count in the stats ring, and the ones in force kept in the spool."""
+        started, ended = self.effects.drain_changes()
+        if not started and not ended:
+            return
+        now = time.time()
+        records = []
+        for effect, what in [(e, "started") for e in started] + [(e, "ended") for e in ended]:
+            if what == "started":
+                self.counters[f"effects_{effect.kind}"] += 1
+            log.warning("shaping: %s %d %s %s until %s: %s", effect.kind, effect.id, what,
+                        effect.site, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(effect.expires)),
+                        effect.reason)
+            record = dict.fromkeys(EVENT_COLUMNS)
+            record.update(time=now, destination=effect.site, outcome=f"effect_{what}",
+                          text=effect.reason, effect=effect.to_json())
+            records.append(orjson.dumps(record) + b"\n")
+        self._event_log.write(b"".join(records))
+        self._event_log.flush()
+        try:
+            await self.spool.set_meta(
+                "effects", orjson.dumps([e.to_json() for e in self.effects.all(now)]).decode())
+        except RelayError as exc:  # kept in memory; saved with the next change
+            log.warning("shaping effects not saved: %s", exc)
 
     async def _prune_events(self) -> None:
         while True:
@@ -662,6 +730,17 @@ class Dispatcher:
         """The addresses whose delivery is traced; kept across restarts."""
         await self.spool.set_meta("traced", orjson.dumps(sorted(addresses)).decode())
         self.traced = addresses
+
+    def shaping(self) -> dict:
+        """`relayctl shaping`: the effects in force and each site's limits."""
+        now = time.time()
+        return {"effects": [{**e.to_json(), "worker": self.worker} for e in self.effects.all(now)],
+                "sites": [{**site, "worker": self.worker} for site in self.scheduler.site_status(now)]}
+
+    def cancel_effect(self, effect_id: int) -> dict | None:
+        effect = self.effects.cancel(effect_id, time.time())
+        self._poke.set()
+        return None if effect is None else {**effect.to_json(), "worker": self.worker}
 
     async def suspend(self, domain: str, suspended: bool) -> None:
         """Hold (or release) a domain's mail in the queue; kept across restarts."""

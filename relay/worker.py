@@ -156,6 +156,13 @@ class Worker:
             await self.dispatcher.set_traced(frozenset(traced))
             self.intake.traced = self.dispatcher.traced
             return {"traced": sorted(traced)}
+        if op == "shaping":
+            return self.dispatcher.shaping()
+        if op == "shaping_cancel":
+            cancelled = self.dispatcher.cancel_effect(int(request["id"]))
+            if cancelled is None:
+                raise RelayError(f"no effect {request['id']} in force")
+            return {"cancelled": cancelled}
         if op in ("suspend", "resume"):
             await self.dispatcher.suspend(request["domain"], op == "suspend")
             return {"suspended": sorted(self.dispatcher.suspended)}

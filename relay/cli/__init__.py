@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from relay.cli import admin, config_cmd, msg, password, queue, spool_cmd, stats
+from relay.cli import admin, config_cmd, msg, password, queue, shaping, spool_cmd, stats
 
 
 def _verbs():
-    verbs = [stats, queue, msg, admin, config_cmd, password, spool_cmd]
+    verbs = [stats, queue, msg, admin, shaping, config_cmd, password, spool_cmd]
     try:
         from relay.cli import dkim
     except ImportError:  # the DKIM verbs are optional until their module lands

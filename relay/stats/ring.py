@@ -58,6 +58,9 @@ COUNTERS = (
     "bounced_unknown",
     "dsn_queued",
     "connections_out",
+    "effects_throttle",
+    "effects_suspend",
+    "effects_bounce",
 )
 GAUGES = (
     "ready",  # recipients loaded for delivery

@@ -636,6 +636,7 @@ class Behaviour:
     # Rule objects, (pattern, reply[, at]) tuples, or {pattern: reply} for RCPT.
     rules: tuple[Rule, ...] = ()
     max_messages: int | None = None  # per connection; then MAIL gets 421 and the connection closes
+    max_connections: int | None = None  # open at once; the next ones get a 421 greeting
     max_recipients: int | None = None  # per transaction; later RCPTs get 452 4.5.3
     drop_in_data: int | None = None  # drop the connection after reading this many DATA bytes
     tls: str = TLS_OFF  # one of TLS_MODES
@@ -652,7 +653,7 @@ class Behaviour:
         for name in ("greeting_delay", "reply_delay", "data_delay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Behaviour.{name} must not be negative")
-        for name in ("max_messages", "drop_in_data", "max_recipients"):
+        for name in ("max_messages", "drop_in_data", "max_recipients", "max_connections"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"Behaviour.{name} must not be negative")
@@ -836,6 +837,8 @@ class Sink:
         self._behaviour = behaviour
         self.received: list[Received] = []
         self.connections_opened = 0
+        self.peak_sessions = 0  # the most sessions served at once (421s to extra ones excluded)
+        self.busy_refusals = 0  # connections refused with 421 over max_connections
         # connection id -> messages accepted on that connection
         self.transactions: collections.Counter[int] = collections.Counter()
         self.peer_ips: collections.Counter[str] = collections.Counter()  # client IP -> connections
@@ -1090,6 +1093,14 @@ class _SinkSMTP(SMTP):
             self.transport.close()
 
     async def _handle_client(self) -> None:
+        sink = self.sink
+        limit = sink.behaviour.max_connections
+        if limit is not None and len(sink._sessions) > limit:
+            sink._sessions.discard(self)  # refused: not one of the sessions served
+            sink.busy_refusals += 1
+            await self.push("421 4.7.0 Too many connections, try again later")
+            return
+        sink.peak_sessions = max(sink.peak_sessions, len(sink._sessions))
         greeting = self.sink.behaviour.greeting
         if greeting is None or greeting[0] == "2":
             await super()._handle_client()

@@ -319,3 +319,17 @@ def test_effects_survive_a_restart_through_their_json():
     (effect,) = fresh.all(clock.now)
     assert effect.overrides == {"max_message_rate": (1, 60.0)}
     assert fresh.start(MX.name, "suspend", {}, "x", "operator", clock.now, 60).id > effect.id
+
+
+def test_a_messages_recipients_at_domains_sharing_the_site_merge_until_started():
+    clock = Clock()
+    s = scheduler(**{"one.example": {"connection_limit": 1}})
+    a1 = FakeJob("A", "one.example", ["a@one.example"])
+    s.push(KEY, MX, "one.example", a1, clock.now)
+    s.push(KEY, MX, "one.example", FakeJob("B", "one.example", ["b@one.example"]), clock.now)
+    s.push(KEY, MX, "two.example", FakeJob("A", "two.example", ["c@two.example"]), clock.now)
+    (send,) = of(Send, open_all(s, clock, s.actions(clock.now)))
+    assert send.job is a1 and a1.recipients == ["a@one.example", "c@two.example"]
+    # A started job takes no more recipients: a later part goes on its own.
+    s.push(KEY, MX, "three.example", FakeJob("A", "three.example", ["d@three.example"]), clock.now)
+    assert [j.queue_id for j in s.take_all()] == ["B", "A"]
