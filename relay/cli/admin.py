@@ -44,7 +44,6 @@ def add_parser(subparsers) -> None:
     add_trace_parser(subparsers)
     for verb, parser in (("flush", flush), ("requeue", requeue), ("delete", delete),
                          ("suspend", suspend), ("resume", resume)):
-        parser.add_argument("--json", action="store_true", help="machine-readable output")
         parser.set_defaults(run=run, op=verb)
 
 
@@ -90,7 +89,6 @@ def add_trace_parser(subparsers) -> None:
     parser = subparsers.add_parser("trace", help="log every delivery step for chosen recipients")
     parser.add_argument("action", choices=("add", "remove", "list"))
     parser.add_argument("addresses", nargs="*", metavar="ADDRESS")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(run=run_trace)
 
 

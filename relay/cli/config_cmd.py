@@ -15,7 +15,6 @@ def add_parser(subparsers) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--defaults", action="store_true", help="every key with its default")
     which.add_argument("--changed", action="store_true", help="only keys that differ from defaults")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(run=run)
 
 

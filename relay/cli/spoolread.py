@@ -562,7 +562,6 @@ class SpoolReader:
 
 
 def add_common_arguments(parser) -> None:
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--offline", action="store_true",
                         help="read the spool of a stopped relay (after a crash, say)")
 
