@@ -32,6 +32,7 @@ log = logging.getLogger("relay.control")
 
 EXCHANGE_TIMEOUT = 5.0
 WORKER_TIMEOUT = 120.0  # a requeue over a big spool may take a while
+REQUEUE_FILTERS = ("code", "sender", "recipient")
 
 
 def open_control_socket(run_dir: str) -> socket.socket:
@@ -99,6 +100,9 @@ class ControlPlane:
                     "ring": self.ring_path,
                     "workers": [{"index": i, "pid": pid} for i, pid in self.worker_pids()],
                 }
+            if op == "requeue" and not any(request.get(k) for k in REQUEUE_FILTERS + ("all",)):
+                return {"ok": False, "error": "requeue without a filter needs all: every bounce"
+                                              " would go back in the queue"}
             if op in ("flush", "suspend", "resume", "requeue", "delete", "trace"):
                 return self._to_workers(request)
         except (OSError, ValueError) as exc:

@@ -136,6 +136,7 @@ class Worker:
             count = await self.spool.requeue(
                 code=request.get("code"), sender=request.get("sender"),
                 recipient=request.get("recipient"), now=now,
+                dry_run=bool(request.get("dry_run")),
             )
             return {"count": count}
         if op == "delete":

@@ -1,9 +1,11 @@
 """relayctl verbs that change the queue (postsuper / postqueue -f style):
 
 * ``flush [DOMAIN]`` — deferred mail (of one domain) is retried now;
-* ``requeue [--code 550] [--sender REGEX] [--recipient REGEX]`` — bounced
-  recipients matching every filter go back in the queue and off the
-  suppression list (pmq-publish);
+* ``requeue [--code 550] [--sender REGEX] [--recipient REGEX] [--all]
+  [--dry-run]`` — bounced recipients matching every filter go back in the
+  queue and off the suppression list (pmq-publish); with no filter it
+  refuses unless ``--all`` says every bounce is meant; ``--dry-run`` counts
+  them and changes nothing;
 * ``delete ID...`` — remove messages from the queue;
 * ``suspend DOMAIN`` / ``resume DOMAIN`` — hold a domain's mail in the
   queue (kept across restarts) / let it go again;
@@ -35,6 +37,10 @@ def add_parser(subparsers) -> None:
     requeue.add_argument("--code", help="last reply starts with this, e.g. 550 or '550 5.1.1'")
     requeue.add_argument("--sender", help="envelope sender matches this regular expression")
     requeue.add_argument("--recipient", help="recipient matches this regular expression")
+    requeue.add_argument("--all", action="store_true",
+                         help="every bounced recipient (needed when no filter is given)")
+    requeue.add_argument("--dry-run", action="store_true",
+                         help="only count the recipients that would be requeued")
     delete = subparsers.add_parser("delete", help="remove messages from the queue")
     delete.add_argument("ids", nargs="+", metavar="ID")
     suspend = subparsers.add_parser("suspend", help="hold a domain's mail in the queue")
@@ -49,7 +55,7 @@ def add_parser(subparsers) -> None:
 
 def _request(args) -> dict:
     message = {"op": args.op}
-    for name in ("domain", "code", "sender", "recipient", "ids"):
+    for name in ("domain", "code", "sender", "recipient", "ids", "all", "dry_run"):
         value = getattr(args, name, None)
         if value:
             message[name] = value
@@ -70,6 +76,11 @@ def _ask(args, message: dict) -> dict | int:
 
 
 def run(args) -> int:
+    if args.op == "requeue" and not (args.code or args.sender or args.recipient or args.all):
+        # Without a filter this takes back every bounce: say so explicitly.
+        print("relayctl: requeue needs --code, --sender or --recipient, or --all for every"
+              " bounced recipient (--dry-run counts them first)", file=sys.stderr)
+        return 2
     answer = _ask(args, _request(args))
     if isinstance(answer, int):
         return answer
@@ -81,6 +92,8 @@ def run(args) -> int:
     else:
         noun = {"flush": "recipients due now", "requeue": "recipients requeued",
                 "delete": "messages deleted"}[args.op]
+        if getattr(args, "dry_run", False):
+            noun = "recipients would be requeued (dry run: nothing changed)"
         print(f"{answer.get('count', 0)} {noun}")
     return 0
 

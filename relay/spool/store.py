@@ -460,9 +460,9 @@ class Spool:
         return await self._submit(lambda conn: conn.execute(query, params).rowcount, wakes=True)
 
     async def requeue(self, *, code: str | None, sender: str | None, recipient: str | None,
-                      now: float) -> int:
+                      now: float, dry_run: bool = False) -> int:
         """Bounced recipients matching every filter go back in the queue,
-        off the suppression list (pmq-publish)."""
+        off the suppression list (pmq-publish); ``dry_run`` only counts them."""
 
         def apply(conn: sqlite3.Connection) -> int:
             conn.create_function("regexp", 2, _regexp, deterministic=True)
@@ -482,6 +482,8 @@ class Spool:
                 " JOIN message m ON m.id = r.message_id WHERE " + " AND ".join(where),
                 params,
             ).fetchall()
+            if dry_run:
+                return len(rows)
             conn.executemany(
                 "UPDATE recipient SET state = ?, attempts = 0, next_attempt = ?"
                 " WHERE message_id = ? AND idx = ?",
@@ -491,6 +493,8 @@ class Spool:
                              [(address,) for _, _, address in rows])
             return len(rows)
 
+        if dry_run:
+            return await self.read(apply)
         return await self._submit(apply, wakes=True)
 
     async def delete(self, queue_ids: list[str]) -> int:

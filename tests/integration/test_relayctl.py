@@ -8,14 +8,26 @@ import os
 import signal
 import urllib.request
 
+import pytest
+
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.cli.control import ControlError, request as control_request
 from relay.testing.fakenet import Behaviour, Rule
 from support import (
     deliver_relay, free_port, inject, read_spool, relayctl, wait_events, wait_for,
 )
 
 BODY = b"From: app@sender.example\r\nSubject: stats\r\n\r\nbody\r\n"
+
+
+def request(run_dir: str, message: dict, expect_ok: bool = True) -> str | dict:
+    """The supervisor's answer (its error text when ``expect_ok`` is False)."""
+    if expect_ok:
+        return control_request(run_dir, message)
+    with pytest.raises(ControlError) as refused:
+        control_request(run_dir, message)
+    return str(refused.value)
 
 
 def stats(relay) -> dict:
@@ -107,6 +119,31 @@ def test_requeue_puts_bounced_recipients_back(relay_factory, net):
     assert sink.wait_received(1, timeout=10)[0].rcpt_tos == ("bob@gone.example",)
 
 
+def test_requeue_without_a_filter_needs_all_and_dry_run_changes_nothing(relay_factory, net):
+    [sink] = net.add_domain("gone.example", ["127.0.0.13"],
+                            behaviour=Behaviour(rules=[Rule(".", "550 5.1.1 No such user")]))
+    relay = deliver_relay(relay_factory, net, workers=2)
+    for name in ("ann", "bob"):
+        inject(relay, "", [f"{name}@gone.example"], BODY)
+    wait_events(relay, lambda e: e["outcome"] == "bounced", count=2)
+    sink.behaviour = Behaviour()
+
+    refused = relayctl(relay, "requeue")
+    assert refused.returncode == 2 and "--all" in refused.stderr
+    assert "without a filter" in request(os.path.join(relay.directory, "run"), {"op": "requeue"},
+                                         expect_ok=False)
+    dry = relayctl(relay, "requeue", "--all", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["count"] == 2
+    assert "2 recipients would be requeued" in relayctl(relay, "requeue", "--all", "--dry-run").stdout
+    with pytest.raises(TimeoutError):
+        sink.wait_received(1, timeout=2)  # nothing went back in the queue
+
+    done = relayctl(relay, "requeue", "--all", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["count"] == 2
+    assert len(sink.wait_received(2, timeout=10)) == 2
+
+
 def test_delete_removes_a_message(relay_factory, net):
     net.dns.set_servfail("stuck.example")
     relay = deliver_relay(relay_factory, net, workers=2, deliver={"retry_schedule": ["1h"]})
@@ -120,7 +157,8 @@ def test_delete_removes_a_message(relay_factory, net):
 
 def test_verbs_say_when_the_relay_is_not_running(relay_factory):
     relay = relay_factory(workers=1)
-    for verb in (["stats"], ["flush"], ["suspend", "a.example"], ["delete", "X"], ["requeue"]):
+    for verb in (["stats"], ["flush"], ["suspend", "a.example"], ["delete", "X"],
+                 ["requeue", "--all"]):
         result = relayctl(relay, *verb)
         assert result.returncode == 1, verb
         assert "not running" in result.stderr

@@ -9,7 +9,7 @@ from relay.cli import parse_args
 # Each verb with the arguments it needs.
 VERBS = [
     ["stats"], ["queue"], ["show", "ABC"], ["grep", "a@b.example"], ["report"], ["flush"],
-    ["requeue"], ["delete", "ABC"], ["suspend", "a.example"], ["resume", "a.example"],
+    ["requeue", "--all"], ["delete", "ABC"], ["suspend", "a.example"], ["resume", "a.example"],
     ["trace", "list"], ["config"], ["hash-password"],
     ["dkim", "keygen", "--domain", "a.example", "--selector", "s"],
 ]
