@@ -103,7 +103,7 @@ class ControlPlane:
             if op == "requeue" and not any(request.get(k) for k in REQUEUE_FILTERS + ("all",)):
                 return {"ok": False, "error": "requeue without a filter needs all: every bounce"
                                               " would go back in the queue"}
-            if op in ("flush", "suspend", "resume", "requeue", "delete", "trace"):
+            if op in ("flush", "suspend", "resume", "suspensions", "requeue", "delete", "trace"):
                 return self._to_workers(request)
         except (OSError, ValueError) as exc:
             log.warning("relayctl %s failed: %s", op, exc)
@@ -122,14 +122,20 @@ class ControlPlane:
         else:
             targets = list(range(self.workers))
         answers = {}
-        for worker in targets:
+        # Each worker keeps the suspensions of its own domains: after a
+        # suspend or resume the others are asked too, so the list shown is
+        # everyone's, not just the owner's.
+        asks = [(w, request) for w in targets]
+        if request["op"] in ("suspend", "resume"):
+            asks += [(w, {"op": "suspensions"}) for w in range(self.workers) if w not in targets]
+        for worker, message in asks:
             path = socket_path(self.settings.relay.run_dir, worker)
             try:
-                answers[worker] = request_blocking(path, request, WORKER_TIMEOUT)
+                answers[worker] = request_blocking(path, message, WORKER_TIMEOUT)
             except OSError as exc:
                 return {"ok": False, "error": f"worker {worker} did not answer: {exc}"}
             if not answers[worker].get("ok"):
-                return {"ok": False, "error": f"worker {worker} refused {request['op']}"}
+                return {"ok": False, "error": f"worker {worker} refused {message['op']}"}
         result = {"ok": True, "workers": sorted(answers)}
         if any("count" in a for a in answers.values()):
             result["count"] = sum(a.get("count", 0) for a in answers.values())

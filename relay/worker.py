@@ -153,6 +153,8 @@ class Worker:
         if op in ("suspend", "resume"):
             await self.dispatcher.suspend(request["domain"], op == "suspend")
             return {"suspended": sorted(self.dispatcher.suspended)}
+        if op == "suspensions":
+            return {"suspended": sorted(self.dispatcher.suspended)}
         raise RelayError(f"unknown command {op!r}")
 
     # -- stats ---------------------------------------------------------------

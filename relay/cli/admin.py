@@ -8,7 +8,8 @@
   them and changes nothing;
 * ``delete ID...`` — remove messages from the queue;
 * ``suspend DOMAIN`` / ``resume DOMAIN`` — hold a domain's mail in the
-  queue (kept across restarts) / let it go again;
+  queue (kept across restarts) / let it go again; ``suspend --list`` shows
+  the suspended domains, as both verbs do after their change;
 * ``trace add|remove|list ADDRESS...`` — log every step of the delivery of
   mail to these recipients, with millisecond times (logger relay.trace), as
   for a message carrying ``X-Relay-Trace: 1``.
@@ -44,7 +45,8 @@ def add_parser(subparsers) -> None:
     delete = subparsers.add_parser("delete", help="remove messages from the queue")
     delete.add_argument("ids", nargs="+", metavar="ID")
     suspend = subparsers.add_parser("suspend", help="hold a domain's mail in the queue")
-    suspend.add_argument("domain")
+    suspend.add_argument("domain", nargs="?")
+    suspend.add_argument("--list", action="store_true", help="only list the suspended domains")
     resume = subparsers.add_parser("resume", help="deliver a suspended domain's mail again")
     resume.add_argument("domain")
     add_trace_parser(subparsers)
@@ -76,6 +78,11 @@ def _ask(args, message: dict) -> dict | int:
 
 
 def run(args) -> int:
+    if args.op == "suspend" and bool(args.domain) == args.list:
+        print("relayctl: suspend needs a DOMAIN, or --list", file=sys.stderr)
+        return 2
+    if args.op == "suspend" and args.list:
+        args.op = "suspensions"
     if args.op == "requeue" and not (args.code or args.sender or args.recipient or args.all):
         # Without a filter this takes back every bounce: say so explicitly.
         print("relayctl: requeue needs --code, --sender or --recipient, or --all for every"
@@ -86,7 +93,7 @@ def run(args) -> int:
         return answer
     if args.json:
         print(orjson.dumps(answer).decode())
-    elif args.op in ("suspend", "resume"):
+    elif args.op in ("suspend", "resume", "suspensions"):
         suspended = answer.get("suspended") or []
         print("suspended domains: " + (", ".join(suspended) if suspended else "none"))
     else:

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.cli.control import ControlError, request as control_request
+from relay.route.shard import owner_of, slot_of
 from relay.testing.fakenet import Behaviour, Rule
 from support import (
     deliver_relay, free_port, inject, read_spool, relayctl, wait_events, wait_for,
@@ -103,6 +104,26 @@ def test_suspend_holds_a_domain_until_resume(relay_factory, net):
     assert with_timeout, "a suspended domain got mail"
     assert relayctl(relay, "resume", "held.example").returncode == 0
     assert sink.wait_received(1, timeout=10)[0].rcpt_tos == ("x@held.example",)
+
+
+def test_suspensions_are_listed_from_every_worker(relay_factory):
+    relay = relay_factory(workers=2).start()
+    # One domain owned by each worker.
+    by_owner = {}
+    for n in range(50):
+        by_owner.setdefault(owner_of(slot_of(f"d{n}.example"), 2), f"d{n}.example")
+    first, second = by_owner[0], by_owner[1]
+    assert relayctl(relay, "suspend", first).returncode == 0
+    both = relayctl(relay, "suspend", second)
+    assert both.returncode == 0, both.stderr
+    assert both.stdout.strip() == f"suspended domains: {', '.join(sorted([first, second]))}"
+    listed = relayctl(relay, "suspend", "--list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["suspended"] == sorted([first, second])
+    resumed = relayctl(relay, "resume", second, "--json")
+    assert json.loads(resumed.stdout)["suspended"] == [first]
+    assert relayctl(relay, "suspend", "--list").stdout.strip() == f"suspended domains: {first}"
+    assert relayctl(relay, "suspend").returncode == 2  # neither a DOMAIN nor --list
 
 
 def test_requeue_puts_bounced_recipients_back(relay_factory, net):
