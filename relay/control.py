@@ -141,6 +141,13 @@ class ControlPlane:
             result["count"] = sum(a.get("count", 0) for a in answers.values())
         if any("traced" in a for a in answers.values()):
             result["traced"] = answers[targets[0]]["traced"]
+        if request["op"] == "delete":
+            # A message split between owners has a part in several spools:
+            # count messages, and name the ids no spool had.
+            deleted = {i for a in answers.values() for i in a.get("deleted", [])}
+            result["count"] = len(deleted)
+            result["deleted"] = sorted(deleted)
+            result["missing"] = [i for i in dict.fromkeys(request.get("ids", [])) if i not in deleted]
         if any("suspended" in a for a in answers.values()):
             result["suspended"] = sorted({d for a in answers.values() for d in a.get("suspended", [])})
         return result

@@ -614,6 +614,16 @@ class Dispatcher:
         await self.spool.set_meta("traced", orjson.dumps(sorted(addresses)).decode())
         self.traced = addresses
 
+    async def delete(self, queue_ids: list[str]) -> list[str]:
+        """Remove messages from the queue; their ``deleted`` events go to the
+        event log like any outcome.  Returns the ids this worker had."""
+        found = await self.spool.delete(queue_ids, time.time())
+        for queue_id, events in found.items():
+            log.info("%s: deleted by the operator, %d recipient(s) not delivered",
+                     queue_id, len(events))
+            self._write_events(events)
+        return sorted(found)
+
     async def suspend(self, domain: str, suspended: bool) -> None:
         """Hold (or release) a domain's mail in the queue; kept across restarts."""
         domains = set(self.suspended)

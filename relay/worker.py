@@ -140,7 +140,8 @@ class Worker:
             )
             return {"count": count}
         if op == "delete":
-            return {"count": await self.spool.delete(request["ids"])}
+            deleted = await self.dispatcher.delete(request["ids"])
+            return {"count": len(deleted), "deleted": deleted}
         if op == "trace":
             traced = set(self.dispatcher.traced)
             for address in request.get("add", []):

@@ -6,7 +6,9 @@
   queue and off the suppression list (pmq-publish); with no filter it
   refuses unless ``--all`` says every bounce is meant; ``--dry-run`` counts
   them and changes nothing;
-* ``delete ID...`` — remove messages from the queue;
+* ``delete ID...`` — remove messages from the queue, each recipient not
+  yet delivered with a ``deleted`` event (spool and delivery log); an id
+  no spool holds is an error (exit 1) naming it, the others are deleted;
 * ``suspend DOMAIN`` / ``resume DOMAIN`` — hold a domain's mail in the
   queue (kept across restarts) / let it go again; ``suspend --list`` shows
   the suspended domains, as both verbs do after their change;
@@ -17,7 +19,8 @@
 Each goes to the supervisor, which passes it to the owner worker of the
 domain or to every worker.  ``--json`` prints the supervisor's answer:
 ``{"ok": true, "workers": [...], "count": n}`` (``"suspended": [...]`` for
-suspend/resume, ``"traced": [...]`` for trace).
+suspend/resume, ``"traced": [...]`` for trace, ``"deleted": [ID...],
+"missing": [ID...]`` for delete).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import sys
 import orjson
 
 from relay import config
+from relay.cli import spoolread
 from relay.cli.control import ControlError, NotRunning, request
 from relay.errors import ConfigError
 
@@ -57,6 +61,8 @@ def add_parser(subparsers) -> None:
 
 def _request(args) -> dict:
     message = {"op": args.op}
+    if args.op == "delete":
+        args.ids = [spoolread.queue_id(i) for i in args.ids]
     for name in ("domain", "code", "sender", "recipient", "ids", "all", "dry_run"):
         value = getattr(args, name, None)
         if value:
@@ -102,6 +108,10 @@ def run(args) -> int:
         if getattr(args, "dry_run", False):
             noun = "recipients would be requeued (dry run: nothing changed)"
         print(f"{answer.get('count', 0)} {noun}")
+    if answer.get("missing"):
+        print(f"relayctl: delete: no such message in any spool: {', '.join(answer['missing'])}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -128,6 +128,8 @@ EVENT_COLUMNS = (
     "enhanced", "text", "outcome", "class", "latency",
 )
 
+DELETED_TEXT = "deleted by the operator (relayctl delete)"
+
 # A batch never grows past this many operations, so one commit stays short.
 MAX_BATCH = 512
 
@@ -497,15 +499,29 @@ class Spool:
             return await self.read(apply)
         return await self._submit(apply, wakes=True)
 
-    async def delete(self, queue_ids: list[str]) -> int:
-        """Remove messages (this worker's parts of them) from the queue."""
+    async def delete(self, queue_ids: list[str], now: float) -> dict[str, list[tuple]]:
+        """Remove messages (this worker's parts of them) from the queue, with
+        a ``deleted`` event for each recipient not yet delivered, in the
+        same transaction.  Returns the ids found, each with its events."""
 
-        def apply(conn: sqlite3.Connection) -> int:
-            found = 0
+        def apply(conn: sqlite3.Connection) -> dict[str, list[tuple]]:
+            found = {}
             for queue_id in queue_ids:
-                if conn.execute("SELECT 1 FROM message WHERE id = ?", (queue_id,)).fetchone():
-                    delete_message(conn, queue_id)
-                    found += 1
+                if not conn.execute("SELECT 1 FROM message WHERE id = ?", (queue_id,)).fetchone():
+                    continue
+                found[queue_id] = [
+                    (now, queue_id, address, domain, None, None, 0, 0, None, DELETED_TEXT,
+                     "deleted", None, 0.0)
+                    for address, domain in conn.execute(
+                        "SELECT address, domain FROM recipient WHERE message_id = ? AND state != ?"
+                        " ORDER BY idx", (queue_id, int(RecipientState.DELIVERED)))
+                ]
+                conn.executemany(
+                    f"INSERT INTO event ({', '.join(EVENT_COLUMNS)})"
+                    f" VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
+                    found[queue_id],
+                )
+                delete_message(conn, queue_id)
             return found
 
         return await self._submit(apply)

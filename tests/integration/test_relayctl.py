@@ -165,15 +165,41 @@ def test_requeue_without_a_filter_needs_all_and_dry_run_changes_nothing(relay_fa
     assert len(sink.wait_received(2, timeout=10)) == 2
 
 
-def test_delete_removes_a_message(relay_factory, net):
+def test_delete_removes_a_message_with_an_event_per_recipient(relay_factory, net):
     net.dns.set_servfail("stuck.example")
+    net.dns.set_servfail("other.example")
     relay = deliver_relay(relay_factory, net, workers=2, deliver={"retry_schedule": ["1h"]})
     queue_id = inject(relay, "app@sender.example", ["x@stuck.example", "y@other.example"], BODY)
-    result = relayctl(relay, "delete", queue_id, "--json")
+    kept = inject(relay, "app@sender.example", ["z@stuck.example"], BODY)
+    wait_events(relay, lambda e: e["outcome"] == "deferred", count=3)
+
+    result = relayctl(relay, "delete", queue_id.lower(), "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["count"] >= 1
+    answer = json.loads(result.stdout)
+    assert (answer["count"], answer["deleted"], answer["missing"]) == (1, [queue_id], [])
+    deleted = wait_events(relay, lambda e: e["outcome"] == "deleted", count=2)
+    assert sorted(e["recipient"] for e in deleted) == ["x@stuck.example", "y@other.example"]
+    assert {e["queue_id"] for e in deleted} == {queue_id}
+    assert relay.log().count(f"{queue_id}: deleted by the operator") >= 1
+
+    shown = relayctl(relay, "show", queue_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "deleted by the operator" in shown.stdout
+    assert "delivered or bounced" not in shown.stdout
+    view = json.loads(relayctl(relay, "show", queue_id, "--json").stdout)
+    assert view["deleted"] and not view["in_queue"]
+    assert [e["outcome"] for e in view["events"]][-2:] == ["deleted", "deleted"]
+
+    missing = relayctl(relay, "delete", "NOSUCHID", kept)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "relayctl: delete: no such message in any spool: NOSUCHID"
+    assert missing.stdout.strip() == "1 messages deleted"
     relay.stop()
-    assert [m for m in read_spool(relay.spool_dir) if m.queue_id == queue_id] == []
+    assert [m for m in read_spool(relay.spool_dir) if m.queue_id in (queue_id, kept)] == []
+    # The events table holds them too (what grep and report read).
+    offline = json.loads(relayctl(relay, "grep", "@stuck.example", "--offline", "--json").stdout)
+    assert sorted(e["recipient"] for e in offline["events"] if e["outcome"] == "deleted") == [
+        "x@stuck.example", "z@stuck.example"]
 
 
 def test_verbs_say_when_the_relay_is_not_running(relay_factory):
