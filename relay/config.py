@@ -141,6 +141,18 @@ def _path(value: Any) -> str:
     return value
 
 
+def _optional_path(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError('a file path, or "" for none')
+    return value
+
+
+# Keys parsed by these hold paths: a relative one is taken from the
+# directory of the config file (as nginx and Postfix do), not from
+# wherever the relay or relayctl happens to be started.
+PATH_PARSERS = (_path, _optional_path)
+
+
 # -- the table of keys -----------------------------------------------------
 
 
@@ -230,7 +242,7 @@ DELIVER_KEYS = _keys(
         "opportunistic",
         "outbound STARTTLS policy ([tls_policy] overrides it per domain)",
     ),
-    Key("ca_file", _str, "", "CA bundle for tls = verify; empty = the system's"),
+    Key("ca_file", _optional_path, "", "CA bundle for tls = verify; empty = the system's"),
     Key("max_connections_per_destination", _int(1), 20, "open connections per destination, per worker"),
     Key("max_messages_per_connection", _int(1), 100, "transactions before a connection is closed"),
     Key("spawn_after", parse_duration, 0.25,
@@ -326,8 +338,10 @@ class Settings:
 # -- loading ---------------------------------------------------------------
 
 
-def _section(label: str, raw: Any, keys: dict[str, Key], required=()) -> dict[str, Any]:
-    """Parse one table against its key declarations."""
+def _section(label: str, raw: Any, keys: dict[str, Key], base_dir: str | None,
+             required=()) -> dict[str, Any]:
+    """Parse one table against its key declarations; relative paths are
+    joined to ``base_dir`` (when given)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: expected a table")
     for name in raw:
@@ -344,6 +358,8 @@ def _section(label: str, raw: Any, keys: dict[str, Key], required=()) -> dict[st
             raise ConfigError(f"{label} {name}: required key is missing")
         else:
             values[name] = key.default
+        if base_dir and key.parse in PATH_PARSERS and values[name]:
+            values[name] = os.path.normpath(os.path.join(base_dir, values[name]))
     return values
 
 
@@ -359,30 +375,31 @@ TOP_LEVEL = (
 TLS_MODES = ("none", "opportunistic", "required", "verify")
 
 
-def from_dict(raw: dict, source: str = "") -> Settings:
-    """Validate a parsed TOML document and build the settings tree."""
+def from_dict(raw: dict, source: str = "", base_dir: str | None = None) -> Settings:
+    """Validate a parsed TOML document and build the settings tree; relative
+    paths are taken from ``base_dir`` (None: left as they are)."""
     for name in raw:
         if name not in TOP_LEVEL:
             raise ConfigError(f"[{name}]: unknown table")
-    relay = RelaySettings(**_section("[relay]", raw.get("relay", {}), RELAY_KEYS))
+    relay = RelaySettings(**_section("[relay]", raw.get("relay", {}), RELAY_KEYS, base_dir))
     listen = tuple(
-        Listen(**_section("[[listen]]", item, LISTEN_KEYS))
+        Listen(**_section("[[listen]]", item, LISTEN_KEYS, base_dir))
         for item in _array("[[listen]]", raw.get("listen", [{"address": "127.0.0.1:2525"}]))
     )
     if not listen:
         raise ConfigError("[[listen]]: at least one listen address is required")
     tls = None
     if "tls" in raw:
-        tls = TlsSettings(**_section("[tls]", raw["tls"], TLS_KEYS))
+        tls = TlsSettings(**_section("[tls]", raw["tls"], TLS_KEYS, base_dir))
     intake_raw = raw.get("intake", {})
     if not isinstance(intake_raw, dict):
         raise ConfigError("[intake]: expected a table")
     intake_raw = dict(intake_raw)
     users_raw = intake_raw.pop("users", [])
     intake = IntakeSettings(
-        **_section("[intake]", intake_raw, INTAKE_KEYS),
+        **_section("[intake]", intake_raw, INTAKE_KEYS, base_dir),
         users=tuple(
-            User(**_section("[[intake.users]]", item, USER_KEYS))
+            User(**_section("[[intake.users]]", item, USER_KEYS, base_dir))
             for item in _array("[[intake.users]]", users_raw)
         ),
     )
@@ -392,9 +409,9 @@ def from_dict(raw: dict, source: str = "") -> Settings:
                 f"[[intake.users]] password_hash: expected a hash from `relayctl hash-password`"
                 f" for user {user.name!r}"
             )
-    dns = DnsSettings(**_section("[dns]", raw.get("dns", {}), DNS_KEYS))
-    deliver = DeliverSettings(**_section("[deliver]", raw.get("deliver", {}), DELIVER_KEYS))
-    stats = StatsSettings(**_section("[stats]", raw.get("stats", {}), STATS_KEYS))
+    dns = DnsSettings(**_section("[dns]", raw.get("dns", {}), DNS_KEYS, base_dir))
+    deliver = DeliverSettings(**_section("[deliver]", raw.get("deliver", {}), DELIVER_KEYS, base_dir))
+    stats = StatsSettings(**_section("[stats]", raw.get("stats", {}), STATS_KEYS, base_dir))
     if stats.metrics_address:
         try:
             parse_hostport(stats.metrics_address)
@@ -420,7 +437,7 @@ def from_dict(raw: dict, source: str = "") -> Settings:
             )
         tls_policy[domain.lower()] = mode
     dkim = tuple(
-        DkimIdentity(**_section("[[dkim]]", item, DKIM_KEYS))
+        DkimIdentity(**_section("[[dkim]]", item, DKIM_KEYS, base_dir))
         for item in _array("[[dkim]]", raw.get("dkim", []))
     )
     return Settings(
@@ -447,7 +464,7 @@ def load(path: str) -> Settings:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return from_dict(raw, source=path)
+    return from_dict(raw, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
 
 
 def defaults() -> Settings:
