@@ -506,10 +506,98 @@ def pin_restart_keys(new: Settings, running: Settings) -> Settings:
     return dataclasses.replace(new, listen=running.listen, **sections)
 
 
-def flatten(settings: Settings) -> dict[str, Any]:
-    """``{"[section] key": value}`` for every scalar key, for `relayctl config`."""
-    flat = {}
-    for section, keys in SECTIONS.items():
-        for name in keys:
-            flat[f"[{section}] {name}"] = getattr(getattr(settings, section), name)
-    return flat
+# -- back to the file's form ------------------------------------------------
+# The inverse of the parsers: each value as it would be written in the file
+# (durations "5m", sizes "25M", addresses "host:port"), so that what
+# `relayctl config` prints can be pasted back and loads to equal settings.
+
+
+def format_duration(seconds: float) -> str | float:
+    for unit in ("d", "h", "m", "s"):
+        count = seconds / _DURATION_UNITS[unit]
+        if count >= 1 and count == int(count):
+            return f"{int(count)}{unit}"
+    millis = round(seconds * 1000)
+    if seconds and parse_duration(f"{millis}ms") == seconds:
+        return f"{millis}ms"
+    return seconds  # no unit writes it exactly: plain seconds do
+
+
+def format_size(size: int) -> str | int:
+    for unit in ("g", "m", "k"):
+        if size >= _SIZE_UNITS[unit] and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit.upper() if unit != 'k' else unit}"
+    return size
+
+
+def format_hostport(hostport: tuple[str, int]) -> str:
+    host, port = hostport
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_FORMATS: dict[Callable, Callable[[Any], Any]] = {
+    parse_duration: format_duration,
+    _durations: lambda value: [format_duration(v) for v in value],
+    parse_size: format_size,
+    parse_hostport: format_hostport,
+    _hostports: lambda value: [format_hostport(v) for v in value],
+    _networks: lambda value: [str(v) for v in value],
+}
+
+
+def file_value(key: Key, value: Any) -> Any:
+    """A parsed value as it is written in the file."""
+    value = _FORMATS[key.parse](value) if key.parse in _FORMATS else value
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _table(record: Any, keys: dict[str, Key]) -> dict[str, Any]:
+    return {name: file_value(key, getattr(record, name)) for name, key in keys.items()}
+
+
+def to_document(settings: Settings) -> dict[str, Any]:
+    """Every setting as a TOML document (a dict for a TOML writer), tables
+    in the order of TOP_LEVEL; an absent ``[tls]`` and empty arrays of
+    tables are left out (TOML has no null)."""
+    doc: dict[str, Any] = {"relay": _table(settings.relay, RELAY_KEYS),
+                           "listen": [_table(item, LISTEN_KEYS) for item in settings.listen]}
+    if settings.tls is not None:
+        doc["tls"] = _table(settings.tls, TLS_KEYS)
+    doc["intake"] = _table(settings.intake, INTAKE_KEYS)
+    if settings.intake.users:
+        doc["intake"]["users"] = [_table(user, USER_KEYS) for user in settings.intake.users]
+    doc["dns"] = _table(settings.dns, DNS_KEYS)
+    doc["deliver"] = _table(settings.deliver, DELIVER_KEYS)
+    doc["routes"] = {domain: format_hostport(hop) for domain, hop in settings.routes.items()}
+    doc["tls_policy"] = dict(settings.tls_policy)
+    doc["stats"] = _table(settings.stats, STATS_KEYS)
+    if settings.dkim:
+        doc["dkim"] = [_table(identity, DKIM_KEYS) for identity in settings.dkim]
+    return doc
+
+
+def changed_document(settings: Settings, base: Settings) -> dict[str, Any]:
+    """What of ``settings`` differs from ``base`` (postconf -n): single keys
+    of the plain tables; ``[[listen]]``, ``[tls]``, ``[routes]``,
+    ``[tls_policy]`` and arrays of tables whole, as their entries need
+    every required key."""
+    mine, theirs = to_document(settings), to_document(base)
+    changed: dict[str, Any] = {}
+    for name, value in mine.items():
+        other = theirs.get(name)
+        if value == other:
+            continue
+        if name in SECTIONS:
+            changed[name] = {k: v for k, v in value.items() if v != other.get(k)}
+        else:
+            changed[name] = value
+    return changed
+
+
+# Tables that are absent or empty by default, with the keys an entry takes
+# (`relayctl config --defaults` shows them as commented templates).
+OPTIONAL_TABLES = (
+    ("[tls]", TLS_KEYS, "absent: inbound STARTTLS is not offered"),
+    ("[[intake.users]]", USER_KEYS, "none: AUTH is not offered"),
+    ("[[dkim]]", DKIM_KEYS, "none: mail is not signed"),
+)
