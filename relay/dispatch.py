@@ -15,7 +15,13 @@ takes a pooled connection or opens one from the next of this worker's
 source IPs (round robin), then sends job after job until the queue is
 empty or the connection has carried ``max_messages_per_connection``.
 Each reply is classified (outcome.classify): delivered, deferred to the
-next step of the retry schedule, or bounced — with a DSN to the sender.
+next step of the retry schedule, or bounced — with a DSN to the sender:
+one per message for the recipients it claimed together (its round), as
+Postfix sends one per message, not one per recipient or domain.  A
+bounced recipient is committed only with its DSN queued, so its outcome
+waits in memory (``_bounces``) until the last of its message's claimed
+recipients has its outcome; a crash meanwhile leaves it claimed, to be
+tried again after the restart.
 The loop sleeps until the earliest deferred recipient is due or the spool
 says new mail was committed.
 """
@@ -90,6 +96,23 @@ def worker_source_ips(source_ips: tuple[str, ...], worker: int, workers: int) ->
     return own or [source_ips[worker % len(source_ips)]]
 
 
+@dataclasses.dataclass
+class _HeldBounces:
+    """A message's bounced recipients waiting for its round's one DSN."""
+
+    failed: list = dataclasses.field(default_factory=list)  # of FailedRecipient
+    updates: list = dataclasses.field(default_factory=list)  # of RecipientUpdate
+    events: list = dataclasses.field(default_factory=list)
+    suppress: list = dataclasses.field(default_factory=list)
+
+    def defer(self, retry: float) -> None:
+        """No DSN went out: the recipients are deferred, not bounced."""
+        self.updates = [dataclasses.replace(u, state=RecipientState.DEFERRED, next_attempt=retry)
+                        for u in self.updates]
+        self.events = [e[:10] + ("deferred",) + e[11:] for e in self.events]
+        self.suppress = []
+
+
 class Dispatcher:
     def __init__(self, settings: Settings, worker: int, workers: int, spool: Spool,
                  submit: Submit, queue_ids: QueueIds, resolver: Resolver | None = None) -> None:
@@ -108,6 +131,10 @@ class Dispatcher:
         self._next_source = itertools.count()
         self.queues: dict[tuple, DestinationQueue] = {}
         self.loaded = 0
+        # Per message: claimed recipients still without an outcome, and the
+        # bounces waiting for the last of them (one DSN per round).
+        self._round: collections.Counter[str] = collections.Counter()
+        self._bounces: dict[str, _HeldBounces] = {}
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._tls_broken: dict[str, float] = {}
@@ -180,6 +207,7 @@ class Dispatcher:
         if claimed:
             self.loaded += len(claimed)
             for job in jobs_from(claimed, self.traced):
+                self._round[job.queue_id] += len(job.recipients)
                 if job.trace:
                     self._trace(job, "claimed %d recipient(s), attempt %d: %s", len(job.recipients),
                                 job.recipients[0].attempts + 1,
@@ -217,7 +245,9 @@ class Dispatcher:
         self.stopping = True
         self._wakeup.set()
         for queue in self.queues.values():
-            self.loaded -= sum(len(job.recipients) for job in queue.take_all())
+            for job in queue.take_all():
+                self.loaded -= len(job.recipients)
+                self._round_done(job.queue_id, len(job.recipients))  # tried after the restart
         deadline = time.monotonic() + timeout
         while any(q.senders for q in self.queues.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -292,6 +322,7 @@ class Dispatcher:
                         ", ".join(f"{h.host}[{h.ip}]:{h.port}" for h in destination.hops))
         if self.stopping:
             self.loaded -= len(job.recipients)
+            self._round_done(job.queue_id, len(job.recipients))
             return
         mode = self.tls_mode(job.domain)
         key = (destination.key, mode)
@@ -400,6 +431,7 @@ class Dispatcher:
             body = None
         if body is None:  # removed meanwhile (relayctl delete, say)
             self.loaded -= len(job.recipients)
+            self._round_done(job.queue_id, len(job.recipients))
             return True
         started = time.monotonic()
         reused = session.messages_sent > 0
@@ -461,7 +493,9 @@ class Dispatcher:
             if dropped:
                 state, label = RecipientState.BOUNCED, "dropped"
             elif label == "bounced":
-                bounced.append(FailedRecipient(rcpt.address, reply, "failed", now))
+                # A reply that would only defer bounces when the message expired.
+                expired = outcome.action is not Action.BOUNCED
+                bounced.append(FailedRecipient(rcpt.address, reply, "failed", now, expired))
                 if (outcome.hard and outcome.failure_class is FailureClass.RECIPIENT
                         and not rcpt.suppressed):
                     suppress.append((rcpt.address, str(reply)))
@@ -475,18 +509,29 @@ class Dispatcher:
                 label, outcome.failure_class.value if outcome.failure_class else None,
                 round(latency, 4),
             ))
-        if bounced and should_bounce(job.sender) and not await self._send_dsn(job, bounced, body):
-            # No DSN could be queued: not final yet.  The recipients wait for
-            # the next attempt rather than bounce without telling the sender.
-            retry = now + self.schedule.delay(1)
-            bounced_now = {b.address for b in bounced}
-            updates = [
-                dataclasses.replace(u, state=RecipientState.DEFERRED, next_attempt=retry)
-                if u.state == RecipientState.BOUNCED and rcpt.address in bounced_now else u
-                for u, (rcpt, _, _) in zip(updates, outcomes)
-            ]
-            events = [e[:10] + ("deferred",) + e[11:] if e[10] == "bounced" else e for e in events]
+        if bounced and should_bounce(job.sender):
+            # Held back until the message's round is complete: one DSN for all.
+            held = self._bounces.setdefault(job.queue_id, _HeldBounces())
+            held.failed += bounced
+            held.updates += [u for u, e in zip(updates, events) if e[10] == "bounced"]
+            held.events += [e for e in events if e[10] == "bounced"]
+            held.suppress += suppress
+            updates = [u for u, e in zip(updates, events) if e[10] != "bounced"]
+            events = [e for e in events if e[10] != "bounced"]
             suppress = []
+        held = self._round_done(job.queue_id, len(job.recipients))
+        if held is not None:
+            if not await self._send_dsn(job, held.failed, body):
+                # No DSN could be queued: not final yet.  The recipients wait
+                # for the next attempt rather than bounce without telling the
+                # sender.
+                held.defer(now + self.schedule.delay(1))
+            updates += held.updates
+            events += held.events
+            suppress += held.suppress
+        if not updates:
+            self.loaded -= len(job.recipients)
+            return
         try:
             for delay in COMPLETE_RETRIES:
                 try:
@@ -516,6 +561,16 @@ class Dispatcher:
             if label == "delivered":
                 self.accept_to_delivered.observe(now - job.received)
         self._write_events(events)
+
+    def _round_done(self, queue_id: str, count: int) -> _HeldBounces | None:
+        """``count`` recipients of a message have their outcome (or left
+        memory); the bounces held for it once none of its round is left."""
+        left = self._round[queue_id] - count
+        if left > 0:
+            self._round[queue_id] = left
+            return None
+        self._round.pop(queue_id, None)
+        return self._bounces.pop(queue_id, None)
 
     def _next_state(self, rcpt: DueRecipient, reply: Reply, outcome: Outcome, now: float,
                     some_accepted: bool):
