@@ -23,7 +23,8 @@ import subprocess
 import sys
 import time
 
-from relay.testing.toml import toml_dumps
+import tomli_w
+
 from perf import procstat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +97,7 @@ class Relay:
         for section, values in (overrides or {}).items():
             doc.setdefault(section, {}).update(values)
         with open(self.config_path, "w") as file:
-            file.write(toml_dumps(doc))
+            file.write(tomli_w.dumps(doc))
 
     def start(self) -> "Relay":
         with open(self.log_path, "ab") as log:

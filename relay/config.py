@@ -141,6 +141,18 @@ def _path(value: Any) -> str:
     return value
 
 
+def _optional_path(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError('a file path, or "" for none')
+    return value
+
+
+# Keys parsed by these hold paths: a relative one is taken from the
+# directory of the config file (as nginx and Postfix do), not from
+# wherever the relay or relayctl happens to be started.
+PATH_PARSERS = (_path, _optional_path)
+
+
 # -- the table of keys -----------------------------------------------------
 
 
@@ -230,7 +242,7 @@ DELIVER_KEYS = _keys(
         "opportunistic",
         "outbound STARTTLS policy ([tls_policy] overrides it per domain)",
     ),
-    Key("ca_file", _str, "", "CA bundle for tls = verify; empty = the system's"),
+    Key("ca_file", _optional_path, "", "CA bundle for tls = verify; empty = the system's"),
     Key("max_connections_per_destination", _int(1), 20, "open connections per destination, per worker"),
     Key("max_messages_per_connection", _int(1), 100, "transactions before a connection is closed"),
     Key("spawn_after", parse_duration, 0.25,
@@ -384,7 +396,7 @@ def _unlimited(values: dict) -> dict:
 
 
 def _shaping_default(raw: Any) -> dict:
-    return _unlimited(_section("[shaping.default]", raw, SHAPING_KEYS))
+    return _unlimited(_section("[shaping.default]", raw, SHAPING_KEYS, None))
 
 
 def _shaping_overrides(label: str, raw: Any) -> dict:
@@ -430,7 +442,7 @@ def _shaping(raw: Any, deliver_raw: dict) -> ShapingSettings:
             raise ConfigError("[[shaping.rules]]: expected a table")
         own = {k: v for k, v in item.items() if k in RULE_KEYS}
         rest = {k: v for k, v in item.items() if k not in RULE_KEYS}
-        values = _section("[[shaping.rules]]", own, RULE_KEYS)
+        values = _section("[[shaping.rules]]", own, RULE_KEYS, None)
         overrides = _shaping_overrides("[[shaping.rules]]", rest)
         if values["action"] == "throttle" and not overrides:
             raise ConfigError("[[shaping.rules]]: a throttle rule needs at least one shaping key"
@@ -468,8 +480,10 @@ class Settings:
 # -- loading ---------------------------------------------------------------
 
 
-def _section(label: str, raw: Any, keys: dict[str, Key], required=()) -> dict[str, Any]:
-    """Parse one table against its key declarations."""
+def _section(label: str, raw: Any, keys: dict[str, Key], base_dir: str | None,
+             required=()) -> dict[str, Any]:
+    """Parse one table against its key declarations; relative paths are
+    joined to ``base_dir`` (when given)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: expected a table")
     for name in raw:
@@ -486,6 +500,8 @@ def _section(label: str, raw: Any, keys: dict[str, Key], required=()) -> dict[st
             raise ConfigError(f"{label} {name}: required key is missing")
         else:
             values[name] = key.default
+        if base_dir and key.parse in PATH_PARSERS and values[name]:
+            values[name] = os.path.normpath(os.path.join(base_dir, values[name]))
     return values
 
 
@@ -507,30 +523,31 @@ DEPRECATED_DELIVER_KEYS = {
 TLS_MODES = ("none", "opportunistic", "required", "verify")
 
 
-def from_dict(raw: dict, source: str = "") -> Settings:
-    """Validate a parsed TOML document and build the settings tree."""
+def from_dict(raw: dict, source: str = "", base_dir: str | None = None) -> Settings:
+    """Validate a parsed TOML document and build the settings tree; relative
+    paths are taken from ``base_dir`` (None: left as they are)."""
     for name in raw:
         if name not in TOP_LEVEL:
             raise ConfigError(f"[{name}]: unknown table")
-    relay = RelaySettings(**_section("[relay]", raw.get("relay", {}), RELAY_KEYS))
+    relay = RelaySettings(**_section("[relay]", raw.get("relay", {}), RELAY_KEYS, base_dir))
     listen = tuple(
-        Listen(**_section("[[listen]]", item, LISTEN_KEYS))
+        Listen(**_section("[[listen]]", item, LISTEN_KEYS, base_dir))
         for item in _array("[[listen]]", raw.get("listen", [{"address": "127.0.0.1:2525"}]))
     )
     if not listen:
         raise ConfigError("[[listen]]: at least one listen address is required")
     tls = None
     if "tls" in raw:
-        tls = TlsSettings(**_section("[tls]", raw["tls"], TLS_KEYS))
+        tls = TlsSettings(**_section("[tls]", raw["tls"], TLS_KEYS, base_dir))
     intake_raw = raw.get("intake", {})
     if not isinstance(intake_raw, dict):
         raise ConfigError("[intake]: expected a table")
     intake_raw = dict(intake_raw)
     users_raw = intake_raw.pop("users", [])
     intake = IntakeSettings(
-        **_section("[intake]", intake_raw, INTAKE_KEYS),
+        **_section("[intake]", intake_raw, INTAKE_KEYS, base_dir),
         users=tuple(
-            User(**_section("[[intake.users]]", item, USER_KEYS))
+            User(**_section("[[intake.users]]", item, USER_KEYS, base_dir))
             for item in _array("[[intake.users]]", users_raw)
         ),
     )
@@ -540,9 +557,9 @@ def from_dict(raw: dict, source: str = "") -> Settings:
                 f"[[intake.users]] password_hash: expected a hash from `relayctl hash-password`"
                 f" for user {user.name!r}"
             )
-    dns = DnsSettings(**_section("[dns]", raw.get("dns", {}), DNS_KEYS))
-    deliver = DeliverSettings(**_section("[deliver]", raw.get("deliver", {}), DELIVER_KEYS))
-    stats = StatsSettings(**_section("[stats]", raw.get("stats", {}), STATS_KEYS))
+    dns = DnsSettings(**_section("[dns]", raw.get("dns", {}), DNS_KEYS, base_dir))
+    deliver = DeliverSettings(**_section("[deliver]", raw.get("deliver", {}), DELIVER_KEYS, base_dir))
+    stats = StatsSettings(**_section("[stats]", raw.get("stats", {}), STATS_KEYS, base_dir))
     if stats.metrics_address:
         try:
             parse_hostport(stats.metrics_address)
@@ -568,7 +585,7 @@ def from_dict(raw: dict, source: str = "") -> Settings:
             )
         tls_policy[domain.lower()] = mode
     dkim = tuple(
-        DkimIdentity(**_section("[[dkim]]", item, DKIM_KEYS))
+        DkimIdentity(**_section("[[dkim]]", item, DKIM_KEYS, base_dir))
         for item in _array("[[dkim]]", raw.get("dkim", []))
     )
     deliver_raw = raw.get("deliver", {})
@@ -598,7 +615,7 @@ def load(path: str) -> Settings:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return from_dict(raw, source=path)
+    return from_dict(raw, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
 
 
 def defaults() -> Settings:
@@ -640,10 +657,132 @@ def pin_restart_keys(new: Settings, running: Settings) -> Settings:
     return dataclasses.replace(new, listen=running.listen, **sections)
 
 
-def flatten(settings: Settings) -> dict[str, Any]:
-    """``{"[section] key": value}`` for every scalar key, for `relayctl config`."""
-    flat = {}
-    for section, keys in SECTIONS.items():
-        for name in keys:
-            flat[f"[{section}] {name}"] = getattr(getattr(settings, section), name)
-    return flat
+# -- back to the file's form ------------------------------------------------
+# The inverse of the parsers: each value as it would be written in the file
+# (durations "5m", sizes "25M", addresses "host:port"), so that what
+# `relayctl config` prints can be pasted back and loads to equal settings.
+
+
+def format_duration(seconds: float) -> str | float:
+    for unit in ("d", "h", "m", "s"):
+        count = seconds / _DURATION_UNITS[unit]
+        if count >= 1 and count == int(count):
+            return f"{int(count)}{unit}"
+    millis = round(seconds * 1000)
+    if seconds and parse_duration(f"{millis}ms") == seconds:
+        return f"{millis}ms"
+    return seconds  # no unit writes it exactly: plain seconds do
+
+
+def format_size(size: int) -> str | int:
+    for unit in ("g", "m", "k"):
+        if size >= _SIZE_UNITS[unit] and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit.upper() if unit != 'k' else unit}"
+    return size
+
+
+def format_hostport(hostport: tuple[str, int]) -> str:
+    host, port = hostport
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def format_rate(rate: tuple[int, float] | None) -> str:
+    if rate is None:
+        return UNLIMITED
+    count, period = rate
+    unit = {1.0: "s", 60.0: "min", 3600.0: "h", 86400.0: "d"}[period]
+    return f"{count}/{unit}"
+
+
+def _format_trigger(trigger) -> str:
+    if trigger is None or trigger == "immediate":
+        return "immediate"
+    count, window = trigger
+    return f"{count}/{format_duration(window)}"
+
+
+_FORMATS: dict[Callable, Callable[[Any], Any]] = {
+    parse_rate: format_rate,
+    _trigger: _format_trigger,
+    _regex: lambda pattern: pattern.pattern,
+    parse_duration: format_duration,
+    _durations: lambda value: [format_duration(v) for v in value],
+    parse_size: format_size,
+    parse_hostport: format_hostport,
+    _hostports: lambda value: [format_hostport(v) for v in value],
+    _networks: lambda value: [str(v) for v in value],
+}
+
+
+def file_value(key: Key, value: Any) -> Any:
+    """A parsed value as it is written in the file."""
+    value = _FORMATS[key.parse](value) if key.parse in _FORMATS else value
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _table(record: Any, keys: dict[str, Key]) -> dict[str, Any]:
+    return {name: file_value(key, getattr(record, name)) for name, key in keys.items()}
+
+
+def to_document(settings: Settings) -> dict[str, Any]:
+    """Every setting as a TOML document (a dict for a TOML writer), tables
+    in the order of TOP_LEVEL; an absent ``[tls]`` and empty arrays of
+    tables are left out (TOML has no null)."""
+    doc: dict[str, Any] = {"relay": _table(settings.relay, RELAY_KEYS),
+                           "listen": [_table(item, LISTEN_KEYS) for item in settings.listen]}
+    if settings.tls is not None:
+        doc["tls"] = _table(settings.tls, TLS_KEYS)
+    doc["intake"] = _table(settings.intake, INTAKE_KEYS)
+    if settings.intake.users:
+        doc["intake"]["users"] = [_table(user, USER_KEYS) for user in settings.intake.users]
+    doc["dns"] = _table(settings.dns, DNS_KEYS)
+    doc["deliver"] = _table(settings.deliver, DELIVER_KEYS)
+    doc["routes"] = {domain: format_hostport(hop) for domain, hop in settings.routes.items()}
+    doc["tls_policy"] = dict(settings.tls_policy)
+    doc["stats"] = _table(settings.stats, STATS_KEYS)
+    if settings.dkim:
+        doc["dkim"] = [_table(identity, DKIM_KEYS) for identity in settings.dkim]
+    shaping = settings.shaping
+
+    def overrides(values: dict) -> dict:
+        return {name: file_value(SHAPING_KEYS[name], value) for name, value in values.items()}
+
+    doc["shaping"] = {"default": overrides(shaping.default)}
+    for domain, values in shaping.domains.items():
+        doc["shaping"][domain] = overrides(values)
+    for suffix, values in shaping.mx_suffixes:
+        doc["shaping"][f"mx:{suffix}"] = overrides(values)
+    if shaping.rules:
+        doc["shaping"]["rules"] = [
+            {"regex": rule.regex.pattern, "action": rule.action,
+             "duration": format_duration(rule.duration), "trigger": _format_trigger(rule.trigger),
+             **overrides(rule.overrides)}
+            for rule in shaping.rules]
+    return doc
+
+
+def changed_document(settings: Settings, base: Settings) -> dict[str, Any]:
+    """What of ``settings`` differs from ``base`` (postconf -n): single keys
+    of the plain tables; ``[[listen]]``, ``[tls]``, ``[routes]``,
+    ``[tls_policy]`` and arrays of tables whole, as their entries need
+    every required key."""
+    mine, theirs = to_document(settings), to_document(base)
+    changed: dict[str, Any] = {}
+    for name, value in mine.items():
+        other = theirs.get(name)
+        if value == other:
+            continue
+        if name in SECTIONS:
+            changed[name] = {k: v for k, v in value.items() if v != other.get(k)}
+        else:
+            changed[name] = value
+    return changed
+
+
+# Tables that are absent or empty by default, with the keys an entry takes
+# (`relayctl config --defaults` shows them as commented templates).
+OPTIONAL_TABLES = (
+    ("[tls]", TLS_KEYS, "absent: inbound STARTTLS is not offered"),
+    ("[[intake.users]]", USER_KEYS, "none: AUTH is not offered"),
+    ("[[dkim]]", DKIM_KEYS, "none: mail is not signed"),
+)

@@ -32,6 +32,7 @@ log = logging.getLogger("relay.control")
 
 EXCHANGE_TIMEOUT = 5.0
 WORKER_TIMEOUT = 120.0  # a requeue over a big spool may take a while
+REQUEUE_FILTERS = ("code", "sender", "recipient")
 
 
 def open_control_socket(run_dir: str) -> socket.socket:
@@ -99,7 +100,10 @@ class ControlPlane:
                     "ring": self.ring_path,
                     "workers": [{"index": i, "pid": pid} for i, pid in self.worker_pids()],
                 }
-            if op in ("flush", "suspend", "resume", "requeue", "delete", "trace"):
+            if op == "requeue" and not any(request.get(k) for k in REQUEUE_FILTERS + ("all", "quarantined")):
+                return {"ok": False, "error": "requeue without a filter needs all: every bounce"
+                                              " would go back in the queue"}
+            if op in ("flush", "suspend", "resume", "suspensions", "requeue", "delete", "trace"):
                 return self._to_workers(request)
             if op in ("shaping", "shaping_cancel"):
                 return self._shaping(request)
@@ -143,19 +147,32 @@ class ControlPlane:
         else:
             targets = list(range(self.workers))
         answers = {}
-        for worker in targets:
+        # Each worker keeps the suspensions of its own domains: after a
+        # suspend or resume the others are asked too, so the list shown is
+        # everyone's, not just the owner's.
+        asks = [(w, request) for w in targets]
+        if request["op"] in ("suspend", "resume"):
+            asks += [(w, {"op": "suspensions"}) for w in range(self.workers) if w not in targets]
+        for worker, message in asks:
             path = socket_path(self.settings.relay.run_dir, worker)
             try:
-                answers[worker] = request_blocking(path, request, WORKER_TIMEOUT)
+                answers[worker] = request_blocking(path, message, WORKER_TIMEOUT)
             except OSError as exc:
                 return {"ok": False, "error": f"worker {worker} did not answer: {exc}"}
             if not answers[worker].get("ok"):
-                return {"ok": False, "error": f"worker {worker} refused {request['op']}"}
+                return {"ok": False, "error": f"worker {worker} refused {message['op']}"}
         result = {"ok": True, "workers": sorted(answers)}
         if any("count" in a for a in answers.values()):
             result["count"] = sum(a.get("count", 0) for a in answers.values())
         if any("traced" in a for a in answers.values()):
             result["traced"] = answers[targets[0]]["traced"]
+        if request["op"] == "delete":
+            # A message split between owners has a part in several spools:
+            # count messages, and name the ids no spool had.
+            deleted = {i for a in answers.values() for i in a.get("deleted", [])}
+            result["count"] = len(deleted)
+            result["deleted"] = sorted(deleted)
+            result["missing"] = [i for i in dict.fromkeys(request.get("ids", [])) if i not in deleted]
         if any("suspended" in a for a in answers.values()):
             result["suspended"] = sorted({d for a in answers.values() for d in a.get("suspended", [])})
         return result

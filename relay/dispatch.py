@@ -15,7 +15,13 @@ takes a pooled connection or opens one from the next of this worker's
 source IPs (round robin), then sends job after job until the queue is
 empty or the connection has carried ``max_messages_per_connection``.
 Each reply is classified (outcome.classify): delivered, deferred to the
-next step of the retry schedule, or bounced — with a DSN to the sender.
+next step of the retry schedule, or bounced — with a DSN to the sender:
+one per message for the recipients it claimed together (its round), as
+Postfix sends one per message, not one per recipient or domain.  A
+bounced recipient is committed only with its DSN queued, so its outcome
+waits in memory (``_bounces``) until the last of its message's claimed
+recipients has its outcome; a crash meanwhile leaves it claimed, to be
+tried again after the restart.
 The loop sleeps until the earliest deferred recipient is due or the spool
 says new mail was committed.
 
@@ -58,7 +64,7 @@ from relay.outcome.bounce import FailedRecipient, build_dsn, should_bounce
 from relay.outcome.classify import Action, FailureClass, Outcome, classify
 from relay.spool.format import RecipientState
 from relay.stats.ring import Histogram
-from relay.spool.store import EVENT_COLUMNS, DueRecipient, RecipientUpdate, Spool
+from relay.spool.store import EVENT_COLUMNS, HELD_PREFIX, DueRecipient, RecipientUpdate, Spool
 
 log = logging.getLogger("relay.deliver")
 trace_log = logging.getLogger("relay.trace")
@@ -105,6 +111,23 @@ def worker_source_ips(source_ips: tuple[str, ...], worker: int, workers: int) ->
     return own or [source_ips[worker % len(source_ips)]]
 
 
+@dataclasses.dataclass
+class _HeldBounces:
+    """A message's bounced recipients waiting for its round's one DSN."""
+
+    failed: list = dataclasses.field(default_factory=list)  # of FailedRecipient
+    updates: list = dataclasses.field(default_factory=list)  # of RecipientUpdate
+    events: list = dataclasses.field(default_factory=list)
+    suppress: list = dataclasses.field(default_factory=list)
+
+    def defer(self, retry: float) -> None:
+        """No DSN went out: the recipients are deferred, not bounced."""
+        self.updates = [dataclasses.replace(u, state=RecipientState.DEFERRED, next_attempt=retry)
+                        for u in self.updates]
+        self.events = [e[:10] + ("deferred",) + e[11:] for e in self.events]
+        self.suppress = []
+
+
 class Dispatcher:
     def __init__(self, settings: Settings, worker: int, workers: int, spool: Spool,
                  submit: Submit, queue_ids: QueueIds, resolver: Resolver | None = None) -> None:
@@ -128,7 +151,12 @@ class Dispatcher:
         self.sessions: dict[int, SmtpSession] = {}  # the scheduler's connection id -> session
         self._poke = asyncio.Event()  # the scheduler has news: look at its actions again
         self._sending = 0  # transactions in flight
+        self._held_domains: dict[str, set] = {}  # site -> domains whose mail a suspension handed back
         self.loaded = 0
+        # Per message: claimed recipients still without an outcome, and the
+        # bounces waiting for the last of them (one DSN per round).
+        self._round: collections.Counter[str] = collections.Counter()
+        self._bounces: dict[str, _HeldBounces] = {}
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._tls_broken: dict[str, float] = {}
@@ -205,6 +233,7 @@ class Dispatcher:
         if claimed:
             self.loaded += len(claimed)
             for job in jobs_from(claimed, self.traced):
+                self._round[job.queue_id] += len(job.recipients)
                 if job.trace:
                     self._trace(job, "claimed %d recipient(s), attempt %d: %s", len(job.recipients),
                                 job.recipients[0].attempts + 1,
@@ -242,7 +271,9 @@ class Dispatcher:
         finish and record their outcome, within ``timeout``."""
         self.stopping = True
         self._wakeup.set()
-        self.loaded -= sum(len(job.recipients) for job in self.scheduler.take_all())
+        for job in self.scheduler.take_all():
+            self.loaded -= len(job.recipients)
+            self._round_done(job.queue_id, len(job.recipients))  # tried after the restart
         deadline = time.monotonic() + timeout
         while self._sending and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -314,6 +345,7 @@ class Dispatcher:
                         ", ".join(f"{h.host}[{h.ip}]:{h.port}" for h in destination.hops))
         if self.stopping:
             self.loaded -= len(job.recipients)
+            self._round_done(job.queue_id, len(job.recipients))
             return
         job.destination = destination
         job.site_key = (destination.key, self.tls_mode(job.domain))
@@ -346,14 +378,13 @@ class Dispatcher:
         elif isinstance(action, Open):
             self._spawn(self._open(action))
         elif isinstance(action, Close):
-            session = self.sessions.pop(action.conn, None)
-            if session is not None:
-                self._spawn(session.quit())
+            self._spawn(self._close(action.conn))
         elif isinstance(action, Fail):
             for job in action.jobs:
                 self._spawn(self._record(job, [(r, action.reply, action.stage) for r in job.recipients],
                                          job.destination, None))
         elif isinstance(action, Hold):
+            self._held_domains.setdefault(action.site, set()).update(action.domains)
             self._spawn(self._hold(list(action.jobs), action.until, action.reason))
 
     async def _open(self, action: Open) -> None:
@@ -414,6 +445,15 @@ class Dispatcher:
             self._sending -= 1
             self._poke.set()
 
+    async def _close(self, conn: int) -> None:
+        session = self.sessions.pop(conn, None)
+        try:
+            if session is not None:
+                await session.quit()
+        finally:
+            self.scheduler.on_closed(conn)
+            self._poke.set()
+
     def _lost(self, conn: int) -> None:
         session = self.sessions.pop(conn, None)
         if session is not None:
@@ -458,12 +498,16 @@ class Dispatcher:
         """Jobs of a suspended site back to the spool, due when the suspension
         ends, their attempts unchanged (KumoMTA issue 322 is what this avoids)."""
         updates = [RecipientUpdate(r.queue_id, r.index, RecipientState.DEFERRED, r.attempts, until,
-                                   f"held: {reason}"[:500])
+                                   f"{HELD_PREFIX}{reason}"[:500])
                    for job in jobs for r in job.recipients]
         try:
             await self._complete(updates, [], [], jobs[0].queue_id)
         finally:
             self.loaded -= len(updates)
+        for job in jobs:
+            held = self._round_done(job.queue_id, len(job.recipients))
+            if held is not None:  # a sibling job's bounces waited for this one
+                await self._settle_bounces(job, held)
         log.info("%d recipient(s) held until %s: %s", len(updates),
                  time.strftime("%H:%M:%S", time.localtime(until)), reason)
 
@@ -479,6 +523,7 @@ class Dispatcher:
             body = None
         if body is None:  # removed meanwhile (relayctl delete, say)
             self.loaded -= len(job.recipients)
+            self._round_done(job.queue_id, len(job.recipients))
             return None
         started = time.monotonic()
         reused = session.messages_sent > 0
@@ -570,7 +615,9 @@ class Dispatcher:
             if dropped:
                 state, label = RecipientState.BOUNCED, "dropped"
             elif label == "bounced":
-                bounced.append(FailedRecipient(rcpt.address, reply, "failed", now))
+                # A reply that would only defer bounces when the message expired.
+                expired = outcome.action is not Action.BOUNCED
+                bounced.append(FailedRecipient(rcpt.address, reply, "failed", now, expired))
                 if (outcome.hard and outcome.failure_class is FailureClass.RECIPIENT
                         and not rcpt.suppressed):
                     suppress.append((rcpt.address, str(reply)))
@@ -584,18 +631,29 @@ class Dispatcher:
                 label, outcome.failure_class.value if outcome.failure_class else None,
                 round(latency, 4),
             ))
-        if bounced and should_bounce(job.sender) and not await self._send_dsn(job, bounced, body):
-            # No DSN could be queued: not final yet.  The recipients wait for
-            # the next attempt rather than bounce without telling the sender.
-            retry = now + self.schedule.delay(1)
-            bounced_now = {b.address for b in bounced}
-            updates = [
-                dataclasses.replace(u, state=RecipientState.DEFERRED, next_attempt=retry)
-                if u.state == RecipientState.BOUNCED and rcpt.address in bounced_now else u
-                for u, (rcpt, _, _) in zip(updates, outcomes)
-            ]
-            events = [e[:10] + ("deferred",) + e[11:] if e[10] == "bounced" else e for e in events]
+        if bounced and should_bounce(job.sender):
+            # Held back until the message's round is complete: one DSN for all.
+            held = self._bounces.setdefault(job.queue_id, _HeldBounces())
+            held.failed += bounced
+            held.updates += [u for u, e in zip(updates, events) if e[10] == "bounced"]
+            held.events += [e for e in events if e[10] == "bounced"]
+            held.suppress += suppress
+            updates = [u for u, e in zip(updates, events) if e[10] != "bounced"]
+            events = [e for e in events if e[10] != "bounced"]
             suppress = []
+        held = self._round_done(job.queue_id, len(job.recipients))
+        if held is not None:
+            if not await self._send_dsn(job, held.failed, body):
+                # No DSN could be queued: not final yet.  The recipients wait
+                # for the next attempt rather than bounce without telling the
+                # sender.
+                held.defer(now + self.schedule.delay(1))
+            updates += held.updates
+            events += held.events
+            suppress += held.suppress
+        if not updates:
+            self.loaded -= len(job.recipients)
+            return
         try:
             if not await self._complete(updates, events, suppress, job.queue_id):
                 return
@@ -631,6 +689,26 @@ class Dispatcher:
                 delay = COMPLETE_RETRIES[min(attempt, len(COMPLETE_RETRIES) - 1)]
                 log.warning("%s: outcome not recorded yet (%s); again in %ss", queue_id, exc, delay)
                 await asyncio.sleep(delay)
+
+    async def _settle_bounces(self, job: Job, held: "_HeldBounces") -> None:
+        """Commit bounces held for a round that ended without an outcome of
+        its own (its last job was held by a suspension)."""
+        if not await self._send_dsn(job, held.failed, None):
+            held.defer(time.time() + self.schedule.delay(1))
+        if await self._complete(held.updates, held.events, held.suppress, job.queue_id):
+            for event in held.events:
+                self.counters[event[10]] += 1
+            self._write_events(held.events)
+
+    def _round_done(self, queue_id: str, count: int) -> _HeldBounces | None:
+        """``count`` recipients of a message have their outcome (or left
+        memory); the bounces held for it once none of its round is left."""
+        left = self._round[queue_id] - count
+        if left > 0:
+            self._round[queue_id] = left
+            return None
+        self._round.pop(queue_id, None)
+        return self._bounces.pop(queue_id, None)
 
     def _next_state(self, rcpt: DueRecipient, reply: Reply, outcome: Outcome, now: float,
                     some_accepted: bool):
@@ -708,6 +786,14 @@ class Dispatcher:
             records.append(orjson.dumps(record) + b"\n")
         self._event_log.write(b"".join(records))
         self._event_log.flush()
+        for effect in ended:
+            domains = self._held_domains.pop(effect.site, None)
+            if domains and effect.kind == "suspend":
+                try:  # cancelled early (expired ones are due now anyway)
+                    await self.spool.release_held(sorted(domains), now)
+                except RelayError as exc:
+                    log.warning("held mail of %s not released (due at the old expiry): %s",
+                                effect.site, exc)
         try:
             await self.spool.set_meta(
                 "effects", orjson.dumps([e.to_json() for e in self.effects.all(now)]).decode())
@@ -741,6 +827,16 @@ class Dispatcher:
         effect = self.effects.cancel(effect_id, time.time())
         self._poke.set()
         return None if effect is None else {**effect.to_json(), "worker": self.worker}
+
+    async def delete(self, queue_ids: list[str]) -> list[str]:
+        """Remove messages from the queue; their ``deleted`` events go to the
+        event log like any outcome.  Returns the ids this worker had."""
+        found = await self.spool.delete(queue_ids, time.time())
+        for queue_id, events in found.items():
+            log.info("%s: deleted by the operator, %d recipient(s) not delivered",
+                     queue_id, len(events))
+            self._write_events(events)
+        return sorted(found)
 
     async def suspend(self, domain: str, suspended: bool) -> None:
         """Hold (or release) a domain's mail in the queue; kept across restarts."""

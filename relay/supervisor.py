@@ -341,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(settings.listen)} listen addresses, {len(settings.dkim)} DKIM identities)")
         return 0
     setup_logging(settings.relay.log_level)
+    for old, new in config.DEPRECATED_DELIVER_KEYS.items():
+        if getattr(settings.deliver, old) != config.DELIVER_KEYS[old].default:
+            log.warning("[deliver] %s is deprecated: it is now [shaping.default] %s (whole relay)",
+                        old, new)
     lock = InstanceLock(settings.relay.spool_dir, settings.relay.run_dir)
     try:
         lock.acquire()

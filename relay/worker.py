@@ -143,10 +143,12 @@ class Worker:
             count = await self.spool.requeue(
                 code=request.get("code"), sender=request.get("sender"),
                 recipient=request.get("recipient"), now=now,
+                dry_run=bool(request.get("dry_run")),
             )
             return {"count": count}
         if op == "delete":
-            return {"count": await self.spool.delete(request["ids"])}
+            deleted = await self.dispatcher.delete(request["ids"])
+            return {"count": len(deleted), "deleted": deleted}
         if op == "trace":
             traced = set(self.dispatcher.traced)
             for address in request.get("add", []):
@@ -165,6 +167,8 @@ class Worker:
             return {"cancelled": cancelled}
         if op in ("suspend", "resume"):
             await self.dispatcher.suspend(request["domain"], op == "suspend")
+            return {"suspended": sorted(self.dispatcher.suspended)}
+        if op == "suspensions":
             return {"suspended": sorted(self.dispatcher.suspended)}
         raise RelayError(f"unknown command {op!r}")
 

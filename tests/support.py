@@ -19,8 +19,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import tomli_w
+
 from relay.stats import ring
-from relay.testing.toml import toml_dumps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +79,7 @@ class RelayProcess:
 
     def write_config(self) -> None:
         with open(self.config_path, "w") as file:
-            file.write(toml_dumps(self.config()))
+            file.write(tomli_w.dumps(self.config()))
 
     def start(self, wait: bool = True) -> "RelayProcess":
         self._log_offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0

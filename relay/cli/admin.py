@@ -1,16 +1,21 @@
 """relayctl verbs that change the queue (postsuper / postqueue -f style):
 
 * ``flush [DOMAIN]`` — deferred mail (of one domain) is retried now;
-* ``requeue [--code 550] [--sender REGEX] [--recipient REGEX]`` — bounced
-  recipients matching every filter go back in the queue and off the
-  suppression list (pmq-publish);
+* ``requeue [--code 550] [--sender REGEX] [--recipient REGEX] [--all]
+  [--dry-run]`` — bounced recipients matching every filter go back in the
+  queue and off the suppression list (pmq-publish); with no filter it
+  refuses unless ``--all`` says every bounce is meant; ``--dry-run`` counts
+  them and changes nothing;
+* ``delete ID...`` — remove messages from the queue, each recipient not
+  yet delivered with a ``deleted`` event (spool and delivery log); an id
+  no spool holds is an error (exit 1) naming it, the others are deleted;
 * ``requeue --quarantined ID...`` — the quarantined recipients of these
   messages (their delivery crashed the worker ``deliver.quarantine_after``
   times) go back in the queue with their crash count reset; exit status 1
   when none of them had a quarantined recipient;
-* ``delete ID...`` — remove messages from the queue;
 * ``suspend DOMAIN`` / ``resume DOMAIN`` — hold a domain's mail in the
-  queue (kept across restarts) / let it go again;
+  queue (kept across restarts) / let it go again; ``suspend --list`` shows
+  the suspended domains, as both verbs do after their change;
 * ``trace add|remove|list ADDRESS...`` — log every step of the delivery of
   mail to these recipients, with millisecond times (logger relay.trace), as
   for a message carrying ``X-Relay-Trace: 1``.
@@ -18,7 +23,8 @@
 Each goes to the supervisor, which passes it to the owner worker of the
 domain or to every worker.  ``--json`` prints the supervisor's answer:
 ``{"ok": true, "workers": [...], "count": n}`` (``"suspended": [...]`` for
-suspend/resume, ``"traced": [...]`` for trace).
+suspend/resume, ``"traced": [...]`` for trace, ``"deleted": [ID...],
+"missing": [ID...]`` for delete).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import sys
 import orjson
 
 from relay import config
+from relay.cli import spoolread
 from relay.cli.control import ControlError, NotRunning, request
 from relay.errors import ConfigError
 
@@ -44,22 +51,28 @@ def add_parser(subparsers) -> None:
     requeue.add_argument("--recipient", help="recipient matches this regular expression")
     requeue.add_argument("--quarantined", nargs="+", metavar="ID",
                          help="instead: release the quarantined recipients of these messages")
+    requeue.add_argument("--all", action="store_true",
+                         help="every bounced recipient (needed when no filter is given)")
+    requeue.add_argument("--dry-run", action="store_true",
+                         help="only count the recipients that would be requeued")
     delete = subparsers.add_parser("delete", help="remove messages from the queue")
     delete.add_argument("ids", nargs="+", metavar="ID")
     suspend = subparsers.add_parser("suspend", help="hold a domain's mail in the queue")
-    suspend.add_argument("domain")
+    suspend.add_argument("domain", nargs="?")
+    suspend.add_argument("--list", action="store_true", help="only list the suspended domains")
     resume = subparsers.add_parser("resume", help="deliver a suspended domain's mail again")
     resume.add_argument("domain")
     add_trace_parser(subparsers)
     for verb, parser in (("flush", flush), ("requeue", requeue), ("delete", delete),
                          ("suspend", suspend), ("resume", resume)):
-        parser.add_argument("--json", action="store_true", help="machine-readable output")
         parser.set_defaults(run=run, op=verb)
 
 
 def _request(args) -> dict:
     message = {"op": args.op}
-    for name in ("domain", "code", "sender", "recipient", "ids", "quarantined"):
+    if args.op == "delete":
+        args.ids = [spoolread.queue_id(i) for i in args.ids]
+    for name in ("domain", "code", "sender", "recipient", "ids", "quarantined", "all", "dry_run"):
         value = getattr(args, name, None)
         if value:
             message[name] = value
@@ -80,6 +93,11 @@ def _ask(args, message: dict) -> dict | int:
 
 
 def run(args) -> int:
+    if args.op == "suspend" and bool(args.domain) == args.list:
+        print("relayctl: suspend needs a DOMAIN, or --list", file=sys.stderr)
+        return 2
+    if args.op == "suspend" and args.list:
+        args.op = "suspensions"
     quarantined = getattr(args, "quarantined", None)
     if quarantined and (args.code or args.sender or args.recipient):
         print("relayctl: requeue --quarantined takes no --code, --sender or --recipient",
@@ -89,6 +107,12 @@ def run(args) -> int:
         # Queue ids are upper-case hex; accept them as typed in lower case too.
         args.quarantined = [queue_id.upper() if _HEX.fullmatch(queue_id) else queue_id
                             for queue_id in quarantined]
+    if (args.op == "requeue" and not quarantined
+            and not (args.code or args.sender or args.recipient or args.all)):
+        # Without a filter this takes back every bounce: say so explicitly.
+        print("relayctl: requeue needs --code, --sender or --recipient, or --all for every"
+              " bounced recipient (--dry-run counts them first)", file=sys.stderr)
+        return 2
     answer = _ask(args, _request(args))
     if isinstance(answer, int):
         return answer
@@ -100,15 +124,21 @@ def run(args) -> int:
         return 1
     if args.json:
         print(orjson.dumps(answer).decode())
-    elif args.op in ("suspend", "resume"):
+    elif args.op in ("suspend", "resume", "suspensions"):
         suspended = answer.get("suspended") or []
         print("suspended domains: " + (", ".join(suspended) if suspended else "none"))
     else:
         noun = {"flush": "recipients due now", "requeue": "recipients requeued",
                 "delete": "messages deleted"}[args.op]
+        if getattr(args, "dry_run", False):
+            noun = "recipients would be requeued (dry run: nothing changed)"
         if quarantined:
             noun = "quarantined recipients requeued"
         print(f"{answer.get('count', 0)} {noun}")
+    if answer.get("missing"):
+        print(f"relayctl: delete: no such message in any spool: {', '.join(answer['missing'])}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -116,7 +146,6 @@ def add_trace_parser(subparsers) -> None:
     parser = subparsers.add_parser("trace", help="log every delivery step for chosen recipients")
     parser.add_argument("action", choices=("add", "remove", "list"))
     parser.add_argument("addresses", nargs="*", metavar="ADDRESS")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(run=run_trace)
 
 

@@ -23,7 +23,7 @@ TXT_STRING_MAX = 255
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("dkim", help="DKIM keys")
-    verbs = parser.add_subparsers(dest="dkim_verb", required=True, metavar="VERB")
+    verbs = subparsers.add_subverbs(parser, dest="dkim_verb", required=True, metavar="VERB")
     keygen = verbs.add_parser(
         "keygen",
         help="generate a signing key and print its DNS TXT record",

@@ -16,7 +16,7 @@ An event (``EVENT`` below) in JSON:
      "recipient": "user@example.com", "destination": "mx1.example.com,mx2.example.com",
      "mx": "mx1.example.com", "source_ip": "192.0.2.1", "tls": true,
      "code": 451, "enhanced": "4.7.1", "text": "try again later",
-     "outcome": "deferred",        # delivered|deferred|bounced|requeued|dropped|crashed|quarantined
+     "outcome": "deferred",        # delivered|deferred|bounced|requeued|dropped|deleted|crashed|quarantined
      "class": "recipient",         # connection|recipient|technical|unknown|null
      "latency": 0.215}
 
@@ -24,12 +24,14 @@ An event (``EVENT`` below) in JSON:
 message's events, merged across the spools (a transaction split between
 owners has one part per owner under one queue id).  A message whose
 recipients are all delivered or bounced has left the queue; its events
-remain (until pruned) and are shown.  ``--body`` prints the stored message
-(headers and body) exactly, and nothing else; with ``--json`` it adds
+remain (until pruned) and are shown.  One removed by ``relayctl delete``
+says so (``"deleted"``: when; null otherwise).  ``--body`` prints the
+stored message (headers and body) exactly, and nothing else; with
+``--json`` it adds
 ``"body"``, decoded as UTF-8 (invalid bytes become U+FFFD).  An unknown ID
 is an error (exit 1).
 
-    {"queue_id": "0005F...", "in_queue": true,
+    {"queue_id": "0005F...", "in_queue": true, "deleted": null,
      "sender": "app@example.com",  # "" for <>; null once out of the queue
      "received": 1714557000.5, "size": 1234, "smtputf8": false,
      "parts": [{"worker": 0, "state": "active", "coordinator": null}],   # held|active
@@ -65,7 +67,6 @@ latest reply; and how many deliveries the window saw.  Counts are attempts
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 
@@ -74,9 +75,6 @@ import orjson
 from relay import config
 from relay.cli import spoolread
 from relay.cli.spoolread import Event, MessageView, ReadError, fail, iso_local, table
-
-_HEX = re.compile(r"[0-9A-Fa-f]+")
-
 
 def add_parser(subparsers) -> None:
     show = subparsers.add_parser(
@@ -128,8 +126,7 @@ def _tls(flag: bool) -> str:
 
 
 def run_show(args) -> int:
-    # Queue ids are upper-case hex; accept them as typed in lower case too.
-    queue_id = args.queue_id.upper() if _HEX.fullmatch(args.queue_id) else args.queue_id
+    queue_id = spoolread.queue_id(args.queue_id)
     try:
         with spoolread.open_spools(args) as spools:
             parts, recipients, events = [], [], []
@@ -195,6 +192,9 @@ def _show_text(view: MessageView) -> str:
             lines += ["", table(["RECIPIENT", "STATE", "CRASHES", "ERROR"],
                                 [[r.address, spoolread.state_name(r.state), r.crashes, r.error]
                                  for r in crashed], right=(2,))]
+    elif view.deleted is not None:
+        lines.append(f"state:      deleted by the operator at {iso_local(view.deleted)}"
+                     " (relayctl delete)")
     else:
         lines.append("state:      left the queue (every recipient delivered or bounced)")
     lines += ["", f"events: {len(view.events)}"]

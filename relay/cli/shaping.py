@@ -28,7 +28,6 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("shaping", help="traffic-shaping effects and site limits")
     parser.add_argument("action", nargs="?", choices=("list", "cancel"), default="list")
     parser.add_argument("id", nargs="?", type=int, help="the effect to cancel")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(run=run)
 
 

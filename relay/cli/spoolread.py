@@ -26,6 +26,7 @@ import argparse
 import bisect
 import datetime
 import os
+import re
 import sqlite3
 import sys
 import time
@@ -264,11 +265,19 @@ class MessageView:
     def in_queue(self) -> bool:
         return bool(self.parts)
 
+    @property
+    def deleted(self) -> float | None:
+        """When ``relayctl delete`` removed it (None: it was not deleted)."""
+        if self.in_queue:
+            return None
+        return next((e.time for e in reversed(self.events) if e.outcome == "deleted"), None)
+
     def as_json(self) -> dict:
         first = self.parts[0] if self.parts else None
         return {
             "queue_id": self.queue_id,
             "in_queue": self.in_queue,
+            "deleted": self.deleted,
             "sender": first.sender if first else None,
             "received": first.received if first else None,
             "size": first.size if first else None,
@@ -596,8 +605,15 @@ class SpoolReader:
 # -- what every read verb shares ------------------------------------------
 
 
+def queue_id(text: str) -> str:
+    """Queue ids are upper-case hex; accept them as typed in lower case too."""
+    return text.upper() if _HEX.fullmatch(text) else text
+
+
+_HEX = re.compile(r"[0-9A-Fa-f]+")
+
+
 def add_common_arguments(parser) -> None:
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--offline", action="store_true",
                         help="read the spool of a stopped relay (after a crash, say)")
 

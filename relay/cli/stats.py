@@ -25,7 +25,6 @@ WATCH_INTERVAL = 1.0
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("stats", help="counters, gauges and latencies of the running relay")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--watch", action="store_true", help="refresh every second, like top")
     parser.set_defaults(run=run)
 

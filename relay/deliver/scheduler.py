@@ -94,6 +94,8 @@ class Hold:
     jobs: tuple
     until: float
     reason: str
+    site: str = ""
+    domains: tuple = ()
 
 
 # Verdicts of on_sent
@@ -106,7 +108,7 @@ BOUNCE = "bounce"  # a rule says bounce: record the job as bounced
 class Connection:
     id: int
     site: "Site"
-    state: str = "opening"  # opening | busy | idle
+    state: str = "opening"  # opening | busy | idle | closing (counted until on_closed)
     since: float = 0.0  # when it entered its state
     deliveries: int = 0
     hop: object = None  # the host it reached
@@ -233,11 +235,14 @@ class Scheduler:
         site = conn.site
         del site.connections[conn_id]
         site.concurrency.decrease()
-        site.failures += 1
         self.effects.on_reply(site.name, reply, now)
-        self.effects.on_connection_failures(site.name, site.failures,
-                                            site.limits.consecutive_connection_failures,
-                                            str(reply), now)
+        # A site whose other connections work is busy, not failing: only
+        # failures with nothing else open count towards its suspension.
+        if not any(c.state in ("busy", "idle") for c in site.connections.values()):
+            site.failures += 1
+            self.effects.on_connection_failures(site.name, site.failures,
+                                                site.limits.consecutive_connection_failures,
+                                                str(reply), now)
         if site.connections or self.effects.held_until(site.name, now) is not None:
             return []  # other connections carry the jobs, or a suspension holds them
         jobs = self._take_jobs(site)
@@ -273,8 +278,9 @@ class Scheduler:
         else:
             if delivered:
                 site.concurrency.increase()
+                site.failures = 0
             if conn.deliveries >= site.limits.max_deliveries_per_connection:
-                self._drop(conn)
+                conn.state = "closing"
                 self._pending_close.append(conn.id)
             else:
                 conn.state, conn.since = "idle", now
@@ -282,8 +288,12 @@ class Scheduler:
             return BOUNCE
         return RECORD
 
+    def on_closed(self, conn_id: int) -> None:
+        """A Close is done: the receiver no longer sees the connection."""
+        self.on_lost(conn_id)
+
     def on_lost(self, conn_id: int) -> None:
-        """An idle connection the server closed (or a close the driver did)."""
+        """A connection the server closed (or one the driver dropped)."""
         conn = self._conns.get(conn_id)
         if conn is not None:
             self._drop(conn)
@@ -319,7 +329,9 @@ class Scheduler:
             if conn.state != "idle":
                 continue
             if held is not None or now - conn.since >= self.idle_timeout:
-                self._drop(conn)
+                # Still counted until the driver says it is closed: a QUIT
+                # in flight is a connection the receiver still sees.
+                conn.state = "closing"
                 out.append(Close(conn.id))
             else:
                 wake.append(conn.since + self.idle_timeout)
@@ -327,7 +339,8 @@ class Scheduler:
             if site.jobs and held - now > HOLD_IN_MEMORY:
                 out.append(Hold(tuple(self._take_jobs(site)), held,
                                 "; ".join(e.reason for e in self.effects.active(site.name, now)
-                                          if e.kind == "suspend")))
+                                          if e.kind == "suspend"),
+                                site.name, tuple(sorted(site.domains))))
             wake.append(held)
             return min(wake)
         # Send on idle connections while message tokens are due.

@@ -32,8 +32,8 @@ connection failures, or from an operator, and can all be cancelled.
 
 Adaptive concurrency: a refused or timed-out connection, or a 421 before a
 transaction, halves the site's concurrency (not below 1); each delivered
-transaction adds 1/concurrency back (one connection per window), up to the
-limit.  ``consecutive_connection_failures`` failed opens in a row suspend
+transaction adds 1/(10 x concurrency) back (one connection per ten
+windows), up to the limit.  ``consecutive_connection_failures`` failed opens in a row suspend
 the site for a hold that doubles on repeat (1 min, 2 min, ... 1 h).
 """
 
@@ -48,6 +48,7 @@ from relay.model import Reply
 
 FAILURE_HOLD_FIRST = 60.0
 FAILURE_HOLD_MAX = 3600.0
+PROBE_AFTER = 10  # see Concurrency.increase
 ID_STEP = 256  # effect ids: n * 256 + worker (workers <= 256)
 
 
@@ -308,5 +309,8 @@ class Concurrency:
         self.value = max(1.0, self.value / 2)
 
     def increase(self) -> None:
-        self.value = min(float(self.limit), self.value + 1.0 / max(self.value, 1.0))
+        # One more connection per PROBE_AFTER windows of successes: a
+        # receiver that refused the next connection is not asked again at
+        # once (each probe past its limit costs a 421).
+        self.value = min(float(self.limit), self.value + 1.0 / (PROBE_AFTER * max(self.value, 1.0)))
 

@@ -8,13 +8,16 @@ RFC 3464 DSN, ``multipart/report; report-type=delivery-status`` (RFC 6522)
 with three parts:
 
 1. ``text/plain``: the explanation for a human, one line per recipient
-   with the remote reply;
+   with the remote reply (for a recipient whose message outlived
+   ``max_lifetime``: that it expired, and the last reply);
 2. ``message/delivery-status``: the per-message fields (Reporting-MTA,
    X-Queue-ID, Arrival-Date) and one block per recipient (Final-Recipient,
    Action, Status, Remote-MTA, Diagnostic-Code, Last-Attempt-Date);
 3. ``text/rfc822-headers`` (``message/global-headers`` when they hold
    UTF-8, RFC 6533): the original header section, never the body.
 
+One notice covers every failed recipient of a message (Postfix sends one
+per message and sender, not one per recipient): the caller gathers them.
 Like Postfix bounce(8) through cleanup(8), the caller queues the result as a
 new message, from the null sender ``<>`` (RFC 5321 4.5.5, RFC 3464 2) so a
 bounce can never cause another; ``should_bounce`` says whether a sender may
@@ -54,6 +57,7 @@ class FailedRecipient:
     reply: Reply  # the last reply (or made-up local failure) it got
     action: str  # "failed" | "delayed" (RFC 3464 2.3.3)
     last_attempt: float  # wall-clock seconds
+    expired: bool = False  # failed because the message outlived max_lifetime
 
 
 def should_bounce(sender: str) -> bool:
@@ -100,7 +104,7 @@ def build_dsn(
         _check_one_line("address", rcpt.address)
 
     parts = [
-        _human_part(reporting_mta, recipients, delayed),
+        _human_part(reporting_mta, arrival, recipients, delayed),
         _status_part(reporting_mta, queue_id, arrival, recipients),
         _headers_part(original_headers(original)),
     ]
@@ -164,7 +168,7 @@ def original_headers(original: bytes, limit: int = MAX_HEADERS) -> bytes:
 
 
 def _human_part(
-    reporting_mta: str, recipients: list[FailedRecipient], delayed: bool
+    reporting_mta: str, arrival: float, recipients: list[FailedRecipient], delayed: bool
 ) -> tuple[str, bytes]:
     lines = [f"This is the mail system at host {reporting_mta}.", ""]
     if delayed:
@@ -186,7 +190,11 @@ def _human_part(
             continue
         lines += ["", heading, ""]
         for rcpt in group:
-            lines.append(f"<{rcpt.address}>: {_explain(rcpt.reply)}")
+            if rcpt.expired:
+                lines.append(f"<{rcpt.address}>: {_expired(arrival, rcpt)}; the last attempt:"
+                             f" {_explain(rcpt.reply)}")
+            else:
+                lines.append(f"<{rcpt.address}>: {_explain(rcpt.reply)}")
     text = CRLF.join(lines) + CRLF
     data = text.encode("utf-8")
     if data.isascii() and max(len(line) for line in lines) <= 998:
@@ -215,6 +223,19 @@ def _explain(reply: Reply) -> str:
     return _one_line(str(reply))
 
 
+def _expired(arrival: float, rcpt: FailedRecipient) -> str:
+    return f"message expired after {_age(rcpt.last_attempt - arrival)} in the queue"
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = round(seconds / size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    count = max(round(seconds), 0)
+    return f"{count} second{'s' if count != 1 else ''}"
+
+
 def _status_part(
     reporting_mta: str, queue_id: str, arrival: float, recipients: list[FailedRecipient]
 ) -> tuple[str, bytes]:
@@ -238,8 +259,15 @@ def _status_part(
             block.append(f"Remote-MTA: dns; {_ascii(reply.mx)}")
         # "smtp" only for what an SMTP server said (RFC 3464 2.3.6); a
         # local failure (code 0, or DNS with no host) is described in our
-        # own words, as Postfix does with "X-Postfix".
-        if reply.code != 0 and reply.mx:
+        # own words, as Postfix does with "X-Postfix".  So is expiry: the
+        # last reply was a deferral, the failure is ours.  The Status stays
+        # the last reply's 4.x.x, as Postfix keeps it.
+        if rcpt.expired:
+            last = _one_line(str(reply) if reply.code else reply.text)
+            last += f" from {reply.mx}" if reply.mx else ""
+            block.append(_fold("Diagnostic-Code", f"X-Relay; {_ascii(_expired(arrival, rcpt))},"
+                                                  f" last reply: {_ascii(last)}"))
+        elif reply.code != 0 and reply.mx:
             block.append(_fold("Diagnostic-Code", f"smtp; {_ascii(_one_line(str(reply)))}"))
         else:
             block.append(_fold("Diagnostic-Code", f"X-Relay; {_ascii(_one_line(reply.text))}"))

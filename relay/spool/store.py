@@ -72,6 +72,8 @@ EVENT_COLUMNS = (
     "enhanced", "text", "outcome", "class", "latency",
 )
 
+DELETED_TEXT = "deleted by the operator (relayctl delete)"
+
 # A batch never grows past this many operations, so one commit stays short.
 MAX_BATCH = 512
 
@@ -173,6 +175,9 @@ def _regexp(pattern: str, value: str) -> bool:
 def _is_disk_full(exc: BaseException) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     return code == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+
+
+HELD_PREFIX = "held: "  # the last reply of a recipient a shaping suspension handed back
 
 
 class Spool:
@@ -447,10 +452,19 @@ class Spool:
             params += (domain,)
         return await self._submit(lambda conn: conn.execute(query, params).rowcount, wakes=True)
 
+    async def release_held(self, domains: list[str], now: float) -> int:
+        """Recipients a shaping suspension handed back (last reply ``held:``)
+        at these domains become due now: the suspension ended early."""
+        marks = ",".join("?" * len(domains))
+        query = (f"UPDATE recipient SET next_attempt = ? WHERE state = ? AND domain IN ({marks})"
+                 f" AND last_reply LIKE '{HELD_PREFIX}%'")
+        params = (now, int(RecipientState.DEFERRED), *domains)
+        return await self._submit(lambda conn: conn.execute(query, params).rowcount, wakes=True)
+
     async def requeue(self, *, code: str | None, sender: str | None, recipient: str | None,
-                      now: float) -> int:
+                      now: float, dry_run: bool = False) -> int:
         """Bounced recipients matching every filter go back in the queue,
-        off the suppression list (pmq-publish)."""
+        off the suppression list (pmq-publish); ``dry_run`` only counts them."""
 
         def apply(conn: sqlite3.Connection) -> int:
             conn.create_function("regexp", 2, _regexp, deterministic=True)
@@ -470,6 +484,8 @@ class Spool:
                 " JOIN message m ON m.id = r.message_id WHERE " + " AND ".join(where),
                 params,
             ).fetchall()
+            if dry_run:
+                return len(rows)
             conn.executemany(
                 "UPDATE recipient SET state = ?, attempts = 0, next_attempt = ?"
                 " WHERE message_id = ? AND idx = ?",
@@ -479,6 +495,8 @@ class Spool:
                              [(address,) for _, _, address in rows])
             return len(rows)
 
+        if dry_run:
+            return await self.read(apply)
         return await self._submit(apply, wakes=True)
 
     async def release_quarantined(self, queue_ids: list[str], now: float) -> int:
@@ -497,15 +515,29 @@ class Spool:
 
         return await self._submit(apply, wakes=True)
 
-    async def delete(self, queue_ids: list[str]) -> int:
-        """Remove messages (this worker's parts of them) from the queue."""
+    async def delete(self, queue_ids: list[str], now: float) -> dict[str, list[tuple]]:
+        """Remove messages (this worker's parts of them) from the queue, with
+        a ``deleted`` event for each recipient not yet delivered, in the
+        same transaction.  Returns the ids found, each with its events."""
 
-        def apply(conn: sqlite3.Connection) -> int:
-            found = 0
+        def apply(conn: sqlite3.Connection) -> dict[str, list[tuple]]:
+            found = {}
             for queue_id in queue_ids:
-                if conn.execute("SELECT 1 FROM message WHERE id = ?", (queue_id,)).fetchone():
-                    delete_message(conn, queue_id)
-                    found += 1
+                if not conn.execute("SELECT 1 FROM message WHERE id = ?", (queue_id,)).fetchone():
+                    continue
+                found[queue_id] = [
+                    (now, queue_id, address, domain, None, None, 0, 0, None, DELETED_TEXT,
+                     "deleted", None, 0.0)
+                    for address, domain in conn.execute(
+                        "SELECT address, domain FROM recipient WHERE message_id = ? AND state != ?"
+                        " ORDER BY idx", (queue_id, int(RecipientState.DELIVERED)))
+                ]
+                conn.executemany(
+                    f"INSERT INTO event ({', '.join(EVENT_COLUMNS)})"
+                    f" VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
+                    found[queue_id],
+                )
+                delete_message(conn, queue_id)
             return found
 
         return await self._submit(apply)

@@ -8,6 +8,7 @@ import email.policy
 import math
 import os
 import random
+import re
 import signal
 import smtplib
 import time
@@ -298,3 +299,39 @@ def test_domains_sharing_an_mx_get_one_transaction_per_message(relay_factory, ne
     assert sorted(received.rcpt_tos) == ["a@d1.example", "b@d2.example"]
     delivered = wait_events(relay, lambda e: e["outcome"] == "delivered", count=2)
     assert {e["destination"] for e in delivered} == {"mx1.d1.example"}
+
+
+def test_one_dsn_per_message_for_every_recipient_that_failed(relay_factory, net):
+    for n, ip in ((1, "127.0.0.10"), (2, "127.0.0.11"), (3, "127.0.0.12")):
+        net.add_domain(f"d{n}.example", [ip],
+                       behaviour=Behaviour(rules=[Rule(r"^gone", "550 5.1.1 No such user")]))
+    [sender_mx] = net.add_domain("sender.example", ["127.0.0.20"])
+    relay = deliver_relay(relay_factory, net)
+    failed = ["gone1@d1.example", "gone2@d2.example", "gone3@d3.example", "gone4@d3.example"]
+    queue_id = inject(relay, "app@sender.example", [*failed, "here@d2.example"], BODY)
+    wait_events(relay, lambda e: e["outcome"] == "bounced", count=4)
+    wait_events(relay, lambda e: e["outcome"] == "delivered" and e["recipient"] == "here@d2.example")
+    [dsn] = sender_mx.wait_received(1)
+    with pytest.raises(TimeoutError):
+        sender_mx.wait_received(2, timeout=2)  # not one per recipient or domain
+    _, parts = parse_dsn(dsn.data)
+    status = parts[1].as_string()
+    assert sorted(re.findall(r"Final-Recipient: rfc822; (\S+)", status)) == failed
+    assert queue_id in status and "here@d2.example" not in status
+
+
+def test_expired_mail_gets_a_dsn_saying_it_expired(relay_factory, net):
+    net.add_domain("slow.example", ["127.0.0.10"],
+                   behaviour=Behaviour(rules=[Rule(".", "451 4.7.1 Try again later")]))
+    [sender_mx] = net.add_domain("sender.example", ["127.0.0.20"])
+    relay = deliver_relay(relay_factory, net, deliver={"retry_schedule": ["1s"], "max_lifetime": "2s"})
+    inject(relay, "app@sender.example", ["late@slow.example"], BODY)
+    [bounce] = wait_events(relay, lambda e: e["outcome"] == "bounced", timeout=20)
+    assert bounce["code"] == 451
+    [dsn] = sender_mx.wait_received(1, timeout=10)
+    _, parts = parse_dsn(dsn.data)
+    human, status = parts[0].get_content(), parts[1].as_string()
+    assert "<late@slow.example>: message expired after " in human
+    assert "said: 451 4.7.1 Try again later" in human
+    assert "Diagnostic-Code: X-Relay; message expired after" in status
+    assert "Status: 4.7.1" in status and "Action: failed" in status

@@ -8,14 +8,27 @@ import os
 import signal
 import urllib.request
 
+import pytest
+
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.cli.control import ControlError, request as control_request
+from relay.route.shard import owner_of, slot_of
 from relay.testing.fakenet import Behaviour, Rule
 from support import (
     deliver_relay, free_port, inject, read_spool, relayctl, wait_events, wait_for,
 )
 
 BODY = b"From: app@sender.example\r\nSubject: stats\r\n\r\nbody\r\n"
+
+
+def request(run_dir: str, message: dict, expect_ok: bool = True) -> str | dict:
+    """The supervisor's answer (its error text when ``expect_ok`` is False)."""
+    if expect_ok:
+        return control_request(run_dir, message)
+    with pytest.raises(ControlError) as refused:
+        control_request(run_dir, message)
+    return str(refused.value)
 
 
 def stats(relay) -> dict:
@@ -93,6 +106,26 @@ def test_suspend_holds_a_domain_until_resume(relay_factory, net):
     assert sink.wait_received(1, timeout=10)[0].rcpt_tos == ("x@held.example",)
 
 
+def test_suspensions_are_listed_from_every_worker(relay_factory):
+    relay = relay_factory(workers=2).start()
+    # One domain owned by each worker.
+    by_owner = {}
+    for n in range(50):
+        by_owner.setdefault(owner_of(slot_of(f"d{n}.example"), 2), f"d{n}.example")
+    first, second = by_owner[0], by_owner[1]
+    assert relayctl(relay, "suspend", first).returncode == 0
+    both = relayctl(relay, "suspend", second)
+    assert both.returncode == 0, both.stderr
+    assert both.stdout.strip() == f"suspended domains: {', '.join(sorted([first, second]))}"
+    listed = relayctl(relay, "suspend", "--list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["suspended"] == sorted([first, second])
+    resumed = relayctl(relay, "resume", second, "--json")
+    assert json.loads(resumed.stdout)["suspended"] == [first]
+    assert relayctl(relay, "suspend", "--list").stdout.strip() == f"suspended domains: {first}"
+    assert relayctl(relay, "suspend").returncode == 2  # neither a DOMAIN nor --list
+
+
 def test_requeue_puts_bounced_recipients_back(relay_factory, net):
     [sink] = net.add_domain("gone.example", ["127.0.0.13"],
                             behaviour=Behaviour(rules=[Rule("^b", "550 5.1.1 No such user")]))
@@ -107,20 +140,72 @@ def test_requeue_puts_bounced_recipients_back(relay_factory, net):
     assert sink.wait_received(1, timeout=10)[0].rcpt_tos == ("bob@gone.example",)
 
 
-def test_delete_removes_a_message(relay_factory, net):
+def test_requeue_without_a_filter_needs_all_and_dry_run_changes_nothing(relay_factory, net):
+    [sink] = net.add_domain("gone.example", ["127.0.0.13"],
+                            behaviour=Behaviour(rules=[Rule(".", "550 5.1.1 No such user")]))
+    relay = deliver_relay(relay_factory, net, workers=2)
+    for name in ("ann", "bob"):
+        inject(relay, "", [f"{name}@gone.example"], BODY)
+    wait_events(relay, lambda e: e["outcome"] == "bounced", count=2)
+    sink.behaviour = Behaviour()
+
+    refused = relayctl(relay, "requeue")
+    assert refused.returncode == 2 and "--all" in refused.stderr
+    assert "without a filter" in request(os.path.join(relay.directory, "run"), {"op": "requeue"},
+                                         expect_ok=False)
+    dry = relayctl(relay, "requeue", "--all", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["count"] == 2
+    assert "2 recipients would be requeued" in relayctl(relay, "requeue", "--all", "--dry-run").stdout
+    with pytest.raises(TimeoutError):
+        sink.wait_received(1, timeout=2)  # nothing went back in the queue
+
+    done = relayctl(relay, "requeue", "--all", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["count"] == 2
+    assert len(sink.wait_received(2, timeout=10)) == 2
+
+
+def test_delete_removes_a_message_with_an_event_per_recipient(relay_factory, net):
     net.dns.set_servfail("stuck.example")
+    net.dns.set_servfail("other.example")
     relay = deliver_relay(relay_factory, net, workers=2, deliver={"retry_schedule": ["1h"]})
     queue_id = inject(relay, "app@sender.example", ["x@stuck.example", "y@other.example"], BODY)
-    result = relayctl(relay, "delete", queue_id, "--json")
+    kept = inject(relay, "app@sender.example", ["z@stuck.example"], BODY)
+    wait_events(relay, lambda e: e["outcome"] == "deferred", count=3)
+
+    result = relayctl(relay, "delete", queue_id.lower(), "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["count"] >= 1
+    answer = json.loads(result.stdout)
+    assert (answer["count"], answer["deleted"], answer["missing"]) == (1, [queue_id], [])
+    deleted = wait_events(relay, lambda e: e["outcome"] == "deleted", count=2)
+    assert sorted(e["recipient"] for e in deleted) == ["x@stuck.example", "y@other.example"]
+    assert {e["queue_id"] for e in deleted} == {queue_id}
+    assert relay.log().count(f"{queue_id}: deleted by the operator") >= 1
+
+    shown = relayctl(relay, "show", queue_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "deleted by the operator" in shown.stdout
+    assert "delivered or bounced" not in shown.stdout
+    view = json.loads(relayctl(relay, "show", queue_id, "--json").stdout)
+    assert view["deleted"] and not view["in_queue"]
+    assert [e["outcome"] for e in view["events"]][-2:] == ["deleted", "deleted"]
+
+    missing = relayctl(relay, "delete", "NOSUCHID", kept)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "relayctl: delete: no such message in any spool: NOSUCHID"
+    assert missing.stdout.strip() == "1 messages deleted"
     relay.stop()
-    assert [m for m in read_spool(relay.spool_dir) if m.queue_id == queue_id] == []
+    assert [m for m in read_spool(relay.spool_dir) if m.queue_id in (queue_id, kept)] == []
+    # The events table holds them too (what grep and report read).
+    offline = json.loads(relayctl(relay, "grep", "@stuck.example", "--offline", "--json").stdout)
+    assert sorted(e["recipient"] for e in offline["events"] if e["outcome"] == "deleted") == [
+        "x@stuck.example", "z@stuck.example"]
 
 
 def test_verbs_say_when_the_relay_is_not_running(relay_factory):
     relay = relay_factory(workers=1)
-    for verb in (["stats"], ["flush"], ["suspend", "a.example"], ["delete", "X"], ["requeue"]):
+    for verb in (["stats"], ["flush"], ["suspend", "a.example"], ["delete", "X"],
+                 ["requeue", "--all"]):
         result = relayctl(relay, *verb)
         assert result.returncode == 1, verb
         assert "not running" in result.stderr

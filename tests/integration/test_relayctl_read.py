@@ -9,7 +9,6 @@ a fake control socket stands in for the supervisor.
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sqlite3
@@ -19,7 +18,7 @@ import time
 import orjson
 import pytest
 
-from relay.cli import msg, queue, spoolread
+from relay.cli import parse_args, spoolread
 from relay.model import Part, Recipient
 from relay.route.shard import owner_of, slot_of
 from relay.spool.format import MessageState, RecipientState
@@ -139,12 +138,7 @@ def relay_dir(tmp_path):
 
 def relayctl(capsys, directory, *argv: str) -> tuple[int, str, str]:
     """Run one verb as ``relayctl -c DIR/relay.toml VERB ...`` would."""
-    parser = argparse.ArgumentParser(prog="relayctl")
-    parser.add_argument("-c", "--config")
-    subparsers = parser.add_subparsers(dest="verb", required=True)
-    queue.add_parser(subparsers)
-    msg.add_parser(subparsers)
-    args = parser.parse_args(["-c", str(directory / "relay.toml"), *argv])
+    args = parse_args(["-c", str(directory / "relay.toml"), *argv])
     capsys.readouterr()
     status = args.run(args)
     out, err = capsys.readouterr()

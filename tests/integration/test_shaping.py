@@ -33,6 +33,7 @@ def test_connection_limit_and_message_rate_hold_at_the_sink(relay_factory, net):
         "rate.example": {"connection_limit": 3, "max_message_rate": "20/s"}})
     inject_many(relay, [f"r{i}@rate.example" for i in range(600)])
     sink.wait_received(600, timeout=60)
+    wait_events(relay, lambda e: e["outcome"] == "delivered", count=600)
     delivered = [e["time"] for e in events(relay) if e["outcome"] == "delivered"]
     assert len(delivered) == 600
     rate = (len(delivered) - 1) / (max(delivered) - min(delivered))
@@ -71,6 +72,7 @@ def test_receiver_refusing_extra_connections_gets_everything_with_few_421s(relay
     relay = deliver_relay(relay_factory, net, workers=1)
     inject_many(relay, [f"r{i}@busy.example" for i in range(300)])
     sink.wait_received(300, timeout=90)
+    wait_events(relay, lambda e: e["outcome"] == "delivered", count=300)
     outcomes = [e["outcome"] for e in events(relay) if e.get("recipient")]
     print(f"\n300 delivered with {sink.busy_refusals} 421s over 2 connections,"
           f" {outcomes.count('deferred')} deferrals")

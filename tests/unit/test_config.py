@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import dataclasses
 import os
 
 import pytest
@@ -76,6 +77,45 @@ def test_shipped_config_loads():
     assert s.source.endswith("relay.toml")
 
 
+def test_shipped_config_keeps_its_files_under_the_repository_var(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # scripts/run starts from the repository root; any cwd works
+    s = load(os.path.join(ROOT, "conf", "relay.toml"))
+    var = os.path.join(ROOT, "var")
+    assert (s.relay.spool_dir, s.relay.run_dir, s.deliver.event_log_dir) == (
+        os.path.join(var, "spool"), os.path.join(var, "run"), os.path.join(var, "log"))
+
+
+def test_relative_paths_are_taken_from_the_config_files_directory(tmp_path, monkeypatch):
+    conf = tmp_path / "etc"
+    conf.mkdir()
+    (conf / "relay.toml").write_text(
+        '[relay]\nspool_dir = "spool"\nrun_dir = "../run"\n'
+        '[tls]\ncert_file = "tls/c.pem"\nkey_file = "/abs/k.pem"\n'
+        '[deliver]\nca_file = "ca.pem"\n'
+        '[[dkim]]\ndomain = "a.example"\nselector = "s"\nkey_file = "dkim/a.pem"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    s = load("../etc/relay.toml")
+    assert s.relay.spool_dir == str(conf / "spool")
+    assert s.relay.run_dir == str(tmp_path / "run")
+    assert s.deliver.event_log_dir == str(conf / "var" / "log")  # defaults too
+    assert s.tls.cert_file == str(conf / "tls" / "c.pem")
+    assert s.tls.key_file == "/abs/k.pem"  # absolute: as written
+    assert s.deliver.ca_file == str(conf / "ca.pem")
+    assert s.dkim[0].key_file == str(conf / "dkim" / "a.pem")
+    # Without a file there is nothing to be relative to.
+    assert from_dict({"relay": {"spool_dir": "spool"}}).relay.spool_dir == "spool"
+    assert load(str(conf / "relay.toml")) == dataclasses.replace(s, source=str(conf / "relay.toml"))
+
+
+def test_an_empty_ca_file_stays_the_systems(tmp_path):
+    path = tmp_path / "relay.toml"
+    path.write_text("[deliver]\n")
+    assert load(str(path)).deliver.ca_file == ""
+
+
 def test_full_example(tmp_path):
     path = tmp_path / "relay.toml"
     path.write_text(
@@ -126,7 +166,7 @@ headers = ["From", "To"]
     assert s.relay.workers == 4 and s.relay.shutdown_timeout == 60.0
     assert s.relay.source_ips == ("192.0.2.10", "2001:db8::10")
     assert [l.address for l in s.listen] == [("127.0.0.1", 2525), ("::1", 2526)]
-    assert s.tls.cert_file == "c.pem"
+    assert s.tls.cert_file == str(tmp_path / "c.pem")  # next to the config file
     assert s.intake.mynetworks[1] == ipaddress.ip_network("192.0.2.1/32")
     assert s.intake.min_free_space == 1024**3
     assert s.intake.users[0].name == "app"
@@ -374,12 +414,12 @@ def test_restart_not_needed_for_reloadable_keys():
     assert restart_needed(old, defaults()) == []
 
 
-def test_flatten_names_every_key():
-    flat = config.flatten(defaults())
-    assert flat["[intake] max_recipients"] == 1000
-    assert flat["[relay] workers"] == 0
-    expected = {f"[{s}] {k}" for s, keys in config.SECTIONS.items() for k in keys}
-    assert set(flat) == expected
+def test_the_document_names_every_key():
+    doc = config.to_document(defaults())
+    assert doc["intake"]["max_recipients"] == 1000
+    assert doc["relay"]["workers"] == 0
+    for section, keys in config.SECTIONS.items():
+        assert set(doc[section]) == set(keys), section
 
 
 # -- per-domain tables -------------------------------------------------------------------

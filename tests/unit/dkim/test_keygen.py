@@ -5,7 +5,6 @@ A key file of mode 0600, a TXT record that parses, a key that signs and verifies
 
 from __future__ import annotations
 
-import argparse
 import base64
 import os
 import re
@@ -14,7 +13,7 @@ import stat
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from relay.cli import dkim as dkim_cli
+from relay.cli import parse_args
 from relay.config import DkimIdentity
 from relay.dkim.keys import generate, load_private_key
 from relay.dkim.sign import Signer
@@ -29,9 +28,7 @@ RECORD = re.compile(r'^(\S+)\._domainkey\.(\S+)\. IN TXT ((?:"[^"]*" ?)+)$')
 
 
 def keygen(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="relayctl")
-    dkim_cli.add_parser(parser.add_subparsers(dest="verb", required=True))
-    args = parser.parse_args(["dkim", "keygen", *argv])
+    args = parse_args(["dkim", "keygen", *argv])
     return args.run(args)
 
 

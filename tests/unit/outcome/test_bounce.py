@@ -159,6 +159,36 @@ def test_per_recipient_fields(dsn):
     assert carol["Status"] == "4.2.2"
 
 
+def expired(address="carol@example.org", reply=FULL):
+    return FailedRecipient(address=address, reply=reply, action="failed", last_attempt=NOW - 60,
+                           expired=True)
+
+
+def test_expired_recipient_says_the_message_expired():
+    data = build([failed(), expired()])
+    text = list(parse(data).iter_parts())[0].get_content()
+    assert ("<carol@example.org>: message expired after 3 days in the queue; the last attempt:"
+            " host mx.example.org said: 452 4.2.2") in text
+    assert "<bob@example.net>: host gmail-smtp-in.l.google.com said: 550 5.1.1" in text
+    assert "expired" not in text.split("<bob@example.net>:")[1].splitlines()[0]
+    bob, carol = status_blocks(data)[1:]
+    assert carol["Action"] == "failed"
+    assert carol["Status"] == "4.2.2"  # the last reply's, as Postfix keeps it
+    assert carol["Remote-MTA"] == "dns; mx.example.org"
+    assert carol["Diagnostic-Code"] == (
+        "X-Relay; message expired after 3 days in the queue, last reply: 452 4.2.2 The email"
+        " account that you tried to reach is over quota. from mx.example.org")
+    assert bob["Diagnostic-Code"].startswith("smtp; 550 5.1.1")
+
+
+def test_expiry_after_a_local_failure_quotes_its_text():
+    refused = Reply(0, "4.4.1", "connection refused", "mx.example.net")
+    [_, block] = status_blocks(build([expired("bob@example.net", refused)]))
+    assert block["Diagnostic-Code"] == (
+        "X-Relay; message expired after 3 days in the queue, last reply: connection refused"
+        " from mx.example.net")
+
+
 def test_status_without_enhanced_code_comes_from_the_basic_code():
     blocks = status_blocks(build([failed(reply=Reply(554, None, "Transaction failed", "mx.example.net"))]))
     assert blocks[1]["Status"] == "5.0.0"
