@@ -31,13 +31,12 @@ from relay.spool.recover import existing_spools
 def add_parser(subparsers) -> None:
     spool = subparsers.add_parser("spool", help="check the spool files",
                                   description="Spool maintenance.")
-    actions = spool.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = subparsers.add_subverbs(spool, dest="action", required=True, metavar="ACTION")
     check = actions.add_parser(
         "check", help="SQLite's integrity check of every worker's spool file",
         description="Run SQLite's integrity check on every worker's spool file (read-only).")
     check.add_argument("--quick", action="store_true",
                        help="quick_check: faster, does not compare index contents")
-    check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(run=run_check)
 
 

@@ -11,7 +11,8 @@ VERBS = [
     ["stats"], ["queue"], ["show", "ABC"], ["grep", "a@b.example"], ["report"], ["flush"],
     ["requeue", "--all"], ["delete", "ABC"], ["suspend", "a.example"], ["resume", "a.example"],
     ["trace", "list"], ["config"], ["hash-password"],
-    ["dkim", "keygen", "--domain", "a.example", "--selector", "s"],
+    ["dkim", "keygen", "--domain", "a.example", "--selector", "s"], ["spool", "check"],
+    ["shaping"], ["shaping", "cancel", "1"],
 ]
 
 
