@@ -342,3 +342,23 @@ def test_a_messages_recipients_at_domains_sharing_the_site_merge_until_started()
     # A started job takes no more recipients: a later part goes on its own.
     s.push(KEY, MX, "three.example", FakeJob("A", "three.example", ["d@three.example"]), clock.now)
     assert [j.queue_id for j in s.take_all()] == ["B", "A"]
+
+
+def test_shipped_rules_match_the_providers_throttling_replies():
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    settings = config.load(os.path.join(root, "conf", "relay.toml")).shaping
+    effects = Effects(settings.rules)
+    replies = {
+        "suspend": Reply(421, "4.7.0", "[TSS04] Messages from 192.0.2.1 temporarily deferred due"
+                         " to unexpected volume or user complaints", None),
+        "throttle": Reply(421, "4.7.28", "Our system has detected an unusual rate of unsolicited"
+                          " mail originating from your IP address", None),
+    }
+    for number, (kind, reply) in enumerate(replies.items()):
+        assert effects.on_reply(f"site{number}", reply, 0.0) is not None
+        assert kind in {e.kind for e in effects.active(f"site{number}", 0.0)}
+    busy = Reply(451, "4.7.500", "Server busy. Please try again later from [192.0.2.1]", None)
+    assert effects.on_reply("site9", busy, 0.0).overrides["connection_limit"] == 1
+    assert effects.on_reply("other", Reply(250, "2.0.0", "ok", None), 0.0) is None
