@@ -71,7 +71,8 @@ class Spools:
                          (int(MessageState.ACTIVE), queue_id))
 
     def set_state(self, queue_id: str, address: str, state: RecipientState, attempts: int = 0,
-                  next_attempt: float = NOW, last_reply: str | None = None) -> None:
+                  next_attempt: float | None = None, last_reply: str | None = None) -> None:
+        next_attempt = NOW if next_attempt is None else next_attempt
         self.conns[owner(address)].execute(
             "UPDATE recipient SET state = ?, attempts = ?, next_attempt = ?, last_reply = ?"
             " WHERE message_id = ? AND address = ?",
@@ -95,6 +96,10 @@ class Spools:
 @pytest.fixture
 def relay_dir(tmp_path):
     """A configuration file and the spools it names (see the module docstring)."""
+    # The ages are relative to when the spools are made, not to when the
+    # module was collected: a long suite would move them across an age bucket.
+    global NOW
+    NOW = time.time()
     spool_dir = tmp_path / "spool"
     (tmp_path / "run").mkdir()
     (tmp_path / "relay.toml").write_text(
