@@ -89,6 +89,7 @@ setup(
         "console_scripts": [
             "relay=relay.supervisor:main",
             "relayctl=relay.cli:main",
+            "relay-sendmail=relay.cli.sendmail:main",
         ]
     },
 )
