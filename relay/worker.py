@@ -32,6 +32,7 @@ from relay.intake.handler import IntakeState
 from relay.intake.http.server import HttpIntake
 from relay.intake.listener import open_listen_sockets, server_tls_context
 from relay.model import Transaction
+from relay.ops import admin_http
 from relay.route.forward import Router
 from relay.spool.store import Spool
 from relay.stats import ring
@@ -94,7 +95,7 @@ class Worker:
                                      backlog=settings.relay.listen_backlog)
             for sock in open_listen_sockets(settings)
         ]
-        self.http = HttpIntake(settings, self.intake)  # [http]: the inject API
+        self.http = HttpIntake(settings, self.intake, admin_http.routes())  # [http]: inject, admin
         await self.http.start()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)

@@ -28,6 +28,8 @@ import email.utils
 import logging
 import re
 import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -53,6 +55,18 @@ def _error(status: int, message: str, **headers) -> web.Response:
                         content_type="application/json", headers=headers or None)
 
 
+@dataclass(frozen=True)
+class Route:
+    """A route another stage adds to this server (the admin API, from ops/):
+    ``handler(request, settings) -> (status, JSON object)``, behind a
+    token holding one of ``scopes`` (none: open, e.g. the OpenAPI document)."""
+
+    method: str
+    path: str
+    handler: Callable[[web.Request, Settings], Awaitable[tuple[int, dict]]]
+    scopes: frozenset[str] = frozenset()
+
+
 @web.middleware
 async def _json_errors(request: web.Request, handler):
     """aiohttp's own refusals (404, 405, a bad request line) in JSON too."""
@@ -65,8 +79,9 @@ async def _json_errors(request: web.Request, handler):
 
 
 class HttpIntake:
-    def __init__(self, settings: Settings, state: IntakeState) -> None:
+    def __init__(self, settings: Settings, state: IntakeState, routes: tuple[Route, ...] = ()) -> None:
         self.state = state
+        self.routes = routes
         self.runner: web.AppRunner | None = None
         self.apply(settings)
 
@@ -84,6 +99,8 @@ class HttpIntake:
         app = web.Application(client_max_size=self.http.max_body_size,
                               middlewares=[_json_errors])
         app.router.add_post(INJECT_PATH, self.inject)
+        for route in self.routes:
+            app.router.add_route(route.method, route.path, self._guarded(route))
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                     shutdown_timeout=self.settings.relay.shutdown_timeout)
         await self.runner.setup()
@@ -97,9 +114,10 @@ class HttpIntake:
             runner, self.runner = self.runner, None
             await runner.cleanup()
 
-    # -- POST /api/inject/v1 ---------------------------------------------------------
+    # -- authentication ----------------------------------------------------------------
 
-    async def inject(self, request: web.Request) -> web.Response:
+    def _authorize(self, request: web.Request, scopes: frozenset[str]):
+        """The token's Grant, or the refusal (429, 401, 403) to send."""
         state = self.state
         ip = request.remote or "?"
         if state.lockout.is_locked(ip):
@@ -112,8 +130,31 @@ class HttpIntake:
             log.warning("HTTP: bad or missing token from [%s]", ip)
             return _error(401, "a valid bearer token is required",
                           **{"WWW-Authenticate": 'Bearer realm="relay"'})
-        if "inject" not in grant.scopes:
-            return _error(403, f"token {grant.name!r} lacks the inject scope")
+        if not grant.scopes & scopes:
+            wanted = " or ".join(sorted(scopes))
+            return _error(403, f"token {grant.name!r} lacks the {wanted} scope")
+        return grant
+
+    def _guarded(self, route: Route):
+        async def handle(request: web.Request) -> web.Response:
+            if route.scopes:
+                grant = self._authorize(request, route.scopes)
+                if isinstance(grant, web.Response):
+                    return grant
+            status, answer = await route.handler(request, self.settings)
+            return web.Response(status=status, body=orjson.dumps(answer),
+                                content_type="application/json")
+
+        return handle
+
+    # -- POST /api/inject/v1 ---------------------------------------------------------
+
+    async def inject(self, request: web.Request) -> web.Response:
+        state = self.state
+        ip = request.remote or "?"
+        grant = self._authorize(request, frozenset({"inject"}))
+        if isinstance(grant, web.Response):
+            return grant
         if state.draining:
             return _error(503, "shutting down, try again later", **{"Retry-After": "5"})
         if state.low_disk():
