@@ -34,7 +34,9 @@ The configuration is ``-C FILE``, else ``$RELAY_CONFIG``, else
 
 Like Postfix's pickup/cleanup, a message without ``From:``, ``Date:`` or
 ``Message-ID:`` gets one (From: from the envelope sender and -F), and an
-unqualified address (``root``) gets ``@`` and the relay's hostname.
+unqualified address (``root``) gets ``@`` and the relay's hostname; like
+its smtp_line_length_limit, a line over 998 octets is broken with CRLF
+SPACE.
 
 Parsing (``parse_args``, ``read_message``, ``prepare``) is pure and has
 its own tests; ``main`` does the I/O.
@@ -298,7 +300,27 @@ def prepare(message: bytes, options: Options, *, login: str, hostname: str,
         added.append(f"Message-ID: {message_id}")
     header = b"".join(raw + b"\r\n" for raw in kept) + "".join(
         line + "\r\n" for line in added).encode("utf-8")
-    return Submission(sender, tuple(unique), header + b"\r\n" + body)
+    return Submission(sender, tuple(unique), fold_long_lines(header + b"\r\n" + body))
+
+
+MAX_LINE = 998  # RFC 5321 4.5.3.1.6, and Postfix's smtp_line_length_limit
+
+
+def fold_long_lines(data: bytes) -> bytes:
+    """Lines over 998 octets broken by inserting CRLF SPACE, as Postfix's
+    smtp_line_length_limit does: the relay refuses longer lines (500
+    5.5.2), and cron jobs print them."""
+    if not any(len(line) > MAX_LINE for line in data.split(b"\r\n")):
+        return data
+    out = []
+    for line in data.split(b"\r\n"):
+        pieces = [line[:MAX_LINE]]
+        rest = line[MAX_LINE:]
+        while rest:
+            pieces.append(b" " + rest[: MAX_LINE - 1])
+            rest = rest[MAX_LINE - 1:]
+        out.append(b"\r\n".join(pieces))
+    return b"\r\n".join(out)
 
 
 def exit_status(code: int, text: str = "") -> int:

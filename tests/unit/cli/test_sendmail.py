@@ -200,6 +200,17 @@ def test_recipients_in_one_word_separated_by_commas():
     assert build(MESSAGE, "a@x.example, B <b@y.example>").recipients == ("a@x.example", "b@y.example")
 
 
+def test_long_lines_are_folded_as_postfix_does():
+    line = b"x" * 2500
+    sub = build(b"Subject: long\r\n\r\n" + line + b"\r\nend\r\n", "a@x.example")
+    body = sub.data.split(b"\r\n\r\n", 1)[1]
+    lines = body.split(b"\r\n")
+    assert all(len(piece) <= 998 for piece in lines)
+    assert lines[0] == b"x" * 998 and lines[1] == b" " + b"x" * 997 and lines[2] == b" " + b"x" * 505
+    assert lines[3:] == [b"end", b""]
+    assert b"".join(piece.lstrip(b" ") for piece in lines[:3]) == line
+
+
 @pytest.mark.parametrize("code, text, status", [
     (451, "4.3.0 Temporary failure", 75), (452, "4.3.1 storage", 75),
     (550, "5.7.1 Relaying denied", 77), (552, "5.3.4 too big", 69), (554, "", 69),
