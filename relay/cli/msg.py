@@ -73,7 +73,6 @@ from relay.cli.spoolread import MessageView, ReadError, fail, iso_local, table
 from relay.ops import verbs
 
 
-
 def add_parser(subparsers) -> None:
     show = subparsers.add_parser(
         "show", help="one message: envelope, recipients, events",

@@ -11,6 +11,9 @@ for relayctl.
 
     GET  /api/admin/stats                       relayctl stats --json
     GET  /api/admin/queue?by=destination&top=N  relayctl queue --json
+    GET  /api/admin/show/{id}?body=1            relayctl show ID [--body] --json (404: unknown)
+    GET  /api/admin/grep?address=A&limit=N      relayctl grep A [--limit N] --json
+    GET  /api/admin/report?since=1h             relayctl report [--since 1h] --json
     POST /api/admin/flush    {"domain"?}        relayctl flush [DOMAIN] --json
     POST /api/admin/requeue  {"code"?, "sender"?, "recipient"?}
     POST /api/admin/delete   {"ids": [...]}
@@ -33,7 +36,7 @@ from aiohttp import web
 
 from relay.cli import control, stats as stats_cli
 from relay.cli.spoolread import ReadError
-from relay.config import Settings
+from relay.config import Settings, parse_duration
 from relay.intake.http.server import Route
 from relay.ops import openapi, verbs
 
@@ -84,6 +87,49 @@ async def get_queue(request: web.Request, settings: Settings) -> tuple[int, dict
     except ReadError as exc:
         return 503, {"error": str(exc)}
     return 200, report.json
+
+
+def _positive(text: str | None, name: str) -> int | None:
+    if text is None:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name}: expected a positive whole number")
+    return int(text)
+
+
+async def get_show(request: web.Request, settings: Settings) -> tuple[int, dict]:
+    with_body = request.query.get("body", "0") not in ("0", "", "false")
+    try:
+        shown = await _blocking(verbs.show, settings.source, request.match_info["queue_id"],
+                                with_body, True)
+    except verbs.NotFound as exc:
+        return 404, {"error": str(exc)}
+    except ReadError as exc:
+        return 503, {"error": str(exc)}
+    return 200, shown.json(with_body)
+
+
+async def get_grep(request: web.Request, settings: Settings) -> tuple[int, dict]:
+    address = request.query.get("address", "")
+    try:
+        limit = _positive(request.query.get("limit"), "limit")
+        grepped = await _blocking(verbs.grep, settings.source, address, limit, True)
+    except ValueError as exc:
+        return 422, {"error": f"{exc}" if str(exc).startswith("limit") else f"address: {exc}"}
+    except ReadError as exc:
+        return 503, {"error": str(exc)}
+    return 200, grepped.json()
+
+
+async def get_report(request: web.Request, settings: Settings) -> tuple[int, dict]:
+    try:
+        since = parse_duration(request.query.get("since", "1h"))
+    except ValueError as exc:
+        return 422, {"error": f"since: expected {exc}"}
+    try:
+        return 200, (await _blocking(verbs.report, settings.source, since, True)).json()
+    except ReadError as exc:
+        return 503, {"error": str(exc)}
 
 
 def _command_route(op: str):
@@ -139,6 +185,9 @@ def routes() -> tuple[Route, ...]:
         Route("GET", "/api/admin/stats", get_stats, READ),
         Route("GET", "/api/admin/queue", get_queue, READ),
         Route("GET", "/api/admin/trace", get_trace, READ),
+        Route("GET", "/api/admin/show/{queue_id}", get_show, READ),
+        Route("GET", "/api/admin/grep", get_grep, READ),
+        Route("GET", "/api/admin/report", get_report, READ),
         Route("GET", "/api/openapi.json", get_openapi),
     ]
     found += [Route("POST", f"/api/admin/{op}", _command_route(op), ADMIN) for op in COMMAND_FIELDS]

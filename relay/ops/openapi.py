@@ -93,14 +93,17 @@ def _command(op: str) -> dict:
     }}
 
 
-def _read(summary: str, parameters=()) -> dict:
+def _read(summary: str, parameters=(), not_found: bool = False) -> dict:
+    errors = _errors(401, 403, 422, 429, 503)
+    if not_found:
+        errors["404"] = {"description": "no such message", **_json(_ERROR)}
     return {"get": {
         "summary": summary,
         "security": [{"bearer": []}],
         "parameters": list(parameters),
         "responses": {"200": {"description": "as relayctl prints it",
                               **_json({"type": "object"})},
-                      **_errors(401, 403, 422, 429, 503)},
+                      **errors},
     }}
 
 
@@ -120,6 +123,17 @@ def document() -> dict:
             {"name": "top", "in": "query", "schema": {"type": "integer", "minimum": 1}},
         ]),
         "/api/admin/trace": {**_read("relayctl trace list --json"), **_command("trace")},
+        "/api/admin/show/{queue_id}": _read("relayctl show ID --json", [
+            {"name": "queue_id", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "body", "in": "query", "schema": {"enum": ["0", "1"]}},
+        ], not_found=True),
+        "/api/admin/grep": _read("relayctl grep ADDRESS --json", [
+            {"name": "address", "in": "query", "required": True, "schema": {"type": "string"}},
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+        ]),
+        "/api/admin/report": _read("relayctl report --json", [
+            {"name": "since", "in": "query", "schema": {"type": "string", "example": "1h"}},
+        ]),
     }
     for op in ("flush", "requeue", "delete", "suspend", "resume"):
         paths[f"/api/admin/{op}"] = _command(op)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import urllib.parse
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -42,8 +43,9 @@ def relay(relay_factory):
                    for n, t in TOKENS.items()]}).start()
     relay.http_port = port
     # DNS never answers: this mail stays in the queue.
-    inject(relay, "app@sender.example", ["a@d1.example", "b@d1.example", "c@d2.example"],
-           b"Subject: x\r\n\r\nbody\r\n")
+    relay.queue_id = inject(relay, "app@sender.example",
+                            ["a@d1.example", "b@d1.example", "c@d2.example"],
+                            b"Subject: x\r\n\r\nbody\r\n")
     # The parts of a transaction split across owners are held until its
     # decision lands, a moment after the 250: compare a settled queue.
     wait_for(lambda: ctl_json(relay, "queue")["held_parts"] == 0, what="the decision")
@@ -63,6 +65,29 @@ def test_queue_is_what_relayctl_prints(relay, query, args):
     assert status == 200
     assert answer == ctl_json(relay, "queue", *args)
     assert answer["total"] == 3
+
+
+def test_show_grep_report_are_what_relayctl_prints(relay):
+    qid = relay.queue_id
+    for path, args in [
+        (f"/api/admin/show/{qid}", ("show", qid)),
+        (f"/api/admin/show/{qid.lower()}?body=1", ("show", qid, "--body")),
+        ("/api/admin/grep?address=%40d1.example&limit=5", ("grep", "@d1.example", "--limit", "5")),
+    ]:
+        status, answer = request(relay.http_port, "GET", path, token="read")
+        assert status == 200 and answer == ctl_json(relay, *args), path
+    status, shown = request(relay.http_port, "GET", f"/api/admin/show/{qid}?body=1")
+    assert shown["body"].endswith("Subject: x\r\n\r\nbody\r\n")
+    assert {r["address"] for r in shown["recipients"]} == {"a@d1.example", "b@d1.example",
+                                                           "c@d2.example"}
+    status, report = request(relay.http_port, "GET", "/api/admin/report?since=2h")
+    printed = ctl_json(relay, "report", "--since", "2h")
+    assert status == 200 and report["since"] == printed["since"] == 7200.0
+    assert {k: v for k, v in report.items() if k not in ("from", "until")} == {
+        k: v for k, v in printed.items() if k not in ("from", "until")}
+    assert request(relay.http_port, "GET", "/api/admin/show/NOPE")[0] == 404
+    assert request(relay.http_port, "GET", "/api/admin/grep?address=")[0] == 422
+    assert request(relay.http_port, "GET", "/api/admin/report?since=soon")[0] == 422
 
 
 def test_commands_answer_as_relayctl_does(relay):
@@ -100,6 +125,9 @@ def test_every_documented_path_answers(relay):
     status, document = request(relay.http_port, "GET", "/api/openapi.json", token=None)
     assert status == 200 and document["openapi"].startswith("3.")
     for path, methods in document["paths"].items():
+        path = path.replace("{queue_id}", relay.queue_id)
+        if path.endswith("/grep"):
+            path += "?address=a%40d1.example"
         for method in methods:
             status, _ = request(relay.http_port, method.upper(), path,
                                 None if method == "get" else {})
@@ -149,6 +177,13 @@ def calls(draw):
     if draw(st.booleans()):
         query = draw(st.sampled_from(["", "?by=destination", "?by=x", "?top=0", "?top=2",
                                       "?top=-1&by=domain"]))
+        if draw(st.booleans()):
+            words = {"address": TEXT, "limit": TEXT, "since": TEXT, "body": TEXT}
+            params = draw(st.dictionaries(st.sampled_from(sorted(words)), TEXT, max_size=3))
+            query = "?" + urllib.parse.urlencode(params)
+            path = draw(st.sampled_from(["/api/admin/grep", "/api/admin/report"]) | st.builds(
+                lambda qid: "/api/admin/show/" + urllib.parse.quote(qid, safe=""), TEXT))
+            return "GET", path + query, None
         return "GET", draw(st.sampled_from(["/api/admin/queue", "/api/admin/stats",
                                             "/api/admin/trace"])) + query, None
     path = draw(POSTS)
