@@ -182,14 +182,33 @@ def build(request: dict, limits: Limits, *, hostname: str, now: float,
 # -- templates -------------------------------------------------------------------
 
 _ENVIRONMENT = None
+MAX_PRODUCT = 1 << 20  # longest string or list a template may make with "*"
+MAX_EXPONENT = 64  # largest exponent of "**"
 
 
 def _environment():
+    """Jinja2's sandbox, where a template cannot reach Python objects, plus
+    bounds on ``*`` and ``**``: ``{{ "x" * 10**12 }}`` would otherwise take
+    the worker's memory or CPU before any size check could see it."""
     global _ENVIRONMENT
     if _ENVIRONMENT is None:
+        from jinja2.exceptions import SecurityError
         from jinja2.sandbox import SandboxedEnvironment
 
-        _ENVIRONMENT = SandboxedEnvironment(autoescape=False, keep_trailing_newline=True)
+        class Sandbox(SandboxedEnvironment):
+            intercepted_binops = frozenset(["*", "**"])
+
+            def call_binop(self, context, operator, left, right):
+                if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT:
+                    raise SecurityError(f"exponent over {MAX_EXPONENT}")
+                if operator == "*":
+                    for seq, times in ((left, right), (right, left)):
+                        if (isinstance(seq, (str, list, tuple)) and isinstance(times, int)
+                                and len(seq) * times > MAX_PRODUCT):
+                            raise SecurityError(f"a result over {MAX_PRODUCT} items")
+                return super().call_binop(context, operator, left, right)
+
+        _ENVIRONMENT = Sandbox(autoescape=False, keep_trailing_newline=True)
     return _ENVIRONMENT
 
 

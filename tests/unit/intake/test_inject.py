@@ -62,6 +62,18 @@ def test_the_sandbox_keeps_python_out():
     assert message.startswith("content: template error")
 
 
+@pytest.mark.parametrize("expression", ['"x" * 10**9', '[1] * 10**8', "9 ** 99999999"])
+def test_templates_cannot_exhaust_memory_or_cpu(expression):
+    message = refused(request(content="Subject: {{ %s }}\n\nbody\n" % expression,
+                              substitutions={"x": 1}))
+    assert message.startswith("content: template error")
+
+
+def test_small_products_still_work():
+    [message] = build(request(content="Subject: {{ '-' * n }}\n\nbody\n", substitutions={"n": 3}))
+    assert message.body.startswith(b"Subject: ---\r\n")
+
+
 def test_structured_content_is_valid_mime():
     data = bytes(range(256))
     [message] = build(request(
