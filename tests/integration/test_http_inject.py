@@ -246,3 +246,17 @@ def test_check_names_an_http_address_that_is_taken(relay_factory, tokens, tmp_pa
                               cwd=str(tmp_path), env=ENV)
     assert done.returncode == 2
     assert f"[http] address: cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+def test_sighup_takes_new_tokens_and_keeps_the_address(relay_factory, tokens):
+    port = free_port()
+    relay = relay_factory(workers=2, http=http_section(port, {"app": tokens["app"]})).start()
+    assert post(port, GOOD, tokens["app"]["token"])[0] == 200
+    other = make_token("other", "inject")
+    relay.overrides["http"] = http_section(free_port(), {"other": other})
+    relay.write_config()
+    relay.signal(signal.SIGHUP)
+    relay.wait_log(" reloaded ", count=2)  # both workers
+    assert "[http] address" in relay.log()  # named as needing a restart
+    assert post(port, GOOD, other["token"])[0] == 200  # the running address, the new token
+    assert post(port, GOOD, tokens["app"]["token"])[0] == 401
