@@ -82,6 +82,8 @@ setup(
         "orjson>=3.9",
         "idna>=3.7",
         "tomli-w>=1.0",
+        "aiohttp>=3.9",
+        "jinja2>=3.1",
     ],
     extras_require={"test": ["pytest>=8", "hypothesis>=6", "pynacl>=1.5", "prometheus_client>=0.20", "ruff>=0.5"]},
     ext_modules=fast_extensions(),
@@ -90,6 +92,7 @@ setup(
         "console_scripts": [
             "relay=relay.supervisor:main",
             "relayctl=relay.cli:main",
+            "relay-sendmail=relay.cli.sendmail:main",
         ]
     },
 )

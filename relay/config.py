@@ -223,6 +223,37 @@ INTAKE_KEYS = _keys(
         "message bytes held in DATA across a worker's sessions; past it DATA gets 451 4.3.1"),
 )
 
+HTTP_KEYS = _keys(
+    Key("address", parse_hostport, None,
+        '"host:port" for the HTTP inject API; no [http] table = no HTTP', reload=False),
+    Key("cert_file", _str, "", "PEM certificate chain: serve HTTPS; empty = plain HTTP"),
+    Key("key_file", _str, "", "PEM private key for cert_file"),
+    Key("max_body_size", parse_size, 64 * 1024**2,
+        "largest request body, in bytes; larger gets 413 (JSON and base64 cost ~1.4 x the message)"),
+)
+
+TOKEN_SCOPES = ("inject", "admin", "read")
+
+
+def _scopes(value: Any) -> tuple[str, ...]:
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(v, str) and v in TOKEN_SCOPES for v in value)):
+        raise ValueError("a non-empty list of " + ", ".join(repr(s) for s in TOKEN_SCOPES))
+    return tuple(value)
+
+
+def _token_hash(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"sha256\$[0-9a-f]{64}", value):
+        raise ValueError("a hash from `relayctl token create` (sha256$ and 64 hex digits)")
+    return value
+
+
+TOKEN_KEYS = _keys(
+    Key("name", _str, None, "who the token is for (logged)"),
+    Key("token_hash", _token_hash, None, "hash from `relayctl token create`"),
+    Key("scopes", _scopes, None, "what the token may do: inject, admin, read"),
+)
+
 DNS_KEYS = _keys(
     Key("nameservers", _hostports, (), '["127.0.0.1:5353"]; empty = system resolver'),
 )
@@ -363,6 +394,10 @@ User = _section_class("User", USER_KEYS)
 IntakeSettings = _section_class(
     "IntakeSettings", INTAKE_KEYS, ("users", tuple, dataclasses.field(default=()))
 )
+HttpSettings = _section_class(
+    "HttpSettings", HTTP_KEYS, ("tokens", tuple, dataclasses.field(default=()))
+)
+Token = _section_class("Token", TOKEN_KEYS)
 DnsSettings = _section_class("DnsSettings", DNS_KEYS)
 DeliverSettings = _section_class("DeliverSettings", DELIVER_KEYS)
 StatsSettings = _section_class("StatsSettings", STATS_KEYS)
@@ -466,6 +501,7 @@ class Settings:
     tls_policy: dict = field(default_factory=dict)  # domain -> none|opportunistic|required|verify
     dkim: tuple = ()  # of DkimIdentity
     shaping: ShapingSettings = field(default_factory=ShapingSettings)
+    http: Any = None  # HttpSettings, or None: no HTTP server
     source: str = ""  # the file these came from, for messages
 
     @property
@@ -514,6 +550,7 @@ def _array(label: str, raw: Any) -> list:
 TOP_LEVEL = (
     "relay", "listen", "tls", "intake", "dns", "deliver", "routes", "tls_policy", "stats", "dkim",
     "shaping",
+    "http",
 )
 # Old [deliver] keys that are now defaults of [shaping.default].
 DEPRECATED_DELIVER_KEYS = {
@@ -590,6 +627,25 @@ def from_dict(raw: dict, source: str = "", base_dir: str | None = None) -> Setti
     )
     deliver_raw = raw.get("deliver", {})
     shaping = _shaping(raw.get("shaping", {}), deliver_raw if isinstance(deliver_raw, dict) else {})
+    http = None
+    if "http" in raw:
+        http_raw = raw["http"]
+        if not isinstance(http_raw, dict):
+            raise ConfigError("[http]: expected a table")
+        http_raw = dict(http_raw)
+        tokens_raw = http_raw.pop("tokens", [])
+        http = HttpSettings(
+            **_section("[http]", http_raw, HTTP_KEYS, base_dir),
+            tokens=tuple(
+                Token(**_section("[[http.tokens]]", item, TOKEN_KEYS, base_dir))
+                for item in _array("[[http.tokens]]", tokens_raw)
+            ),
+        )
+        if bool(http.cert_file) != bool(http.key_file):
+            raise ConfigError("[http] cert_file, key_file: give both for HTTPS, or neither")
+        names = [token.name for token in http.tokens]
+        if len(set(names)) != len(names):
+            raise ConfigError("[[http.tokens]] name: every token needs a name of its own")
     return Settings(
         relay=relay,
         listen=listen,
@@ -602,6 +658,7 @@ def from_dict(raw: dict, source: str = "", base_dir: str | None = None) -> Setti
         tls_policy=tls_policy,
         dkim=dkim,
         shaping=shaping,
+        http=http,
         source=source,
     )
 
@@ -642,7 +699,13 @@ def restart_needed(old: Settings, new: Settings) -> list[str]:
                 changed.append(f"[{section}] {name}")
     if old.listen != new.listen:
         changed.append("[[listen]] address")
+    if http_address(old) != http_address(new):
+        changed.append("[http] address")
     return changed
+
+
+def http_address(settings: Settings) -> tuple[str, int] | None:
+    return settings.http.address if settings.http is not None else None
 
 
 def pin_restart_keys(new: Settings, running: Settings) -> Settings:
@@ -654,7 +717,13 @@ def pin_restart_keys(new: Settings, running: Settings) -> Settings:
         pinned = {name: getattr(getattr(running, section), name)
                   for name, key in keys.items() if not key.reload}
         sections[section] = dataclasses.replace(getattr(new, section), **pinned)
-    return dataclasses.replace(new, listen=running.listen, **sections)
+    # The HTTP socket is opened at start: a reload keeps its address (and
+    # whether there is one); tokens, TLS files and the body limit reload.
+    http = new.http
+    if http_address(new) != http_address(running):
+        http = (None if running.http is None else running.http if new.http is None
+                else dataclasses.replace(new.http, address=running.http.address))
+    return dataclasses.replace(new, listen=running.listen, http=http, **sections)
 
 
 # -- back to the file's form ------------------------------------------------

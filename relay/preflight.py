@@ -3,7 +3,8 @@
 Input: the settings.  Output: nothing, or a ``ConfigError`` naming the key
 whose value cannot work on this host: a listen address that cannot be
 bound, a TLS certificate or key, a DKIM key or a CA bundle that does not
-load, a source IP that is not an address of this host, a metrics address
+load, an [http] address that cannot be bound or its
+certificate, a source IP that is not an address of this host, a metrics address
 that is taken.  Nothing here changes the spool: the start's recovery runs
 only after these pass and the instance lock is held.
 """
@@ -17,7 +18,7 @@ import ssl
 from relay.config import Settings, parse_hostport
 from relay.dkim.sign import Signer
 from relay.errors import ConfigError
-from relay.intake.listener import open_listen_sockets, server_tls_context
+from relay.intake.listener import open_http_socket, open_listen_sockets, server_tls_context
 
 
 def check(settings: Settings) -> None:
@@ -25,6 +26,10 @@ def check(settings: Settings) -> None:
     for sock in open_listen_sockets(settings, listen=False):
         sock.close()
     server_tls_context(settings.tls)
+    http = open_http_socket(settings, listen=False)
+    if http is not None:
+        http.close()
+        server_tls_context(settings.http, "[http]")
     Signer.from_identities(settings.dkim)
     check_ca_file(settings.deliver.ca_file)
     check_source_ips(settings.relay.source_ips)

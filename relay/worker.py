@@ -2,6 +2,7 @@
 
 Input: the settings, this worker's index and the worker count.  Output: an
 SMTP intake on every listen address (its own SO_REUSEPORT sockets), the
+HTTP inject API on ``[http] address`` (likewise), the
 spool of the shard slots it owns, the peer socket other workers hand their
 parts to, and the delivery loop of its slots' mail.  SIGHUP reloads the
 reloadable keys (restart-only keys keep the values this worker started
@@ -28,8 +29,10 @@ from relay.dkim.sign import Signer
 from relay.errors import ConfigError, RelayError
 from relay.intake.clients import ClientTable
 from relay.intake.handler import IntakeState
+from relay.intake.http.server import HttpIntake
 from relay.intake.listener import open_listen_sockets, server_tls_context
 from relay.model import Transaction
+from relay.ops import admin_http
 from relay.route.forward import Router
 from relay.spool.store import Spool
 from relay.stats import ring
@@ -92,6 +95,8 @@ class Worker:
                                      backlog=settings.relay.listen_backlog)
             for sock in open_listen_sockets(settings)
         ]
+        self.http = HttpIntake(settings, self.intake, admin_http.routes())  # [http]: inject, admin
+        await self.http.start()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
@@ -122,6 +127,7 @@ class Worker:
             session.transport and session.transport.abort()
         for server in servers:
             server.close()
+        await self.http.close()  # HTTP requests in flight finish (they answered 503 meanwhile)
         # Transactions in flight finish; their DSNs still reach their owners,
         # which keep serving until every peer says it is done.
         await self.dispatcher.stop(max(deadline - time.monotonic(), 0.1))
@@ -221,6 +227,7 @@ class Worker:
         self.settings = settings
         self.signer = signer
         self.intake.apply(settings, tls_context)
+        self.http.apply(settings)
         self.dispatcher.apply(settings)
         log.info("worker %d reloaded %s", self.index, settings.source)
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from relay.cli import admin, config_cmd, msg, password, queue, shaping, spool_cmd, stats
+from relay.cli import admin, config_cmd, msg, password, queue, shaping, spool_cmd, stats, token
 
 
 def _verbs():
-    verbs = [stats, queue, msg, admin, shaping, config_cmd, password, spool_cmd]
+    verbs = [stats, queue, msg, admin, shaping, config_cmd, password, spool_cmd, token]
     try:
         from relay.cli import dkim
     except ImportError:  # the DKIM verbs are optional until their module lands

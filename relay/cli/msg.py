@@ -68,13 +68,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import orjson
 
 from relay import config
 from relay.cli import spoolread
-from relay.cli.spoolread import Event, MessageView, ReadError, fail, iso_local, table
+from relay.cli.spoolread import MessageView, ReadError, fail, iso_local, table
+from relay.ops import verbs
+
 
 def add_parser(subparsers) -> None:
     show = subparsers.add_parser(
@@ -126,40 +127,20 @@ def _tls(flag: bool) -> str:
 
 
 def run_show(args) -> int:
-    queue_id = spoolread.queue_id(args.queue_id)
     try:
-        with spoolread.open_spools(args) as spools:
-            parts, recipients, events = [], [], []
-            for reader in spools.readers:
-                found = reader.message(queue_id)
-                parts += found[0]
-                recipients += found[1]
-                events += found[2]
-            view = spoolread.message_view(queue_id, parts, recipients, events)
-            body = None
-            if view is not None and args.body:
-                for reader in spools.readers:
-                    if any(p.worker == reader.worker for p in view.parts):
-                        body = reader.body(queue_id)
-                        if body is not None:
-                            break
+        shown = verbs.show(args.config, args.queue_id, args.body, args.offline)
     except ReadError as exc:
         return fail(str(exc), exc.status)
-    if view is None:
-        return fail(f"{queue_id}: no such message in any spool")
-    if args.body and body is None:
-        return fail(f"{queue_id}: the message has left the queue; its body is no longer stored")
+    except verbs.NotFound as exc:
+        return fail(str(exc))
     if args.json:
-        out = view.as_json()
-        if args.body:
-            out["body"] = body.decode("utf-8", errors="replace")
-        print(orjson.dumps(out).decode())
+        print(orjson.dumps(shown.json(args.body)).decode())
     elif args.body:
         sys.stdout.flush()
-        sys.stdout.buffer.write(body)
+        sys.stdout.buffer.write(shown.body)
         sys.stdout.buffer.flush()
     else:
-        print(_show_text(view))
+        print(_show_text(shown.view))
     return 0
 
 
@@ -213,22 +194,16 @@ def _show_text(view: MessageView) -> str:
 
 def run_grep(args) -> int:
     try:
-        pattern = spoolread.address_pattern(args.address)
+        grepped = verbs.grep(args.config, args.address, args.limit, args.offline)
     except ValueError as exc:
         return fail(f"grep: {exc}", 2)
-    try:
-        with spoolread.open_spools(args) as spools:
-            found: list[Event] = []
-            for reader in spools.readers:
-                found.extend(reader.events_for(pattern))
     except ReadError as exc:
         return fail(str(exc), exc.status)
-    events = spoolread.newest_first(found, args.limit)
+    pattern, events, matched = grepped.pattern, grepped.events, grepped.matched
     if args.json:
-        print(orjson.dumps({"address": args.address, "matched": len(found),
-                            "events": [e.as_json() for e in events]}).decode())
+        print(orjson.dumps(grepped.json()).decode())
         return 0
-    if not found:
+    if not matched:
         print(f"no events for {args.address}")
         return 0
     # A domain matches many addresses: then say which one each line is about.
@@ -239,8 +214,8 @@ def run_grep(args) -> int:
           e.enhanced, e.mx, _tls(e.tls), e.text] for e in events],
         right=(3 + len(who),),
     ))
-    if len(events) < len(found):
-        print(f"({len(events)} of {len(found)} events shown)")
+    if len(events) < matched:
+        print(f"({len(events)} of {matched} events shown)")
     return 0
 
 
@@ -248,24 +223,15 @@ def run_grep(args) -> int:
 
 
 def run_report(args) -> int:
-    until = time.time()
-    start = until - args.since
     try:
-        with spoolread.open_spools(args) as spools:
-            rows, delivered = [], 0
-            for reader in spools.readers:
-                rows.extend(reader.failures(start))
-                delivered += reader.delivered(start)
+        result = verbs.report(args.config, args.since, args.offline)
     except ReadError as exc:
         return fail(str(exc), exc.status)
-    failures = spoolread.failure_report(rows)
-    failed = sum(r.count for r in failures)
     if args.json:
-        print(orjson.dumps({
-            "since": args.since, "from": start, "until": until, "delivered": delivered,
-            "failed": failed, "failures": [r.as_json() for r in failures],
-        }).decode())
+        print(orjson.dumps(result.json()).decode())
         return 0
+    failures, failed, start, delivered = (result.failures, result.failed, result.start,
+                                          result.delivered)
     by_outcome = ", ".join(
         f"{outcome} {sum(r.count for r in failures if r.outcome == outcome)}"
         for outcome in spoolread.FAILURE_OUTCOMES

@@ -38,12 +38,11 @@ of ``"domain"``.  Exit status 0; 1 when the relay is not running (without
 
 from __future__ import annotations
 
-import time
-
 import orjson
 
 from relay.cli import spoolread
 from relay.cli.spoolread import BUCKETS, ReadError, fail
+from relay.ops import verbs
 
 
 def add_parser(subparsers) -> None:
@@ -60,39 +59,14 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     try:
-        with spoolread.open_spools(args) as spools:
-            now = time.time()
-            waiting, destinations, held_parts = [], {}, 0
-            quarantined, quarantined_ids = 0, []
-            for reader in spools.readers:
-                waiting.extend(reader.waiting())
-                held_parts += reader.held_parts()
-                count, ids = reader.quarantined()
-                quarantined += count
-                quarantined_ids += ids
-                if args.by == "destination":
-                    destinations.update(spoolread.latest_destinations(reader.destinations()))
+        report = verbs.queue(args.config, args.by, args.top, args.offline)
     except ReadError as exc:
         return fail(str(exc), exc.status)
-    # A domain lives in exactly one spool, so merging per-spool maps loses nothing.
-    group = (lambda domain: destinations.get(domain, domain)) if args.by == "destination" else None
-    shape = spoolread.queue_shape(waiting, now, group)
-    rows = shape.rows[: args.top] if args.top else shape.rows
     if args.json:
-        plural = "domains" if args.by == "domain" else "destinations"
-        print(orjson.dumps({
-            "total": shape.total,
-            "held": shape.held,
-            "held_parts": held_parts,
-            "quarantined": quarantined,
-            "quarantined_ids": sorted(set(quarantined_ids))[:spoolread.MAX_LISTED],
-            "by": args.by,
-            "buckets": list(BUCKETS),
-            "by_age": list(shape.by_age),
-            plural: [{args.by: row.name, "total": row.total, "by_age": list(row.by_age)}
-                     for row in rows],
-        }).decode())
+        print(orjson.dumps(report.json).decode())
         return 0
+    shape = report.shape
+    rows = shape.rows[: args.top] if args.top else shape.rows
     numbers = range(1, 2 + len(BUCKETS))
     print(spoolread.table(
         [args.by.upper(), "TOTAL", *BUCKETS],
@@ -102,10 +76,10 @@ def run(args) -> int:
     ))
     if len(rows) < len(shape.rows):
         print(f"({len(shape.rows) - len(rows)} more {args.by}s not shown)")
-    print(f"held: {shape.held} recipients in {held_parts} parts"
+    print(f"held: {shape.held} recipients in {report.held_parts} parts"
           " awaiting their transaction's decision")
+    quarantined, ids = report.json["quarantined"], report.json["quarantined_ids"]
     if quarantined:
-        ids = sorted(set(quarantined_ids))[:spoolread.MAX_LISTED]
         print(f"quarantined: {quarantined} recipients, their delivery crashed the relay"
               f" (relayctl show ID; relayctl requeue --quarantined ID): {' '.join(ids)}")
     else:

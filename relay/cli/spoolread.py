@@ -86,6 +86,21 @@ class WaitingRow:
 
 
 @dataclass(frozen=True, slots=True)
+class WaitingRecipient:
+    """One recipient still to be delivered and its message's envelope."""
+
+    worker: int
+    queue_id: str
+    sender: str
+    received: float
+    size: int
+    message_state: int  # MessageState
+    address: str
+    state: int  # RecipientState
+    last_reply: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class MessagePart:
     worker: int
     queue_id: str
@@ -531,6 +546,19 @@ class SpoolReader:
         ids = self.query("SELECT DISTINCT message_id FROM recipient WHERE state = ? LIMIT ?",
                          (QUARANTINED, MAX_LISTED)) if count else []
         return count, [row[0] for row in ids]
+
+    def waiting_recipients(self) -> Iterator[WaitingRecipient]:
+        """Every recipient still to be delivered, with its message's
+        envelope (for ``mailq``), in rowid chunks."""
+        marks = ", ".join("?" * len(WAITING_STATES))
+        sql = (
+            "SELECT m.id, m.sender, m.received, m.size, m.state, r.address, r.state,"
+            " r.last_reply FROM recipient r JOIN message m ON m.id = r.message_id"
+            f" WHERE r.rowid BETWEEN ? AND ? AND r.state IN ({marks}) ORDER BY r.rowid"
+        )
+        for lo, hi in self.chunks("recipient"):
+            for row in self.query(sql, (lo, hi, *WAITING_STATES)):
+                yield WaitingRecipient(self.worker, *row)
 
     def held_parts(self) -> int:
         # A literal 0 (MessageState.HELD), so the partial index is used.

@@ -46,10 +46,23 @@ def open_listen_sockets(settings: Settings, listen: bool = True) -> list[socket.
     return sockets
 
 
-def server_tls_context(tls) -> ssl.SSLContext | None:
+def open_http_socket(settings: Settings, listen: bool = True) -> socket.socket | None:
+    """The ``[http] address`` socket (SO_REUSEPORT, like SMTP's), or None
+    when there is no ``[http]``."""
+    if settings.http is None:
+        return None
+    host, port = settings.http.address
+    try:
+        return open_listen_socket(host, port, listen=listen, backlog=settings.relay.listen_backlog)
+    except OSError as exc:
+        raise ConfigError(f"[http] address: cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def server_tls_context(tls, label: str = "[tls]") -> ssl.SSLContext | None:
     """The STARTTLS context from ``[tls]`` (config.TlsSettings), or None
-    when it is absent: STARTTLS is not offered then."""
-    if tls is None:
+    when it is absent: STARTTLS is not offered then.  ``[http]`` uses it
+    too, with its own label, when it has a cert_file."""
+    if tls is None or not tls.cert_file:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -57,6 +70,6 @@ def server_tls_context(tls) -> ssl.SSLContext | None:
         context.load_cert_chain(tls.cert_file, tls.key_file)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
-            f"[tls] cert_file/key_file: cannot load {tls.cert_file} / {tls.key_file}: {exc}"
+            f"{label} cert_file/key_file: cannot load {tls.cert_file} / {tls.key_file}: {exc}"
         ) from None
     return context

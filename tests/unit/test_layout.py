@@ -34,7 +34,8 @@ for rank, names in enumerate(
         ("outcome",),
         # dispatch is the worker's delivery loop, wiring deliver/outcome/spool.
         ("dispatch",),
-        ("cli",),
+        # ops: the operator verbs behind both relayctl and /api/admin.
+        ("cli", "ops"),
         ("worker", "supervisor", "control", "preflight"),
         # testing is test infrastructure that no relay module may import.
         ("testing",),

@@ -1,0 +1,1 @@
+"""The HTTP entry point: KumoMTA-compatible ``POST /api/inject/v1``."""
