@@ -288,6 +288,9 @@ DELIVER_KEYS = _keys(
     Key("event_retention", parse_duration, 7 * 86400.0, "delivery events kept in the spool"),
     Key("keep_bounced", parse_duration, 3 * 86400.0, "bounced mail kept for `relayctl requeue`"),
     Key("max_loaded", _int(1), 20000, "recipients held in memory for delivery, per worker"),
+    Key("max_sessions", _int(1), 1000, "outbound sessions open at once, per worker, whatever the sites allow"),
+    Key("max_bytes_in_flight", parse_size, 256 * 1024**2,
+        "message bytes of outbound transactions in flight, per worker (one always goes)"),
     Key("quarantine_after", _int(1), 3,
         "deliveries of a message that crashed the worker before it is quarantined"),
 )

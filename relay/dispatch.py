@@ -147,7 +147,9 @@ class Dispatcher:
         self.effects = Effects(settings.shaping.rules, worker)
         self.scheduler = Scheduler(settings.shaping, workers, self.effects,
                                    idle_timeout=deliver.connection_idle_timeout,
-                                   spawn_after=deliver.spawn_after)
+                                   spawn_after=deliver.spawn_after,
+                                   max_sessions=deliver.max_sessions,
+                                   max_bytes_in_flight=deliver.max_bytes_in_flight)
         self.sessions: dict[int, SmtpSession] = {}  # the scheduler's connection id -> session
         self._poke = asyncio.Event()  # the scheduler has news: look at its actions again
         self._sending = 0  # transactions in flight
@@ -303,7 +305,7 @@ class Dispatcher:
         self._verify_context = self._make_verify_context(deliver.ca_file)
         self.effects.rules = settings.shaping.rules
         self.scheduler.apply(settings.shaping, deliver.connection_idle_timeout, deliver.spawn_after,
-                             time.time())
+                             time.time(), deliver.max_sessions, deliver.max_bytes_in_flight)
         self._poke.set()
 
     def outbound_connections(self) -> int:
@@ -406,9 +408,10 @@ class Dispatcher:
             if session is None or not session.alive:
                 # The server closed it while it was idle: the job was not
                 # tried, and goes again on a fresh connection.
-                self._lost(conn)
-                self.scheduler.push(job.site_key, job.destination, job.domain, job, time.time(),
-                                    front=True)
+                session = self.sessions.pop(conn, None)
+                if session is not None:
+                    session.close()
+                self.scheduler.on_not_sent(conn, job, time.time())
                 return
             if job.trace:
                 self._trace(job, "session %s[%s] from %s, tls=%s, message %d on it",

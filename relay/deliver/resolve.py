@@ -40,6 +40,7 @@ TEMPFAIL_TTL = 30.0
 MAX_TTL = 3600.0
 MIN_TTL = 5.0
 LOOKUP_TIMEOUT = 10.0
+CACHE_SIZE = 100_000  # answers kept at most; past it, expired ones are dropped
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,10 @@ class Resolver:
         self.mx_port = mx_port
         self._clock = clock
         self._rng = rng or random.Random()
-        self._cache: dict[str, tuple[float, Destination | DeliveryError]] = {}
+        # domain -> (expiry, Destination or the (reply, stage) of a failure):
+        # a failure is raised as a new exception each time, since a cached
+        # instance would keep the frames of every job it was raised in.
+        self._cache: dict[str, tuple[float, Destination | tuple]] = {}
         self._pending: dict[str, asyncio.Future] = {}
         if nameservers:
             self._dns = dns.asyncresolver.Resolver(configure=False)
@@ -89,19 +93,25 @@ class Resolver:
             pending.add_done_callback(lambda _: self._pending.pop(domain, None))
         return self._order(await asyncio.shield(pending))
 
-    def _order(self, entry: Destination | DeliveryError) -> Destination:
+    def _order(self, entry) -> Destination:
         if isinstance(entry, DeliveryError):
-            raise entry
+            raise DeliveryError(entry.reply, entry.stage)
+        if isinstance(entry, tuple):
+            raise DeliveryError(*entry)
         return entry
 
-    async def _lookup(self, domain: str) -> Destination | DeliveryError:
+    async def _lookup(self, domain: str) -> Destination | tuple:
         try:
             destination, ttl = await self._find(domain)
             entry: Destination | DeliveryError = destination
         except DeliveryError as exc:
             entry, ttl = exc, (TEMPFAIL_TTL if exc.reply.code < 500 else NEGATIVE_TTL)
-        self._cache[domain] = (self._clock() + ttl, entry)
-        return entry
+        now = self._clock()
+        if len(self._cache) >= CACHE_SIZE:  # domains that never came back
+            self._cache = {d: e for d, e in self._cache.items() if e[0] > now}
+        cached = (entry.reply, entry.stage) if isinstance(entry, DeliveryError) else entry
+        self._cache[domain] = (now + ttl, cached)
+        return cached
 
     async def _find(self, domain: str) -> tuple[Destination, float]:
         route = self.routes.get(domain)

@@ -155,7 +155,8 @@ def _rate_text(interval: float | None) -> str:
 
 class Scheduler:
     def __init__(self, shaping, workers: int, effects: Effects, *, idle_timeout: float,
-                 spawn_after: float) -> None:
+                 spawn_after: float, max_sessions: int = 1000,
+                 max_bytes_in_flight: int = 256 * 1024**2) -> None:
         self.shaping = shaping  # config.ShapingSettings
         self.workers = workers
         self.effects = effects
@@ -167,12 +168,21 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._wake: float | None = None
         self._pending_close: list[int] = []  # connections done with: closed by the next actions()
+        # Per worker, whatever the sites allow: outbound sessions, and body
+        # bytes of transactions in flight (one message is always let through).
+        self.max_sessions = max_sessions
+        self.max_bytes_in_flight = max_bytes_in_flight
+        self.bytes_in_flight = 0
+        self._in_flight: dict[int, int] = {}  # connection -> bytes of its job
 
     # -- configuration ----------------------------------------------------------
 
-    def apply(self, shaping, idle_timeout: float, spawn_after: float, now: float) -> None:
+    def apply(self, shaping, idle_timeout: float, spawn_after: float, now: float,
+              max_sessions: int | None = None, max_bytes_in_flight: int | None = None) -> None:
         """Reloaded settings: every site's limits are computed again."""
         self.shaping, self.idle_timeout, self.spawn_after = shaping, idle_timeout, spawn_after
+        self.max_sessions = max_sessions or self.max_sessions
+        self.max_bytes_in_flight = max_bytes_in_flight or self.max_bytes_in_flight
         for site in self.sites.values():
             self._refresh(site, now)
 
@@ -251,6 +261,7 @@ class Scheduler:
     def on_sent(self, conn_id: int, job, now: float, replies: list[Reply],
                 delivered: bool, site_failure: Reply | None) -> str:
         """A transaction ended; returns RECORD, RETRY or BOUNCE (see top)."""
+        self._release_bytes(conn_id)
         conn = self._conns.get(conn_id)
         site = conn.site if conn is not None else None
         fired = None
@@ -287,6 +298,16 @@ class Scheduler:
         if fired is not None and fired.kind == "bounce":
             return BOUNCE
         return RECORD
+
+    def on_not_sent(self, conn_id: int, job, now: float) -> None:
+        """A Send found its connection dead before anything was sent: the
+        job goes first again, on another connection."""
+        self._release_bytes(conn_id)
+        self.on_lost(conn_id)
+        self.push(job.site_key, job.destination, job.domain, job, now, front=True)
+
+    def _release_bytes(self, conn_id: int) -> None:
+        self.bytes_in_flight -= self._in_flight.pop(conn_id, 0)
 
     def on_closed(self, conn_id: int) -> None:
         """A Close is done: the receiver no longer sees the connection."""
@@ -351,8 +372,13 @@ class Scheduler:
             if due > now:
                 wake.append(due)
                 break
+            size = getattr(site.jobs[0], "size", 0)
+            if self.bytes_in_flight and self.bytes_in_flight + size > self.max_bytes_in_flight:
+                break  # a transaction that ends frees room (on_sent)
             conn = idle.pop(0)
             job = site.jobs.popleft()
+            self.bytes_in_flight += size
+            self._in_flight[conn.id] = size
             if site.waiting.get(job.queue_id) is job:
                 del site.waiting[job.queue_id]
             site.messages.take(now)
@@ -372,6 +398,8 @@ class Scheduler:
         return min(wake) if wake else None
 
     def _wants_connection(self, site: Site, now: float, wake: list) -> bool:
+        if len(self._conns) >= self.max_sessions:
+            return False
         allowed = min(site.limits.connection_limit, site.concurrency.allowed)
         if len(site.connections) >= allowed:
             return False

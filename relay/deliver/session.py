@@ -192,6 +192,7 @@ class SmtpSession:
         # A server that said 354 must get a message; with no recipient
         # accepted it can only be refused, so send an empty one.
         self._write(smtp_proto.dot_stuffed(body) if accepted else b".\r\n")
+        await self._drain(Stage.DOT)  # a big body waits for the socket, not in our buffer
         result.dot = await self._read(Stage.DOT, self.timeouts.data)
         self.messages_sent += 1
         self.usable = True
@@ -248,6 +249,10 @@ class SmtpSession:
             if self._writer is None or self._writer.is_closing():
                 raise ConnectionResetError("connection closed")
             self._writer.write(data)
+
+    async def _drain(self, stage: Stage) -> None:
+        with map_exceptions(stage, self.hop.host):
+            await asyncio.wait_for(self._writer.drain(), self.timeouts.data)
 
     async def _read(self, stage: Stage, timeout: float) -> Reply:
         with map_exceptions(stage, self.hop.host):

@@ -27,6 +27,9 @@ class FakeJob:
     recipients: list = field(default_factory=lambda: ["r"])
     trace: bool = False
     queued: float = 0.0
+    size: int = 100
+    site_key: tuple = None
+    destination: object = None
 
 
 class Clock:
@@ -362,3 +365,27 @@ def test_shipped_rules_match_the_providers_throttling_replies():
     busy = Reply(451, "4.7.500", "Server busy. Please try again later from [192.0.2.1]", None)
     assert effects.on_reply("site9", busy, 0.0).overrides["connection_limit"] == 1
     assert effects.on_reply("other", Reply(250, "2.0.0", "ok", None), 0.0) is None
+
+
+def test_worker_caps_sessions_and_body_bytes_in_flight():
+    clock = Clock()
+    settings = shaping()
+    s = Scheduler(settings, 1, Effects(), idle_timeout=10.0, spawn_after=0.25,
+                  max_sessions=2, max_bytes_in_flight=1000)
+    jobs = [FakeJob(f"m{i}") for i in range(300)]  # more than one connection carries
+    for job in jobs:
+        job.size = 600
+        s.push(KEY, MX, "example.net", job, clock.now)
+    opens = of(Open, s.actions(clock.now))
+    assert len(opens) == 2  # the site allows more; the worker's cap is 2
+    sends = of(Send, open_all(s, clock, opens))
+    assert len(sends) == 1  # 600 + 600 > 1000: the second waits for room
+    assert s.bytes_in_flight == 600
+    s.on_sent(sends[0].conn, sends[0].job, clock.now, [OK], True, None)
+    assert s.bytes_in_flight == 0
+    (send,) = of(Send, s.actions(clock.now))
+    # A Send whose connection turned out dead gives its bytes back and its
+    # job goes first again.
+    send.job.site_key, send.job.destination = KEY, MX
+    s.on_not_sent(send.conn, send.job, clock.now)
+    assert s.bytes_in_flight == 0 and s.sites[KEY].jobs[0] is send.job
