@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import keyword
 import os
 import re
 import socket
@@ -267,6 +268,23 @@ DKIM_KEYS = _keys(
 )
 
 
+AMQP_CONSUMER_KEYS = _keys(
+    Key("queue", _str, None, "queue to consume (PostmanQ's queue name)"),
+    Key("url", _str, "amqp://guest:guest@127.0.0.1:5672/", "broker: amqp:// or amqps:// URL"),
+    Key("exchange", _str, "", "exchange bound to the queue; empty = the queue's name"),
+    Key("exchange_type", _choice("fanout", "direct", "topic"), "fanout",
+        "type of the exchanges declared (PostmanQ: fanout)"),
+    Key("routing_key", _str, "", "binding key of the queue"),
+    Key("prefetch", _int(1, 65535), 64, "unacked messages per worker (basic.qos)"),
+    Key("declare", _bool, True,
+        "declare the PostmanQ topology (queue, failure.* and not.send); false = use what exists"),
+    Key("queue_type", _choice("classic", "quorum"), "classic", "x-queue-type of declared queues"),
+    Key("format", _choice("postmanq", "relay"), "postmanq",
+        "postmanq: {envelope, recipient, body}; relay: {sender, recipients, body|body_base64}"),
+    Key("class", _str, "", "default lane of this consumer's mail (reserved for lanes)"),
+)
+
+
 def _strs(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError("a list of strings")
@@ -276,10 +294,16 @@ def _strs(value: Any) -> tuple[str, ...]:
 # -- the settings tree -----------------------------------------------------
 
 
+def _field(name: str) -> str:
+    """The attribute of a key: ``class`` is a Python keyword, so ``class_``."""
+    return name + "_" if keyword.iskeyword(name) else name
+
+
 def _section_class(name: str, keys: dict[str, Key], *extra) -> type:
     """A frozen dataclass with one field per declared key (declared once, above)."""
     fields = [
-        (name, Any) if key.default is None else (name, Any, dataclasses.field(default=key.default))
+        (_field(name), Any) if key.default is None
+        else (_field(name), Any, dataclasses.field(default=key.default))
         for name, key in keys.items()
     ]
     return dataclasses.make_dataclass(name, fields + list(extra), frozen=True)
@@ -298,6 +322,12 @@ StatsSettings = _section_class("StatsSettings", STATS_KEYS)
 
 
 DkimIdentity = _section_class("DkimIdentity", DKIM_KEYS)
+AmqpConsumer = _section_class("AmqpConsumer", AMQP_CONSUMER_KEYS)
+
+
+@dataclass(frozen=True)
+class AmqpSettings:
+    consumers: tuple = ()  # of AmqpConsumer ([[amqp.consumer]])
 
 
 @dataclass(frozen=True)
@@ -312,6 +342,7 @@ class Settings:
     routes: dict = field(default_factory=dict)  # domain -> (host, port)
     tls_policy: dict = field(default_factory=dict)  # domain -> none|opportunistic|required|verify
     dkim: tuple = ()  # of DkimIdentity
+    amqp: AmqpSettings = field(default_factory=AmqpSettings)
     source: str = ""  # the file these came from, for messages
 
     @property
@@ -337,13 +368,13 @@ def _section(label: str, raw: Any, keys: dict[str, Key], required=()) -> dict[st
     for name, key in keys.items():
         if name in raw:
             try:
-                values[name] = key.parse(raw[name])
+                values[_field(name)] = key.parse(raw[name])
             except ValueError as exc:
                 raise ConfigError(f"{label} {name}: expected {exc}, got {raw[name]!r}") from None
         elif key.default is None or name in required:
             raise ConfigError(f"{label} {name}: required key is missing")
         else:
-            values[name] = key.default
+            values[_field(name)] = key.default
     return values
 
 
@@ -355,6 +386,7 @@ def _array(label: str, raw: Any) -> list:
 
 TOP_LEVEL = (
     "relay", "listen", "tls", "intake", "dns", "deliver", "routes", "tls_policy", "stats", "dkim",
+    "amqp",
 )
 TLS_MODES = ("none", "opportunistic", "required", "verify")
 
@@ -423,7 +455,9 @@ def from_dict(raw: dict, source: str = "") -> Settings:
         DkimIdentity(**_section("[[dkim]]", item, DKIM_KEYS))
         for item in _array("[[dkim]]", raw.get("dkim", []))
     )
+    amqp = _amqp(raw.get("amqp", {}))
     return Settings(
+        amqp=amqp,
         relay=relay,
         listen=listen,
         tls=tls,
@@ -436,6 +470,29 @@ def from_dict(raw: dict, source: str = "") -> Settings:
         dkim=dkim,
         source=source,
     )
+
+
+def _amqp(raw: Any) -> AmqpSettings:
+    if not isinstance(raw, dict):
+        raise ConfigError("[amqp]: expected a table")
+    for name in raw:
+        if name not in ("consumer",):
+            raise ConfigError(f"[amqp] {name}: unknown key")
+    consumers = tuple(
+        AmqpConsumer(**_section("[[amqp.consumer]]", item, AMQP_CONSUMER_KEYS))
+        for item in _array("[[amqp.consumer]]", raw.get("consumer", []))
+    )
+    seen = set()
+    for consumer in consumers:
+        if not consumer.queue:
+            raise ConfigError("[[amqp.consumer]] queue: expected a queue name, got ''")
+        if not consumer.url.startswith(("amqp://", "amqps://")):
+            raise ConfigError(
+                f"[[amqp.consumer]] url: expected an amqp:// or amqps:// URL, got {consumer.url!r}")
+        if (consumer.url, consumer.queue) in seen:
+            raise ConfigError(f"[[amqp.consumer]] queue: {consumer.queue!r} is consumed twice")
+        seen.add((consumer.url, consumer.queue))
+    return AmqpSettings(consumers=consumers)
 
 
 def load(path: str) -> Settings:

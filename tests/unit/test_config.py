@@ -402,3 +402,33 @@ def test_exclude_domains_are_lower_cased():
     s = from_dict({"deliver": {"exclude_domains": ["Spam.Example"]}})
     assert s.deliver.exclude_domains == ("spam.example",)
     assert error({"deliver": {"exclude_domains": "spam.example"}}).startswith("[deliver] exclude_domains: expected ")
+
+
+def test_amqp_consumers_are_declared_like_other_keys():
+    settings = config.from_dict({"amqp": {"consumer": [
+        {"queue": "outbox"},
+        {"queue": "bulk", "url": "amqps://u:p@broker:5671/v", "exchange": "x",
+         "exchange_type": "topic", "routing_key": "k", "prefetch": 10, "declare": False,
+         "queue_type": "quorum", "format": "relay", "class": "bulk"},
+    ]}})
+    first, second = settings.amqp.consumers
+    assert (first.url, first.exchange, first.exchange_type, first.prefetch, first.declare,
+            first.queue_type, first.format, first.class_) == (
+        "amqp://guest:guest@127.0.0.1:5672/", "", "fanout", 64, True, "classic", "postmanq", "")
+    assert (second.exchange_type, second.queue_type, second.class_) == ("topic", "quorum", "bulk")
+    assert config.defaults().amqp.consumers == ()
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"consumer": [{}]}, "[[amqp.consumer]] queue: required key is missing"),
+    ({"consumer": [{"queue": "q", "prefetch": 0}]}, "[[amqp.consumer]] prefetch: expected"),
+    ({"consumer": [{"queue": "q", "format": "json"}]}, "[[amqp.consumer]] format: expected"),
+    ({"consumer": [{"queue": "q", "url": "http://x"}]}, "[[amqp.consumer]] url: expected"),
+    ({"consumer": [{"queue": "q"}, {"queue": "q"}]}, "consumed twice"),
+    ({"consumer": [{"queue": "q", "prefetchh": 1}]}, "[[amqp.consumer]] prefetchh: unknown key"),
+    ({"events": 1}, "[amqp] events: unknown key"),
+])
+def test_bad_amqp_consumers_name_the_key(raw, message):
+    with pytest.raises(config.ConfigError) as caught:
+        config.from_dict({"amqp": raw})
+    assert message in str(caught.value)
