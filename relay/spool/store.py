@@ -16,7 +16,9 @@ fails and the transaction is rolled back, so nothing is half written.
 Schema: ``message`` (envelope, state held|active), ``body`` (stored once per
 part), ``recipient`` (per-recipient state and next attempt, indexed by due
 time), ``txn`` (this worker's decisions as the coordinator of multi-owner
-transactions), ``meta`` (format version and slot count).
+transactions), ``meta`` (format version and slot count), ``amqp_intake``
+(the AMQP messages this worker consumed and spooled: key, origin queue,
+original fields; see spool.seen).
 """
 
 from __future__ import annotations
@@ -90,6 +92,15 @@ CREATE TABLE IF NOT EXISTS suppression (
 );
 CREATE INDEX IF NOT EXISTS event_queue_id ON event (queue_id);
 CREATE INDEX IF NOT EXISTS event_time ON event (time);
+-- AMQP intake: which published messages this worker spooled (redeliveries
+-- are recognised by key) and what they carried, for the failure feeds.
+CREATE TABLE IF NOT EXISTS amqp_intake (
+    queue_id TEXT PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    time REAL NOT NULL,
+    queue TEXT NOT NULL,
+    fields BLOB NOT NULL
+);
 """
 
 # Recipients that still wait for delivery (claimable once due).
@@ -505,6 +516,23 @@ class Spool:
             return found
 
         return await self._submit(apply)
+
+    # -- AMQP intake ----------------------------------------------------------
+
+    async def remember_intake(self, key: str, queue_id: str, queue: str, fields: bytes) -> None:
+        """Record, before it is handed to its owners, that the AMQP message
+        ``key`` (from ``queue``, with these original fields as JSON) is
+        being spooled as ``queue_id``; a later try of the same key takes
+        the record over (spool.seen decides whether a try committed)."""
+        now = time.time()
+        await self._submit(lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO amqp_intake VALUES (?, ?, ?, ?, ?)",
+            (queue_id, key, now, queue, fields),
+        ))
+
+    async def prune_intake(self, older_than: float) -> int:
+        return await self._submit(lambda conn: conn.execute(
+            "DELETE FROM amqp_intake WHERE time < ?", (older_than,)).rowcount)
 
     async def set_meta(self, key: str, value: str) -> None:
         await self._submit(

@@ -58,6 +58,11 @@ COUNTERS = (
     "bounced_unknown",
     "dsn_queued",
     "connections_out",
+    "amqp_consumed",  # messages taken from AMQP queues
+    "amqp_acked",  # ... and acked: spooled, or published to failure.technical
+    "amqp_nacked",  # ... handed back to the broker (spool failure, owner down)
+    "amqp_failed",  # bad input published to <queue>.failure.technical
+    "amqp_duplicates",  # redeliveries of messages already spooled, acked
 )
 GAUGES = (
     "ready",  # recipients loaded for delivery
