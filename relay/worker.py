@@ -26,11 +26,13 @@ from relay import config
 from relay.dispatch import Dispatcher
 from relay.dkim.sign import Signer
 from relay.errors import ConfigError, RelayError
+from relay.intake.amqp import AmqpIntake
 from relay.intake.clients import ClientTable
 from relay.intake.handler import IntakeState
 from relay.intake.listener import open_listen_sockets, server_tls_context
 from relay.model import Transaction
 from relay.route.forward import Router
+from relay.spool.seen import IntakeIndex
 from relay.spool.store import Spool
 from relay.stats import ring
 from relay.stats.process import ProcessFigures
@@ -78,6 +80,10 @@ class Worker:
         self.intake = IntakeState(
             settings, self.index, self.accept, server_tls_context(settings.tls), clients
         )
+        self.seen = IntakeIndex(settings.relay.spool_dir)  # AMQP redeliveries, in every spool
+        self.amqp = AmqpIntake(settings, self.intake, self.seen.find, self.spool.remember_intake,
+                               self.spool.prune_intake)
+        self.amqp.start()
         self.dispatcher = Dispatcher(settings, self.index, self.workers, self.spool,
                                      self.router.submit, self.intake.queue_ids)
         dispatching = asyncio.create_task(self.dispatcher.run(), name="dispatch")
@@ -106,6 +112,7 @@ class Worker:
         self._publish_once()
         await self.dispatcher.close()
         await self.router.close()
+        self.seen.close()
         await self.spool.close()
         log.info("worker %d stopped", self.index)
         return 0
@@ -115,6 +122,7 @@ class Worker:
         write is committed; then exit, within relay.shutdown_timeout."""
         deadline = self._deadline = time.monotonic() + self.settings.relay.shutdown_timeout
         self.intake.drain()
+        await self.amqp.stop(max(deadline - time.monotonic(), 0.1))
         log.info("worker %d draining %d sessions", self.index, len(self.intake.sessions))
         while self.intake.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
