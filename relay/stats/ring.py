@@ -63,6 +63,8 @@ COUNTERS = (
     "amqp_nacked",  # ... handed back to the broker (spool failure, owner down)
     "amqp_failed",  # bad input published to <queue>.failure.technical
     "amqp_duplicates",  # redeliveries of messages already spooled, acked
+    "feed_published",  # events the feeds published (confirmed by the broker)
+    "feed_errors",  # failed publishes (retried: the cursor waits)
 )
 GAUGES = (
     "ready",  # recipients loaded for delivery
@@ -78,6 +80,8 @@ GAUGES = (
     "gc_seconds",
     "pid",
     "restarts",
+    "feed_lag_events",  # events not yet confirmed by the [amqp.events] exchange
+    "feed_lag_failures",  # events not yet through the PostmanQ failure feed
 )
 HISTOGRAMS = ("data_to_250", "accept_to_delivered")
 # Upper bounds in seconds; the last bucket takes everything above.

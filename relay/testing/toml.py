@@ -21,7 +21,8 @@ def _key(key: str) -> str:
 
 
 def toml_dumps(doc: dict) -> str:
-    """Tables, arrays of tables (also nested, like [[intake.users]]), scalars, lists."""
+    """Tables (also nested, like [amqp.events]), arrays of tables (also
+    nested, like [[intake.users]]), scalars, lists."""
     out = []
     for section, body in doc.items():
         if isinstance(body, list):
@@ -31,7 +32,12 @@ def toml_dumps(doc: dict) -> str:
             continue
         out.append(f"[{section}]")
         nested = {k: v for k, v in body.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
-        out += [f"{_key(k)} = {_value(v)}" for k, v in body.items() if k not in nested]
+        tables = {k: v for k, v in body.items() if isinstance(v, dict)}
+        out += [f"{_key(k)} = {_value(v)}" for k, v in body.items()
+                if k not in nested and k not in tables]
+        for name, table in tables.items():  # like [amqp.events]
+            out.append(f"[{section}.{name}]")
+            out += [f"{_key(k)} = {_value(v)}" for k, v in table.items()]
         for name, items in nested.items():
             for item in items:
                 out.append(f"[[{section}.{name}]]")
