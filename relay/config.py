@@ -284,6 +284,12 @@ AMQP_CONSUMER_KEYS = _keys(
     Key("class", _str, "", "default lane of this consumer's mail (reserved for lanes)"),
 )
 
+AMQP_EVENTS_KEYS = _keys(
+    Key("url", _str, "", "broker for the events feed (amqp:// or amqps://); empty = no events feed"),
+    Key("exchange", _str, "relay.events",
+        "topic exchange (declared durable) for one record per event, routing key <outcome>.<class>"),
+)
+
 
 def _strs(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -323,11 +329,13 @@ StatsSettings = _section_class("StatsSettings", STATS_KEYS)
 
 DkimIdentity = _section_class("DkimIdentity", DKIM_KEYS)
 AmqpConsumer = _section_class("AmqpConsumer", AMQP_CONSUMER_KEYS)
+AmqpEvents = _section_class("AmqpEvents", AMQP_EVENTS_KEYS)
 
 
 @dataclass(frozen=True)
 class AmqpSettings:
     consumers: tuple = ()  # of AmqpConsumer ([[amqp.consumer]])
+    events: Any = field(default_factory=AmqpEvents)  # [amqp.events]
 
 
 @dataclass(frozen=True)
@@ -476,7 +484,7 @@ def _amqp(raw: Any) -> AmqpSettings:
     if not isinstance(raw, dict):
         raise ConfigError("[amqp]: expected a table")
     for name in raw:
-        if name not in ("consumer",):
+        if name not in ("consumer", "events"):
             raise ConfigError(f"[amqp] {name}: unknown key")
     consumers = tuple(
         AmqpConsumer(**_section("[[amqp.consumer]]", item, AMQP_CONSUMER_KEYS))
@@ -492,7 +500,12 @@ def _amqp(raw: Any) -> AmqpSettings:
         if (consumer.url, consumer.queue) in seen:
             raise ConfigError(f"[[amqp.consumer]] queue: {consumer.queue!r} is consumed twice")
         seen.add((consumer.url, consumer.queue))
-    return AmqpSettings(consumers=consumers)
+    events = AmqpEvents(**_section("[amqp.events]", raw.get("events", {}), AMQP_EVENTS_KEYS))
+    if events.url and not events.url.startswith(("amqp://", "amqps://")):
+        raise ConfigError(f"[amqp.events] url: expected an amqp:// or amqps:// URL, got {events.url!r}")
+    if not events.exchange:
+        raise ConfigError("[amqp.events] exchange: expected an exchange name, got ''")
+    return AmqpSettings(consumers=consumers, events=events)
 
 
 def load(path: str) -> Settings:

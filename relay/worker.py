@@ -26,6 +26,7 @@ from relay import config
 from relay.dispatch import Dispatcher
 from relay.dkim.sign import Signer
 from relay.errors import ConfigError, RelayError
+from relay.feeds.amqp import Feeds
 from relay.intake.amqp import AmqpIntake
 from relay.intake.clients import ClientTable
 from relay.intake.handler import IntakeState
@@ -84,6 +85,8 @@ class Worker:
         self.amqp = AmqpIntake(settings, self.intake, self.seen.find, self.spool.remember_intake,
                                self.spool.prune_intake)
         self.amqp.start()
+        self.feeds = Feeds(settings, self.index, self.spool, self.seen, self.intake.counters)
+        self.feeds.start()
         self.dispatcher = Dispatcher(settings, self.index, self.workers, self.spool,
                                      self.router.submit, self.intake.queue_ids)
         dispatching = asyncio.create_task(self.dispatcher.run(), name="dispatch")
@@ -109,6 +112,7 @@ class Worker:
         await self._drain(servers)
         dispatching.cancel()
         publishing.cancel()
+        await self.feeds.stop()
         self._publish_once()
         await self.dispatcher.close()
         await self.router.close()
@@ -197,6 +201,7 @@ class Worker:
             "ready": self.dispatcher.loaded,
             "inbound_connections": len(self.intake.sessions),
             "outbound_connections": self.dispatcher.outbound_connections(),
+            **self.feeds.gauges(),
         }
         histograms = {
             "data_to_250": self.intake.data_to_250.value(),

@@ -43,7 +43,6 @@ import time
 
 import aio_pika
 import aiormq
-import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from relay.errors import RelayError
@@ -258,7 +257,7 @@ class Consumer:
             trace=wants_trace(parsed.body, list(parsed.recipients), state.traced),
         )
         try:
-            await self.remember(parsed.key, queue_id, consumer.queue, orjson.dumps(parsed.fields))
+            await self.remember(parsed.key, queue_id, consumer.queue, parsed.origin())
             await state.accept(txn)
         except RelayError as exc:
             state.counters["rejected_spool"] += 1

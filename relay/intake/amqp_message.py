@@ -59,6 +59,14 @@ class Message:
     fields: dict = field(default_factory=dict)  # the original JSON without the body
     lane: str | None = None  # "class" of the relay format
     campaign: str | None = None
+    body_field: str = "body"  # or "body_base64": how the body was published
+
+    def origin(self) -> bytes:
+        """What the spool keeps to rebuild the message for a failure queue:
+        the original fields, and where the original body sits (the last
+        ``body_size`` bytes of the spooled body: intake only prepends)."""
+        return orjson.dumps({"fields": self.fields, "body_size": len(self.body),
+                             "body_field": self.body_field})
 
 
 class BadMessage(ValueError):
@@ -132,7 +140,7 @@ def parse(payload: bytes, fmt: str, limits: Limits, amqp_message_id: str | None 
     body = check_body(raw, limits, fields)
     smtputf8 = not sender.isascii() or not all(r.isascii() for r in recipients)
     return Message(sender, recipients, body, smtputf8, payload_key(payload, message_id), fields,
-                   lane, campaign)
+                   lane, campaign, "body_base64" if "body_base64" in doc else "body")
 
 
 def _relay_body(doc: dict, fields: dict) -> bytes:
@@ -219,3 +227,22 @@ def technical_failure(payload: bytes, error: dict) -> bytes:
 def with_error(doc: dict, error: dict) -> bytes:
     """A PostmanQ failure record: the fields as published, ``error`` set."""
     return orjson.dumps({**doc, "error": error})
+
+
+def bounced(origin: bytes, spooled_body: bytes | None, recipient: str, error: dict) -> bytes:
+    """The failure record of one bounced recipient of a message that came
+    over AMQP (PQ ReturnMail): its original fields, its original body (the
+    tail of the spooled one) and ``error``."""
+    record = orjson.loads(origin)
+    doc = dict(record["fields"])
+    if "recipients" in doc:  # the relay format: this recipient failed
+        doc["recipients"] = [recipient]
+    if spooled_body is not None:
+        size = record["body_size"]
+        original = spooled_body[len(spooled_body) - size:] if size else b""
+        if record["body_field"] == "body_base64":
+            doc["body_base64"] = base64.b64encode(original).decode("ascii")
+        else:
+            doc["body"] = original.decode("utf-8", "replace")
+    doc["error"] = error
+    return orjson.dumps(doc)

@@ -417,6 +417,9 @@ def test_amqp_consumers_are_declared_like_other_keys():
         "amqp://guest:guest@127.0.0.1:5672/", "", "fanout", 64, True, "classic", "postmanq", "")
     assert (second.exchange_type, second.queue_type, second.class_) == ("topic", "quorum", "bulk")
     assert config.defaults().amqp.consumers == ()
+    events = config.from_dict({"amqp": {"events": {"url": "amqp://h/"}}}).amqp.events
+    assert (events.url, events.exchange) == ("amqp://h/", "relay.events")
+    assert config.defaults().amqp.events.url == ""
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -426,7 +429,9 @@ def test_amqp_consumers_are_declared_like_other_keys():
     ({"consumer": [{"queue": "q", "url": "http://x"}]}, "[[amqp.consumer]] url: expected"),
     ({"consumer": [{"queue": "q"}, {"queue": "q"}]}, "consumed twice"),
     ({"consumer": [{"queue": "q", "prefetchh": 1}]}, "[[amqp.consumer]] prefetchh: unknown key"),
-    ({"events": 1}, "[amqp] events: unknown key"),
+    ({"event": {}}, "[amqp] event: unknown key"),
+    ({"events": {"url": "http://x"}}, "[amqp.events] url: expected"),
+    ({"events": {"exchange": ""}}, "[amqp.events] exchange: expected"),
 ])
 def test_bad_amqp_consumers_name_the_key(raw, message):
     with pytest.raises(config.ConfigError) as caught:
