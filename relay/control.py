@@ -99,7 +99,7 @@ class ControlPlane:
                     "ring": self.ring_path,
                     "workers": [{"index": i, "pid": pid} for i, pid in self.worker_pids()],
                 }
-            if op in ("flush", "suspend", "resume", "requeue", "delete", "trace"):
+            if op in ("flush", "suspend", "resume", "requeue", "delete", "trace", "amqp"):
                 return self._to_workers(request)
         except (OSError, ValueError) as exc:
             log.warning("relayctl %s failed: %s", op, exc)
@@ -131,6 +131,8 @@ class ControlPlane:
             result["count"] = sum(a.get("count", 0) for a in answers.values())
         if any("traced" in a for a in answers.values()):
             result["traced"] = answers[targets[0]]["traced"]
+        if any("amqp" in a for a in answers.values()):
+            result["per_worker"] = [{"worker": w, **answers[w].get("amqp", {})} for w in sorted(answers)]
         if any("suspended" in a for a in answers.values()):
             result["suspended"] = sorted({d for a in answers.values() for d in a.get("suspended", [])})
         return result

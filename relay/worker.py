@@ -166,6 +166,8 @@ class Worker:
             await self.dispatcher.set_traced(frozenset(traced))
             self.intake.traced = self.dispatcher.traced
             return {"traced": sorted(traced)}
+        if op == "amqp":
+            return {"amqp": {"consumers": self.amqp.status(), "feeds": self.feeds.status()}}
         if op in ("suspend", "resume"):
             await self.dispatcher.suspend(request["domain"], op == "suspend")
             return {"suspended": sorted(self.dispatcher.suspended)}

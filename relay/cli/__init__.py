@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from relay.cli import admin, config_cmd, msg, password, queue, stats
+from relay.cli import admin, amqp, config_cmd, msg, password, queue, stats
 
 
 def _verbs():
-    verbs = [stats, queue, msg, admin, config_cmd, password]
+    verbs = [stats, queue, msg, admin, config_cmd, password, amqp]
     try:
         from relay.cli import dkim
     except ImportError:  # the DKIM verbs are optional until their module lands

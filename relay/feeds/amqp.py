@@ -155,6 +155,12 @@ class Feed:
         self.counters = counters
         self.outbox = Outbox(spool, name)
         self.last_error: str | None = None
+        self.published = 0
+
+    def status(self) -> dict:
+        """For ``relayctl amqp``."""
+        return {"feed": self.outbox.name, "cursor": self.outbox.cursor, "lag": self.outbox.lag,
+                "published": self.published, "last_error": self.last_error}
 
     async def run(self) -> None:
         await self.outbox.open()
@@ -184,6 +190,7 @@ class Feed:
             delay = BACKOFF[0]
             self.last_error = None
             self.counters["feed_published"] += published
+            self.published += published
 
     async def publish(self, batch: list[dict]) -> int:
         raise NotImplementedError
@@ -297,6 +304,9 @@ class Feeds:
     def start(self) -> None:
         for feed in self.feeds:
             self._tasks.append(asyncio.create_task(feed.run(), name=f"feed-{feed.outbox.name}"))
+
+    def status(self) -> list[dict]:
+        return [feed.status() for feed in self.feeds]
 
     def gauges(self) -> dict[str, float]:
         return {feed.gauge: feed.outbox.lag for feed in self.feeds}

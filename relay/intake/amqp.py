@@ -36,6 +36,7 @@ intake is unaffected meanwhile.
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
 import logging
 import re
@@ -62,6 +63,10 @@ FIRST_CONNECT_BACKOFF = (0.5, 30.0)  # first connection: initial and largest del
 FAILURE_CLASSES = ("recipient", "technical", "connection", "unknown")
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
+
+
+def _without_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
 def failure_name(name: str, failure_class: str) -> str:
@@ -130,10 +135,25 @@ class Consumer:
         self._queue = None
         self._failures: dict = {}
         self._stopping = False
+        self.counts: collections.Counter[str] = collections.Counter()  # this consumer's own
 
-    @property
-    def counters(self):
-        return self.state.counters
+    def count(self, name: str) -> None:
+        """One more ``amqp_<name>``: in the worker's stats and this consumer's status."""
+        self.state.counters[f"amqp_{name}"] += 1
+        self.counts[name] += 1
+
+    def status(self) -> dict:
+        """For ``relayctl amqp``."""
+        return {
+            "queue": self.settings.queue,
+            "url": _without_password(self.settings.url),
+            "format": self.settings.format,
+            "connected": self.connected,
+            "prefetch": self.settings.prefetch,
+            "unacked": self.in_flight,
+            **{name: self.counts[name]
+               for name in ("consumed", "acked", "nacked", "failed", "duplicates")},
+        }
 
     async def run(self) -> None:
         """Connect (with backoff until the broker answers), declare, consume."""
@@ -201,16 +221,16 @@ class Consumer:
     # -- one message ---------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self.counters["amqp_consumed"] += 1
+        self.count("consumed")
         self.in_flight += 1
         try:
             if await self._handle(message):
                 await message.ack()
-                self.counters["amqp_acked"] += 1
+                self.count("acked")
             else:
                 await asyncio.sleep(NACK_DELAY)
                 await message.nack(requeue=True)
-                self.counters["amqp_nacked"] += 1
+                self.count("nacked")
         except (aiormq.exceptions.AMQPError, aio_pika.exceptions.MessageProcessError,
                 ConnectionError, OSError, RuntimeError) as exc:
             # The channel went away before the ack: the broker redelivers the
@@ -235,7 +255,7 @@ class Consumer:
             return await self._technical_failure(message, bad)
         try:
             if await self.seen(parsed.key) is not None:
-                self.counters["amqp_duplicates"] += 1
+                self.count("duplicates")
                 log.info("amqp %s: %s already spooled; acked", consumer.queue, parsed.key)
                 return True
         except RelayError as exc:
@@ -288,7 +308,7 @@ class Consumer:
             log.warning("amqp %s: failure.technical refused a message (%s): kept in the queue",
                         self.settings.queue, exc)
             return False
-        self.counters["amqp_failed"] += 1
+        self.count("failed")
         log.warning("amqp %s: bad message to %s: %s", self.settings.queue,
                     failure_name(self.settings.queue, "technical"), error["message"])
         return True
@@ -322,6 +342,9 @@ class AmqpIntake:
             except RelayError as exc:
                 log.info("pruning AMQP keys postponed: %s", exc)
             await asyncio.sleep(PRUNE_INTERVAL)
+
+    def status(self) -> list[dict]:
+        return [consumer.status() for consumer in self.consumers]
 
     async def stop(self, timeout: float) -> None:
         for task in self._tasks:

@@ -120,3 +120,34 @@ def test_feeds_lose_nothing_when_the_broker_cuts_their_connections(relay_factory
     print(f"events after a cut: {len(records)} records for {len(recipients)} deliveries, "
           f"{sum(n - 1 for n in recipients.values())} published twice (at-least-once)")
     relay.stop()
+
+
+def test_relayctl_amqp_shows_consumers_and_feeds(relay_factory, net, broker):
+    net.add_domain("d1.example", ["127.0.0.11"])
+    broker.publish([postmanq("app@sender.example", f"r{n}@d1.example", body(n)) for n in range(4)]
+                   + [b"not json"])
+    relay = deliver_relay(relay_factory, net, workers=2, amqp={
+        "consumer": [{"url": URL, "queue": broker.queue, "prefetch": 7}],
+    })
+    net.farm.wait_received(4, timeout=20)
+    wait_for(lambda: broker.count(f"{broker.queue}.failure.technical") == 1, 15, "the bad one")
+
+    def answer():
+        result = relayctl(relay, "amqp", "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    wait_for(lambda: sum(c["acked"] for w in answer()["per_worker"] for c in w["consumers"]) == 5,
+             10, "every message acked")
+    status = answer()
+    assert [w["worker"] for w in status["per_worker"]] == [0, 1]
+    consumers = [c for w in status["per_worker"] for c in w["consumers"]]
+    assert all(c["queue"] == broker.queue and c["connected"] and c["prefetch"] == 7
+               and c["unacked"] == 0 and "guest:***@" in c["url"] for c in consumers)
+    assert sum(c["failed"] for c in consumers) == 1 and sum(c["consumed"] for c in consumers) == 5
+    feeds = [f for w in status["per_worker"] for f in w["feeds"]]
+    assert [f["feed"] for f in feeds] == ["amqp.failures"] * 2
+    assert all(f["lag"] == 0 and f["last_error"] is None for f in feeds)
+    text = relayctl(relay, "amqp").stdout
+    assert broker.queue[:31] in text and "amqp.failures" in text
+    relay.stop()
