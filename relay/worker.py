@@ -82,8 +82,7 @@ class Worker:
             settings, self.index, self.accept, server_tls_context(settings.tls), clients
         )
         self.seen = IntakeIndex(settings.relay.spool_dir)  # AMQP redeliveries, in every spool
-        self.amqp = AmqpIntake(settings, self.intake, self.seen.find, self.spool.remember_intake,
-                               self.spool.prune_intake)
+        self.amqp = AmqpIntake(settings, self.intake, self.spool, self.seen.find)
         self.amqp.start()
         self.feeds = Feeds(settings, self.index, self.spool, self.seen, self.intake.counters)
         self.feeds.start()

@@ -49,7 +49,8 @@ class Broker:
         """The queue (or exchange) and the PostmanQ twins the relay declares."""
         return [name, *(f"{name}.failure.{c}" for c in FAILURE_CLASSES), f"{name}.not.send"]
 
-    def declare(self, name: str | None = None, kind: str = "fanout") -> None:
+    def declare(self, name: str | None = None, kind: str = "fanout",
+                queue_type: str = "classic") -> None:
         """The main exchange and queue, as the relay declares them."""
         name = name or self.queue
 
@@ -57,7 +58,7 @@ class Broker:
             exchange = await self.channel.declare_exchange(name, aio_pika.ExchangeType(kind),
                                                            durable=True)
             queue = await self.channel.declare_queue(name, durable=True,
-                                                     arguments={"x-queue-type": "classic"})
+                                                     arguments={"x-queue-type": queue_type})
             await queue.bind(exchange, routing_key="")
 
         self._declared.update(self.names(name))

@@ -25,7 +25,12 @@ safe has completed:
 A redelivery (the connection broke between our commit and our ack, or a
 worker died) is recognised by the message's key, looked up in every
 worker's spool (``seen``): committed already -> ack without storing it
-again; recorded but never committed -> stored now.
+again; a try still under way in a live worker -> nack, see it again
+shortly; recorded by a worker that died before committing -> stored now.
+Within a worker the check and the record are one step (a set of keys
+being taken); two workers taking two copies of one key within the same
+few milliseconds (the time a record takes to commit) may both store it:
+the one duplicate left, for the same message published twice at once.
 
 The connection is aio-pika's robust connection: after a loss it reconnects
 every ``RECONNECT_INTERVAL`` and restores channel, qos, declarations and
@@ -56,6 +61,9 @@ log = logging.getLogger("relay.amqp")
 # Quiet aio-pika's and aiormq's per-reconnect tracebacks; we log the state.
 logging.getLogger("aio_pika").setLevel(logging.CRITICAL)
 logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+
+# What spool.seen.IntakeIndex.find says of a key (intake may not import spool).
+COMMITTED = "committed"
 
 NACK_DELAY = 1.0  # seconds before a message we could not store goes back to the queue
 RECONNECT_INTERVAL = 2.0  # seconds between reconnection attempts of the robust connection
@@ -123,11 +131,17 @@ async def _declare_pair(channel, exchange_name, queue_name, kind, arguments):
 class Consumer:
     """One ``[[amqp.consumer]]`` table, in one worker."""
 
-    def __init__(self, settings, state: IntakeState, seen, remember) -> None:
+    def __init__(self, settings, state: IntakeState, seen, remember, forget,
+                 taking: set[str] | None = None) -> None:
         self.settings = settings  # the AmqpConsumer table
+        # Keys this worker is taking now (shared by its consumers): a second
+        # copy waits, so two copies never pass the check below at once.
+        self.taking = taking if taking is not None else set()
         self.state = state
-        self.seen = seen  # async (key) -> queue id or None  (spool.seen.IntakeIndex.find)
-        self.remember = remember  # async (key, queue_id, queue, fields)  (Spool.remember_intake)
+        # async (key) -> (COMMITTED | IN_FLIGHT, queue id) or None  (spool.seen.IntakeIndex.find)
+        self.seen = seen
+        self.remember = remember  # async (key, queue_id, queue, origin)  (Spool.remember_intake)
+        self.forget = forget  # async (queue_id)  (Spool.forget_intake)
         self.connection = None
         self.connected = False
         self.in_flight = 0
@@ -253,11 +267,29 @@ class Consumer:
             parsed = amqp_message.parse(message.body, consumer.format, limits, message.message_id)
         except amqp_message.BadMessage as bad:
             return await self._technical_failure(message, bad)
+        if parsed.key in self.taking:  # this worker is taking another copy right now
+            log.info("amqp %s: %s is being spooled here; nacked until it is",
+                     consumer.queue, parsed.key)
+            return False
+        self.taking.add(parsed.key)
         try:
-            if await self.seen(parsed.key) is not None:
+            return await self._take(parsed)
+        finally:
+            self.taking.discard(parsed.key)
+
+    async def _take(self, parsed: amqp_message.Message) -> bool:
+        state, consumer = self.state, self.settings
+        try:
+            seen = await self.seen(parsed.key)
+            if seen is not None and seen[0] == COMMITTED:
                 self.count("duplicates")
-                log.info("amqp %s: %s already spooled; acked", consumer.queue, parsed.key)
+                log.info("amqp %s: %s already spooled as %s; acked", consumer.queue, parsed.key,
+                         seen[1])
                 return True
+            if seen is not None:  # another try of it is under way: see it again shortly
+                log.info("amqp %s: %s is being spooled as %s; nacked until it is",
+                         consumer.queue, parsed.key, seen[1])
+                return False
         except RelayError as exc:
             log.warning("amqp %s: cannot check for a redelivery: %s", consumer.queue, exc)
             return False
@@ -278,10 +310,19 @@ class Consumer:
         )
         try:
             await self.remember(parsed.key, queue_id, consumer.queue, parsed.origin())
+        except RelayError as exc:
+            state.counters["rejected_spool"] += 1
+            log.warning("%s: not accepted from amqp %s: %s", queue_id, consumer.queue, exc)
+            return False
+        try:
             await state.accept(txn)
         except RelayError as exc:
             state.counters["rejected_spool"] += 1
             log.warning("%s: not accepted from amqp %s: %s", queue_id, consumer.queue, exc)
+            try:
+                await self.forget(queue_id)
+            except RelayError:  # left as it is, the record would make retries wait
+                log.error("%s: could not drop its intake record", queue_id)
             return False
         state.counters["accepted_messages"] += 1
         state.counters["accepted_recipients"] += len(txn.recipients)
@@ -321,10 +362,12 @@ class AmqpIntake:
     """Every consumer of one worker, and the pruning of the keys they
     recorded (kept as long as delivery events: ``deliver.event_retention``)."""
 
-    def __init__(self, settings, state: IntakeState, seen, remember, prune) -> None:
+    def __init__(self, settings, state: IntakeState, spool, seen) -> None:
         self.settings = settings
-        self.consumers = [Consumer(c, state, seen, remember) for c in settings.amqp.consumers]
-        self._prune = prune  # async (older_than) -> count  (Spool.prune_intake)
+        taking: set[str] = set()
+        self.consumers = [Consumer(c, state, seen, spool.remember_intake, spool.forget_intake,
+                                   taking) for c in settings.amqp.consumers]
+        self._prune = spool.prune_intake  # async (older_than) -> count
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:

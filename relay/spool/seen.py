@@ -9,11 +9,15 @@ recorded its key in its own spool (Spool.remember_intake) *before* handing
 it to the owners.  A recorded key counts only if its message was
 committed: a multi-owner transaction decided by its coordinator (the same
 worker: the ``txn`` table beside the key), or a single part stored active,
-or gone already with its delivery events.  A key whose message never
-committed (the worker died first, or an owner refused) is not "spooled":
-the redelivery is stored again, and the held parts of the first try are
-dropped by their owners' held-part check.  So there is no window in which
-a redelivery of a committed message is stored twice.
+or gone already with its delivery events.  A key whose message has
+not committed is "in flight" while the worker process that recorded it
+still runs (the consumer nacks the copy and sees it again shortly: a
+redelivery after a connection cut, or the same message published twice
+and consumed at once, must not race the first try); a try that fails
+removes its record (Spool.forget_intake); a record left by a worker that
+died is ignored, the redelivery is stored, and the held parts of the first
+try are dropped by their owners' held-part check.  So a message whose
+first try committed is never stored twice.
 
 Lookups read every ``worker-N.db`` in the spool directory through read-only
 connections (WAL: readers never block the writer), on a thread of its own.
@@ -26,10 +30,31 @@ import asyncio
 import glob
 import os
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from relay.errors import SpoolError
 from relay.spool.format import MessageState
+
+
+COMMITTED = "committed"
+IN_FLIGHT = "in flight"
+# A try cannot take longer than this (route.forward gives an owner 30 s):
+# an older record that never committed is a try whose failure went unrecorded.
+IN_FLIGHT_LIMIT = 120.0
+
+
+def _alive(pid: int) -> bool:
+    """Whether a worker process (of this host: the spool is local) still runs."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class IntakeIndex:
@@ -58,12 +83,12 @@ class IntakeIndex:
                 return row
         return None
 
-    def _committed(self, key: str) -> str | None:
-        """The queue id of the message recorded under ``key``, if that
-        message was committed; None if it never was (or no spool has it)."""
-        for path, conn in self._connections():
+    def _state(self, key: str) -> tuple[str, str] | None:
+        """(COMMITTED or IN_FLIGHT, queue id) of the message recorded under
+        ``key``; None if no try of it committed and none is under way."""
+        for _, conn in self._connections():
             try:
-                row = conn.execute("SELECT queue_id FROM amqp_intake WHERE key = ?",
+                row = conn.execute("SELECT queue_id, pid, time FROM amqp_intake WHERE key = ?",
                                    (key,)).fetchone()
             except sqlite3.OperationalError as exc:
                 if "no such table" in str(exc):
@@ -71,11 +96,11 @@ class IntakeIndex:
                 raise
             if row is None:
                 continue
-            queue_id = row[0]
+            queue_id, pid, recorded = row
             # Split across owners: committed once its coordinator (the worker
             # that recorded the key) decided.
             if conn.execute("SELECT 1 FROM txn WHERE id = ?", (queue_id,)).fetchone():
-                return queue_id
+                return COMMITTED, queue_id
             # One owner: committed when its part was stored, active; or it
             # was delivered and left the queue, leaving its events.
             for _, other in self._connections():
@@ -83,8 +108,10 @@ class IntakeIndex:
                                  (queue_id, int(MessageState.ACTIVE))).fetchone() or \
                         other.execute("SELECT 1 FROM event WHERE queue_id = ? LIMIT 1",
                                       (queue_id,)).fetchone():
-                    return queue_id
-            return None  # recorded, but its parts never committed (a crash, a 451)
+                    return COMMITTED, queue_id
+            if _alive(pid) and recorded > time.time() - IN_FLIGHT_LIMIT:
+                return IN_FLIGHT, queue_id  # its worker is still at it: wait for the outcome
+            return None  # its worker died before the parts committed
         return None
 
     async def _run(self, fn, *args):
@@ -93,9 +120,10 @@ class IntakeIndex:
         except sqlite3.Error as exc:
             raise SpoolError(f"spool read failed: {exc}") from None
 
-    async def find(self, key: str) -> str | None:
-        """The queue id a message with this key was committed as, or None."""
-        return await self._run(self._committed, key)
+    async def find(self, key: str) -> tuple[str, str] | None:
+        """(COMMITTED | IN_FLIGHT, queue id) for a message with this key, or
+        None: no try of it committed and none is under way."""
+        return await self._run(self._state, key)
 
     async def origin(self, queue_id: str) -> tuple[str, bytes] | None:
         """(queue, original fields as JSON) of a message that came over AMQP."""

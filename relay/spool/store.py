@@ -18,7 +18,8 @@ part), ``recipient`` (per-recipient state and next attempt, indexed by due
 time), ``txn`` (this worker's decisions as the coordinator of multi-owner
 transactions), ``meta`` (format version and slot count), ``amqp_intake``
 (the AMQP messages this worker consumed and spooled: key, origin queue,
-original fields; see spool.seen).
+original fields, the pid of the worker process that took it; see
+spool.seen).
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ CREATE TABLE IF NOT EXISTS amqp_intake (
     key TEXT NOT NULL UNIQUE,
     time REAL NOT NULL,
     queue TEXT NOT NULL,
-    fields BLOB NOT NULL
+    fields BLOB NOT NULL,
+    pid INTEGER NOT NULL
 );
 """
 
@@ -524,11 +526,16 @@ class Spool:
         ``key`` (from ``queue``, with these original fields as JSON) is
         being spooled as ``queue_id``; a later try of the same key takes
         the record over (spool.seen decides whether a try committed)."""
-        now = time.time()
+        now, pid = time.time(), os.getpid()
         await self._submit(lambda conn: conn.execute(
-            "INSERT OR REPLACE INTO amqp_intake VALUES (?, ?, ?, ?, ?)",
-            (queue_id, key, now, queue, fields),
+            "INSERT OR REPLACE INTO amqp_intake VALUES (?, ?, ?, ?, ?, ?)",
+            (queue_id, key, now, queue, fields, pid),
         ))
+
+    async def forget_intake(self, queue_id: str) -> None:
+        """A try that failed (nothing of it will be delivered): its record goes."""
+        await self._submit(lambda conn: conn.execute(
+            "DELETE FROM amqp_intake WHERE queue_id = ?", (queue_id,)))
 
     async def prune_intake(self, older_than: float) -> int:
         return await self._submit(lambda conn: conn.execute(

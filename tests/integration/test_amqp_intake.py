@@ -3,16 +3,19 @@ the fake internet at the far end."""
 
 from __future__ import annotations
 
+import base64
 import collections
+import json
 import os
 import re
 import signal
 import time
 
+import orjson
 import pytest
 
 from amqp_support import URL, Broker, leftovers, postmanq, sequence_numbers
-from support import deliver_relay, wait_for
+from support import deliver_relay, relayctl, wait_for
 
 DOMAINS = [f"d{i}.example" for i in range(6)]
 
@@ -24,6 +27,12 @@ def broker():
     yield broker
     broker.cleanup()
     assert leftovers(broker.prefix) == []
+
+
+def stats(relay) -> dict:
+    result = relayctl(relay, "stats", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 def body(seq: int) -> str:
@@ -144,3 +153,52 @@ def test_consumers_resume_after_the_broker_cut_their_connections(relay_factory, 
     wait_delivered(net, set(range(5000, 5020)), timeout=30)
     wait_for(lambda: broker.count(broker.queue) == 0, 20, "the queue drained")
     relay.stop()
+
+
+def test_mail_that_cannot_be_stored_is_nacked_never_acked(relay_factory, net, broker):
+    broker.publish(messages(20))
+    # No room on the spool's disk (as the relay sees it): nothing may be acked.
+    relay = amqp_relay(relay_factory, net, broker, workers=2,
+                       intake_limits={"min_free_space": "1000000G"})
+    relay.wait_log("consuming", count=2)
+    wait_for(lambda: stats(relay)["counters"]["amqp_nacked"] >= 20, 20, "nacks")
+    counters = stats(relay)["counters"]
+    assert counters["amqp_acked"] == 0 and counters["accepted_messages"] == 0
+    assert net.farm.received == []
+    # The disk has room again (SIGHUP reloads the limit): every one goes through.
+    relay.overrides["intake"]["min_free_space"] = 0
+    relay.write_config()
+    relay.signal(signal.SIGHUP)
+    wait_delivered(net, set(range(20)), timeout=30)
+    wait_for(lambda: broker.count(broker.queue) == 0, 10, "the queue drained")
+    assert report_duplicates(net, "after nacks") == 0
+    relay.stop()
+
+
+def test_quorum_queues_and_the_relay_format(relay_factory, net):
+    broker = Broker()
+    try:
+        broker.declare(queue_type="quorum")
+        relay_format = [orjson.dumps({
+            "sender": "app@sender.example", "recipients": [f"a{seq}@d0.example", f"b{seq}@d1.example"],
+            "body_base64": base64.b64encode(body(seq).encode()).decode(), "message_id": f"m{seq}",
+        }) for seq in range(10)]
+        broker.publish(relay_format + [relay_format[3], b'{"sender": "a@x.example"}'])
+        # One worker: two copies consumed at once by two workers may both be
+        # stored (see intake.amqp); redeliveries are what the key is for.
+        relay = amqp_relay(relay_factory, net, broker, workers=1, queue_type="quorum",
+                           format="relay")
+        wait_delivered(net, set(range(10)), timeout=30)
+        failure = f"{broker.queue}.failure.technical"
+        wait_for(lambda: broker.count(failure) == 1, 15, "the bad one in failure.technical")
+        assert broker.drain(failure)[0]["error"]["code"] == 501
+        wait_for(lambda: broker.count(broker.queue) == 0, 10, "the queue drained")
+        # Each message went to both domains; the one published twice (same
+        # message_id) was spooled once.
+        time.sleep(1)
+        assert sorted(sequence_numbers(net.farm.received)) == sorted(list(range(10)) * 2)
+        assert stats(relay)["counters"]["amqp_duplicates"] == 1
+        relay.stop()
+    finally:
+        broker.cleanup()
+    assert leftovers(broker.prefix) == []
