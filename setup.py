@@ -82,6 +82,7 @@ setup(
         "orjson>=3.9",
         "idna>=3.7",
         "aio-pika>=9.4,<11",
+        "httpx>=0.27,<1",
     ],
     extras_require={"test": ["pytest>=8", "hypothesis>=6", "pynacl>=1.5", "prometheus_client>=0.20", "ruff>=0.5"]},
     ext_modules=fast_extensions(),

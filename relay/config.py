@@ -290,6 +290,19 @@ AMQP_EVENTS_KEYS = _keys(
         "topic exchange (declared durable) for one record per event, routing key <outcome>.<class>"),
 )
 
+WEBHOOK_KEYS = _keys(
+    Key("url", _str, None, "http:// or https:// endpoint that gets a JSON array of records per POST"),
+    Key("events", lambda v: _strs(v), (),
+        "record types to send (Delivery, Bounce, TransientFailure, Expiration, AdminBounce);"
+        " empty = all"),
+    Key("batch_size", _int(1, 10000), 100, "records per POST at most"),
+    Key("batch_wait", parse_duration, 1.0, "how long a partial batch may wait for more records"),
+    Key("secret", _str, "", "HMAC-SHA256 key: X-Relay-Signature: sha256=<hex of the body>;"
+        " empty = unsigned"),
+    Key("timeout", parse_duration, 10.0, "each POST; a timeout is retried"),
+)
+WEBHOOK_TYPES = ("Delivery", "Bounce", "TransientFailure", "Expiration", "AdminBounce")
+
 
 def _strs(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -330,6 +343,7 @@ StatsSettings = _section_class("StatsSettings", STATS_KEYS)
 DkimIdentity = _section_class("DkimIdentity", DKIM_KEYS)
 AmqpConsumer = _section_class("AmqpConsumer", AMQP_CONSUMER_KEYS)
 AmqpEvents = _section_class("AmqpEvents", AMQP_EVENTS_KEYS)
+Webhook = _section_class("Webhook", WEBHOOK_KEYS)
 
 
 @dataclass(frozen=True)
@@ -351,6 +365,7 @@ class Settings:
     tls_policy: dict = field(default_factory=dict)  # domain -> none|opportunistic|required|verify
     dkim: tuple = ()  # of DkimIdentity
     amqp: AmqpSettings = field(default_factory=AmqpSettings)
+    webhooks: tuple = ()  # of Webhook ([[webhook]])
     source: str = ""  # the file these came from, for messages
 
     @property
@@ -394,7 +409,7 @@ def _array(label: str, raw: Any) -> list:
 
 TOP_LEVEL = (
     "relay", "listen", "tls", "intake", "dns", "deliver", "routes", "tls_policy", "stats", "dkim",
-    "amqp",
+    "amqp", "webhook",
 )
 TLS_MODES = ("none", "opportunistic", "required", "verify")
 
@@ -464,8 +479,22 @@ def from_dict(raw: dict, source: str = "") -> Settings:
         for item in _array("[[dkim]]", raw.get("dkim", []))
     )
     amqp = _amqp(raw.get("amqp", {}))
+    webhooks = tuple(
+        Webhook(**_section("[[webhook]]", item, WEBHOOK_KEYS))
+        for item in _array("[[webhook]]", raw.get("webhook", []))
+    )
+    for hook in webhooks:
+        if not hook.url.startswith(("http://", "https://")):
+            raise ConfigError(f"[[webhook]] url: expected an http:// or https:// URL, got {hook.url!r}")
+        for kind in hook.events:
+            if kind not in WEBHOOK_TYPES:
+                raise ConfigError(f"[[webhook]] events: expected types among "
+                                  f"{', '.join(WEBHOOK_TYPES)}, got {kind!r}")
+    if len({hook.url for hook in webhooks}) != len(webhooks):
+        raise ConfigError("[[webhook]] url: the same url twice")
     return Settings(
         amqp=amqp,
+        webhooks=webhooks,
         relay=relay,
         listen=listen,
         tls=tls,

@@ -88,6 +88,19 @@ def record(event: dict, worker: int, campaign: str | None = None, queue: str | N
     }
 
 
+async def describe(event: dict, worker: int, seen) -> dict:
+    """The record of an event, with what the AMQP intake knew of its message."""
+    origin = await seen.origin(event["queue_id"])
+    campaign = queue = None
+    if origin is not None:
+        queue = origin[0]
+        fields = orjson.loads(origin[1])["fields"]
+        campaign = fields.get("campaign")
+        if event["sender"] is None:  # the message left the spool with its delivery
+            event = {**event, "sender": fields.get("envelope", fields.get("sender"))}
+    return record(event, worker, campaign, queue)
+
+
 def routing_key(event: dict) -> str:
     return f"{event['outcome']}.{event['class'] or 'none'}"
 
@@ -175,6 +188,10 @@ class Feed:
             if not batch:
                 await asyncio.sleep(POLL)
                 continue
+            wait = self.wait_for_more(batch)
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
             try:
                 published = await self.publish(batch)
                 await self.outbox.advance(batch[-1]["id"])
@@ -191,6 +208,10 @@ class Feed:
             self.last_error = None
             self.counters["feed_published"] += published
             self.published += published
+
+    def wait_for_more(self, batch: list[dict]) -> float:
+        """Seconds to let a partial batch wait for more events (0: send now)."""
+        return 0.0
 
     async def publish(self, batch: list[dict]) -> int:
         raise NotImplementedError
@@ -217,15 +238,7 @@ class EventsFeed(Feed):
         exchange = await self.link.exchange(self.settings.exchange, declare_topic=True)
         pending = []
         for event in batch:
-            origin = await self.seen.origin(event["queue_id"])
-            campaign = queue = None
-            if origin is not None:
-                queue = origin[0]
-                fields = orjson.loads(origin[1])["fields"]
-                campaign = fields.get("campaign")
-                if event["sender"] is None:  # the message left the spool with its delivery
-                    event = {**event, "sender": fields.get("envelope", fields.get("sender"))}
-            body = orjson.dumps(record(event, self.worker, campaign, queue))
+            body = orjson.dumps(await describe(event, self.worker, self.seen))
             pending.append(self.link.publish(exchange, body, routing_key(event)))
         await asyncio.gather(*pending)
         return len(pending)
@@ -293,7 +306,10 @@ class Feeds:
     """The feeds of one worker."""
 
     def __init__(self, settings, worker: int, spool, seen, counters) -> None:
-        self.feeds: list[Feed] = []
+        from relay.feeds.webhook import WebhookFeed
+
+        self.feeds: list[Feed] = [WebhookFeed(spool, worker, counters, hook, seen)
+                                  for hook in settings.webhooks]
         amqp = settings.amqp
         if amqp.consumers:
             self.feeds.append(FailureFeed(spool, worker, counters, amqp.consumers, seen))
@@ -309,7 +325,10 @@ class Feeds:
         return [feed.status() for feed in self.feeds]
 
     def gauges(self) -> dict[str, float]:
-        return {feed.gauge: feed.outbox.lag for feed in self.feeds}
+        gauges: dict[str, float] = {}
+        for feed in self.feeds:
+            gauges[feed.gauge] = gauges.get(feed.gauge, 0) + feed.outbox.lag
+        return gauges
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -82,6 +82,7 @@ GAUGES = (
     "restarts",
     "feed_lag_events",  # events not yet confirmed by the [amqp.events] exchange
     "feed_lag_failures",  # events not yet through the PostmanQ failure feed
+    "feed_lag_webhooks",  # events not yet accepted by every [[webhook]] (summed)
 )
 HISTOGRAMS = ("data_to_250", "accept_to_delivered")
 # Upper bounds in seconds; the last bucket takes everything above.

@@ -437,3 +437,17 @@ def test_bad_amqp_consumers_name_the_key(raw, message):
     with pytest.raises(config.ConfigError) as caught:
         config.from_dict({"amqp": raw})
     assert message in str(caught.value)
+
+
+def test_webhooks_are_declared_like_other_keys():
+    [hook] = config.from_dict({"webhook": [{"url": "https://h/x", "events": ["Bounce"],
+                                            "secret": "s", "batch_wait": "250ms"}]}).webhooks
+    assert (hook.url, hook.events, hook.batch_size, hook.batch_wait, hook.secret, hook.timeout) == (
+        "https://h/x", ("Bounce",), 100, 0.25, "s", 10.0)
+    assert config.defaults().webhooks == ()
+    for bad, message in [({"events": ["Nope"]}, "[[webhook]] events: expected"),
+                         ({"url": "ftp://x"}, "[[webhook]] url: expected"),
+                         ({"batch_size": 0}, "[[webhook]] batch_size: expected")]:
+        with pytest.raises(config.ConfigError) as caught:
+            config.from_dict({"webhook": [{"url": "http://h/", **bad}]})
+        assert message in str(caught.value)
