@@ -202,3 +202,37 @@ def test_quorum_queues_and_the_relay_format(relay_factory, net):
     finally:
         broker.cleanup()
     assert leftovers(broker.prefix) == []
+
+
+def test_four_kills_of_workers_and_the_supervisor_lose_nothing(relay_factory, net, broker):
+    count = 4000
+    broker.publish(messages(count))
+    relay = amqp_relay(relay_factory, net, broker, prefetch=16)
+    remaining = []
+
+    def consumed_down_to(left):
+        wait_for(lambda: broker.count(broker.queue) <= left, 60, f"the queue down to {left}")
+        remaining.append(broker.count(broker.queue))
+
+    def kill_a_worker(index):
+        victim = relay.worker_pids()[index]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: victim not in relay.worker_pids() and relay.worker_pids_count() == 2,
+                 30, "the worker restarted")
+
+    # Every kill lands while the queue still holds messages: mid-consumption.
+    consumed_down_to(3400)
+    kill_a_worker(0)
+    consumed_down_to(2600)
+    kill_a_worker(1)
+    consumed_down_to(1800)
+    relay.kill()  # SIGKILL of the supervisor, and of its workers with it
+    relay.start()
+    consumed_down_to(1000)
+    kill_a_worker(0)
+    print(f"messages left in the queue at each kill: {remaining}")
+    assert all(left > 0 for left in remaining)
+    wait_delivered(net, set(range(count)), timeout=240)
+    assert report_duplicates(net, "4 kills (2 workers, supervisor, worker)") == 0
+    wait_for(lambda: broker.count(broker.queue) == 0, 20, "the queue drained")
+    relay.stop()
