@@ -151,3 +151,28 @@ def test_relayctl_amqp_shows_consumers_and_feeds(relay_factory, net, broker):
     text = relayctl(relay, "amqp").stdout
     assert broker.queue[:31] in text and "amqp.failures" in text
     relay.stop()
+
+
+def test_relayctl_amqp_move_moves_matching_messages_with_confirms(relay_factory, broker):
+    failures = f"{broker.queue}.failure.recipient"
+    broker.declare(failures)
+    broker.publish([postmanq("a@x.example", f"r{n}@d.example", body(n),
+                             error={"code": code, "message": f"{code} no"})
+                    for n, code in enumerate([550, 554, 550])], exchange=failures)
+    relay = relay_factory(workers=1, amqp={"consumer": [{"url": URL, "queue": broker.queue}]})
+
+    def move(*args):
+        result = relayctl(relay, "amqp", "move", "--from", failures, "--to", broker.queue,
+                          "--json", *args)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    assert move("--code", "550", "--dry-run") == {"moved": 0, "matched": 2, "seen": 3}
+    assert broker.count(failures) == 3 and broker.count(broker.queue) == 0
+    assert move("--code", "550") == {"moved": 2, "matched": 2, "seen": 3}
+    wait_for(lambda: broker.count(failures) == 1, 5, "the one left behind")
+    moved = broker.drain(broker.queue)
+    assert sorted(m["recipient"] for m in moved) == ["r0@d.example", "r2@d.example"]
+    assert broker.drain(failures)[0]["error"]["code"] == 554
+    missing = relayctl(relay, "amqp", "move", "--from", failures, "--to", f"{broker.prefix}.nope")
+    assert missing.returncode == 1 and "amqp move failed" in missing.stderr
