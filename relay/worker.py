@@ -203,6 +203,7 @@ class Worker:
             "inbound_connections": len(self.intake.sessions),
             "outbound_connections": self.dispatcher.outbound_connections(),
             **self.feeds.gauges(),
+            **self.amqp.gauges(),
         }
         histograms = {
             "data_to_250": self.intake.data_to_250.value(),

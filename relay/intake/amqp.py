@@ -389,6 +389,10 @@ class AmqpIntake:
     def status(self) -> list[dict]:
         return [consumer.status() for consumer in self.consumers]
 
+    def gauges(self) -> dict[str, float]:
+        return {"amqp_connected": sum(c.connected for c in self.consumers),
+                "amqp_unacked": sum(c.in_flight for c in self.consumers)}
+
     async def stop(self, timeout: float) -> None:
         for task in self._tasks:
             if not task.done():

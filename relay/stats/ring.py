@@ -83,6 +83,8 @@ GAUGES = (
     "feed_lag_events",  # events not yet confirmed by the [amqp.events] exchange
     "feed_lag_failures",  # events not yet through the PostmanQ failure feed
     "feed_lag_webhooks",  # events not yet accepted by every [[webhook]] (summed)
+    "amqp_connected",  # [[amqp.consumer]] connections up (one per consumer and worker)
+    "amqp_unacked",  # AMQP messages being taken (consumed, not yet settled)
 )
 HISTOGRAMS = ("data_to_250", "accept_to_delivered")
 # Upper bounds in seconds; the last bucket takes everything above.

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from amqp_support import URL, Broker, leftovers, postmanq, sequence_numbers
-from support import deliver_relay, relayctl, wait_for
+from support import deliver_relay, free_port, inject, relayctl, wait_for
 
 DOMAINS = [f"d{i}.example" for i in range(6)]
 
@@ -236,3 +236,33 @@ def test_four_kills_of_workers_and_the_supervisor_lose_nothing(relay_factory, ne
     assert report_duplicates(net, "4 kills (2 workers, supervisor, worker)") == 0
     wait_for(lambda: broker.count(broker.queue) == 0, 20, "the queue drained")
     relay.stop()
+
+
+def test_smtp_is_served_while_the_broker_is_unreachable(relay_factory, net):
+    net.add_domain("d1.example", ["127.0.0.11"])
+    dead = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    relay = deliver_relay(relay_factory, net, workers=2,
+                          amqp={"consumer": [{"url": dead, "queue": "unreachable.outbox"}]})
+    relay.wait_log("cannot consume", count=2)
+    inject(relay, "app@sender.example", ["someone@d1.example"], body(1).encode())
+    net.farm.wait_received(1, timeout=15)
+    assert stats(relay)["gauges"]["amqp_connected"] == 0
+    relay.stop()
+
+
+def test_declare_false_uses_the_queues_that_exist(relay_factory, net, broker):
+    for name in broker.names(broker.queue)[1:]:
+        broker.declare(name)  # the failure.* and not.send pairs, made by the operator
+    broker.publish(messages(5) + [b"{bad"])
+    relay = amqp_relay(relay_factory, net, broker, declare=False)
+    wait_delivered(net, set(range(5)), timeout=20)
+    wait_for(lambda: broker.count(f"{broker.queue}.failure.technical") == 1, 10, "the bad one")
+    wait_for(lambda: stats(relay)["gauges"]["amqp_connected"] == 2, 10, "both workers consuming")
+    relay.stop()
+    # A queue that does not exist is not created: the consumer waits for it.
+    missing = f"{broker.prefix}.missing"
+    waiting = deliver_relay(relay_factory, net, workers=1,
+                            amqp={"consumer": [{"url": URL, "queue": missing, "declare": False}]})
+    waiting.wait_log("cannot consume")
+    assert leftovers(missing) == []
+    waiting.stop()
