@@ -150,6 +150,7 @@ class Consumer:
         self._failures: dict = {}
         self._stopping = False
         self.counts: collections.Counter[str] = collections.Counter()  # this consumer's own
+        self._settling: set[asyncio.Task] = set()
 
     def count(self, name: str) -> None:
         """One more ``amqp_<name>``: in the worker's stats and this consumer's status."""
@@ -235,6 +236,15 @@ class Consumer:
     # -- one message ---------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        """aiormq's callback: it cancels its callbacks when the channel closes,
+        but a message half handed to the owners must finish (committed, or
+        withdrawn with its record): the work runs in a task of its own."""
+        task = asyncio.ensure_future(self._settle(message))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        await asyncio.shield(task)
+
+    async def _settle(self, message: AbstractIncomingMessage) -> None:
         self.count("consumed")
         self.in_flight += 1
         try:
@@ -319,17 +329,23 @@ class Consumer:
         except RelayError as exc:
             state.counters["rejected_spool"] += 1
             log.warning("%s: not accepted from amqp %s: %s", queue_id, consumer.queue, exc)
-            try:
-                await self.forget(queue_id)
-            except RelayError:  # left as it is, the record would make retries wait
-                log.error("%s: could not drop its intake record", queue_id)
+            await self._forget(queue_id)
             return False
+        except BaseException:  # a bug: the record must not make retries wait
+            await self._forget(queue_id)
+            raise
         state.counters["accepted_messages"] += 1
         state.counters["accepted_recipients"] += len(txn.recipients)
         state.counters["accepted_bytes"] += len(txn.body)
         log.info("%s: accepted from=<%s> nrcpt=%d size=%d amqp=%s%s", queue_id, txn.sender,
                  len(txn.recipients), len(txn.body), consumer.queue, " trace" if txn.trace else "")
         return True
+
+    async def _forget(self, queue_id: str) -> None:
+        try:
+            await self.forget(queue_id)
+        except RelayError:  # left as it is, retries wait for IN_FLIGHT_LIMIT
+            log.error("%s: could not drop its intake record", queue_id)
 
     async def _technical_failure(self, message: AbstractIncomingMessage,
                                  bad: amqp_message.BadMessage) -> bool:

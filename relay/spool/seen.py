@@ -39,9 +39,10 @@ from relay.spool.format import MessageState
 
 COMMITTED = "committed"
 IN_FLIGHT = "in flight"
-# A try cannot take longer than this (route.forward gives an owner 30 s):
-# an older record that never committed is a try whose failure went unrecorded.
-IN_FLIGHT_LIMIT = 120.0
+# A try cannot take much longer than this (route.forward gives an owner
+# 30 s): an older record that never committed is a try whose failure went
+# unrecorded, and its copies are stored rather than kept waiting.
+IN_FLIGHT_LIMIT = 60.0
 
 
 def _alive(pid: int) -> bool:

@@ -123,14 +123,17 @@ def test_malformed_messages_land_in_failure_technical_with_an_error(relay_factor
 
 
 def test_sigkill_of_a_worker_while_consuming_loses_nothing(relay_factory, net, broker):
-    broker.publish(messages(1000))
-    relay = amqp_relay(relay_factory, net, broker)
-    wait_for(lambda: len(net.farm.received) >= 150, 60, "delivery under way")
+    broker.publish(messages(2000))
+    relay = amqp_relay(relay_factory, net, broker, prefetch=16)
+    wait_for(lambda: broker.count(broker.queue) <= 1200, 60, "consumption under way")
+    left = broker.count(broker.queue)
     victim = relay.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: victim not in relay.worker_pids() and relay.worker_pids_count() == 2, 30,
              "the worker restarted")
-    wait_delivered(net, set(range(1000)), timeout=120)
+    print(f"messages left in the queue at the kill: {left}")
+    assert left > 0  # the kill landed mid-consumption
+    wait_delivered(net, set(range(2000)), timeout=120)
     # Redeliveries of what the dead worker had committed are recognised;
     # delivery itself is at-least-once (a 250 whose completion the kill
     # prevented from being committed is sent again), so those are counted.
@@ -140,14 +143,19 @@ def test_sigkill_of_a_worker_while_consuming_loses_nothing(relay_factory, net, b
 
 
 def test_consumers_resume_after_the_broker_cut_their_connections(relay_factory, net, broker):
-    broker.publish(messages(1000))
-    relay = amqp_relay(relay_factory, net, broker)
-    wait_for(lambda: len(net.farm.received) >= 150, 60, "delivery under way")
-    assert broker.close_relay_connections() >= 2  # one per worker
-    wait_delivered(net, set(range(1000)), timeout=120)
+    broker.publish(messages(6000))
+    relay = amqp_relay(relay_factory, net, broker, prefetch=16)
+    wait_for(lambda: broker.count(broker.queue) <= 5000, 60, "consumption under way")
+    assert broker.close_relay_connections() == 2  # one per worker
+    left = broker.count(broker.queue)
+    print(f"messages left in the queue at the cut: {left}")
+    assert left > 0  # the cut landed mid-consumption
+    wait_delivered(net, set(range(6000)), timeout=120)
     # Nothing was killed: every redelivery after the cut must be recognised.
     assert report_duplicates(net, "connections closed by the broker") == 0
     relay.wait_log("reconnected, consuming again", count=2)
+    # rabbitmqctl takes a second or two per call: the queue is long enough
+    # for the cut to land mid-consumption (checked above).
     # Still consuming after the cut: new messages get through.
     broker.publish(messages(20, start=5000))
     wait_delivered(net, set(range(5000, 5020)), timeout=30)
