@@ -22,6 +22,14 @@ def broker():
     assert leftovers(broker.prefix) == []
 
 
+@pytest.fixture
+def relay_factory(broker, relay_factory):
+    """The relays of a test stop before its broker fixture deletes the
+    queues (set up after ``broker``, torn down before it): a relay still
+    consuming would declare them again."""
+    return relay_factory
+
+
 def body(n: int) -> str:
     return f"From: app@sender.example\r\nSubject: n{n}\r\nMessage-ID: <{n}@sender.example>\r\n\r\nHi {n}\r\n"
 

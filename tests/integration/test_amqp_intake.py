@@ -29,6 +29,14 @@ def broker():
     assert leftovers(broker.prefix) == []
 
 
+@pytest.fixture
+def relay_factory(broker, relay_factory):
+    """The relays of a test stop before its broker fixture deletes the
+    queues (set up after ``broker``, torn down before it): a relay still
+    consuming would declare them again."""
+    return relay_factory
+
+
 def stats(relay) -> dict:
     result = relayctl(relay, "stats", "--json")
     assert result.returncode == 0, result.stderr
@@ -185,6 +193,7 @@ def test_mail_that_cannot_be_stored_is_nacked_never_acked(relay_factory, net, br
 
 def test_quorum_queues_and_the_relay_format(relay_factory, net):
     broker = Broker()
+    relay = None
     try:
         broker.declare(queue_type="quorum")
         relay_format = [orjson.dumps({
@@ -208,6 +217,8 @@ def test_quorum_queues_and_the_relay_format(relay_factory, net):
         assert stats(relay)["counters"]["amqp_duplicates"] == 1
         relay.stop()
     finally:
+        if relay is not None:
+            relay.kill()  # before its queues go: a consuming relay declares them again
         broker.cleanup()
     assert leftovers(broker.prefix) == []
 
