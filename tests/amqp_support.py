@@ -15,6 +15,7 @@ import subprocess
 import uuid
 
 import aio_pika
+import aiormq
 import orjson
 import pytest
 
@@ -77,8 +78,13 @@ class Broker:
         self._run(go())
 
     def count(self, queue: str) -> int:
+        """Ready messages in a queue; 0 for a queue not declared (yet)."""
         async def go():
-            declared = await self.channel.declare_queue(queue, passive=True)
+            try:
+                declared = await self.channel.declare_queue(queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                self.channel = await self._channel()  # a 404 closes the channel
+                return 0
             return declared.declaration_result.message_count
 
         return self._run(go())
@@ -124,10 +130,11 @@ class Broker:
 
     def cleanup(self) -> None:
         async def go():
+            self.channel = await self._channel()  # a fresh one: a test may have broken its own
             for name in sorted(self._declared):
-                for delete in (self.channel.queue_delete, self.channel.exchange_delete):
+                for kind in ("queue_delete", "exchange_delete"):
                     try:
-                        await delete(name)
+                        await getattr(self.channel, kind)(name)
                     except Exception:
                         # The channel closes on a 404: open another and go on.
                         self.channel = await self._channel()
