@@ -84,6 +84,8 @@ setup(
         "tomli-w>=1.0",
         "aiohttp>=3.9",
         "jinja2>=3.1",
+        "aio-pika>=10.2,<11",
+        "httpx>=0.28,<1",
     ],
     extras_require={"test": ["pytest>=8", "hypothesis>=6", "pynacl>=1.5", "prometheus_client>=0.20", "ruff>=0.5"]},
     ext_modules=fast_extensions(),

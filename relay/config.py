@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import keyword
 import os
 import re
 import socket
@@ -372,6 +373,42 @@ DKIM_KEYS = _keys(
 )
 
 
+AMQP_CONSUMER_KEYS = _keys(
+    Key("queue", _str, None, "queue to consume (PostmanQ's queue name)"),
+    Key("url", _str, "amqp://guest:guest@127.0.0.1:5672/", "broker: amqp:// or amqps:// URL"),
+    Key("exchange", _str, "", "exchange bound to the queue; empty = the queue's name"),
+    Key("exchange_type", _choice("fanout", "direct", "topic"), "fanout",
+        "type of the exchanges declared (PostmanQ: fanout)"),
+    Key("routing_key", _str, "", "binding key of the queue"),
+    Key("prefetch", _int(1, 65535), 64, "unacked messages per worker (basic.qos)"),
+    Key("declare", _bool, True,
+        "declare the PostmanQ topology (queue, failure.* and not.send); false = use what exists"),
+    Key("queue_type", _choice("classic", "quorum"), "classic", "x-queue-type of declared queues"),
+    Key("format", _choice("postmanq", "relay"), "postmanq",
+        "postmanq: {envelope, recipient, body}; relay: {sender, recipients, body|body_base64}"),
+    Key("class", _str, "", "default lane of this consumer's mail (reserved for lanes)"),
+)
+
+AMQP_EVENTS_KEYS = _keys(
+    Key("url", _str, "", "broker for the events feed (amqp:// or amqps://); empty = no events feed"),
+    Key("exchange", _str, "relay.events",
+        "topic exchange (declared durable) for one record per event, routing key <outcome>.<class>"),
+)
+
+WEBHOOK_KEYS = _keys(
+    Key("url", _str, None, "http:// or https:// endpoint that gets a JSON array of records per POST"),
+    Key("events", lambda v: _strs(v), (),
+        "record types to send (Delivery, Bounce, TransientFailure, Expiration, AdminBounce);"
+        " empty = all"),
+    Key("batch_size", _int(1, 10000), 100, "records per POST at most"),
+    Key("batch_wait", parse_duration, 1.0, "how long a partial batch may wait for more records"),
+    Key("secret", _str, "", "HMAC-SHA256 key: X-Relay-Signature: sha256=<hex of the body>;"
+        " empty = unsigned"),
+    Key("timeout", parse_duration, 10.0, "each POST; a timeout is retried"),
+)
+WEBHOOK_TYPES = ("Delivery", "Bounce", "TransientFailure", "Expiration", "AdminBounce")
+
+
 def _strs(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError("a list of strings")
@@ -381,10 +418,16 @@ def _strs(value: Any) -> tuple[str, ...]:
 # -- the settings tree -----------------------------------------------------
 
 
+def _field(name: str) -> str:
+    """The attribute of a key: ``class`` is a Python keyword, so ``class_``."""
+    return name + "_" if keyword.iskeyword(name) else name
+
+
 def _section_class(name: str, keys: dict[str, Key], *extra) -> type:
     """A frozen dataclass with one field per declared key (declared once, above)."""
     fields = [
-        (name, Any) if key.default is None else (name, Any, dataclasses.field(default=key.default))
+        (_field(name), Any) if key.default is None
+        else (_field(name), Any, dataclasses.field(default=key.default))
         for name, key in keys.items()
     ]
     return dataclasses.make_dataclass(name, fields + list(extra), frozen=True)
@@ -407,6 +450,15 @@ StatsSettings = _section_class("StatsSettings", STATS_KEYS)
 
 
 DkimIdentity = _section_class("DkimIdentity", DKIM_KEYS)
+AmqpConsumer = _section_class("AmqpConsumer", AMQP_CONSUMER_KEYS)
+AmqpEvents = _section_class("AmqpEvents", AMQP_EVENTS_KEYS)
+Webhook = _section_class("Webhook", WEBHOOK_KEYS)
+
+
+@dataclass(frozen=True)
+class AmqpSettings:
+    consumers: tuple = ()  # of AmqpConsumer ([[amqp.consumer]])
+    events: Any = field(default_factory=AmqpEvents)  # [amqp.events]
 
 
 @dataclass(frozen=True)
@@ -505,6 +557,8 @@ class Settings:
     dkim: tuple = ()  # of DkimIdentity
     shaping: ShapingSettings = field(default_factory=ShapingSettings)
     http: Any = None  # HttpSettings, or None: no HTTP server
+    amqp: AmqpSettings = field(default_factory=AmqpSettings)
+    webhooks: tuple = ()  # of Webhook ([[webhook]])
     source: str = ""  # the file these came from, for messages
 
     @property
@@ -532,15 +586,15 @@ def _section(label: str, raw: Any, keys: dict[str, Key], base_dir: str | None,
     for name, key in keys.items():
         if name in raw:
             try:
-                values[name] = key.parse(raw[name])
+                values[_field(name)] = key.parse(raw[name])
             except ValueError as exc:
                 raise ConfigError(f"{label} {name}: expected {exc}, got {raw[name]!r}") from None
         elif key.default is None or name in required:
             raise ConfigError(f"{label} {name}: required key is missing")
         else:
-            values[name] = key.default
-        if base_dir and key.parse in PATH_PARSERS and values[name]:
-            values[name] = os.path.normpath(os.path.join(base_dir, values[name]))
+            values[_field(name)] = key.default
+        if base_dir and key.parse in PATH_PARSERS and values[_field(name)]:
+            values[_field(name)] = os.path.normpath(os.path.join(base_dir, values[_field(name)]))
     return values
 
 
@@ -554,6 +608,7 @@ TOP_LEVEL = (
     "relay", "listen", "tls", "intake", "dns", "deliver", "routes", "tls_policy", "stats", "dkim",
     "shaping",
     "http",
+    "amqp", "webhook",
 )
 # Old [deliver] keys that are now defaults of [shaping.default].
 DEPRECATED_DELIVER_KEYS = {
@@ -649,7 +704,23 @@ def from_dict(raw: dict, source: str = "", base_dir: str | None = None) -> Setti
         names = [token.name for token in http.tokens]
         if len(set(names)) != len(names):
             raise ConfigError("[[http.tokens]] name: every token needs a name of its own")
+    amqp = _amqp(raw.get("amqp", {}))
+    webhooks = tuple(
+        Webhook(**_section("[[webhook]]", item, WEBHOOK_KEYS, base_dir))
+        for item in _array("[[webhook]]", raw.get("webhook", []))
+    )
+    for hook in webhooks:
+        if not hook.url.startswith(("http://", "https://")):
+            raise ConfigError(f"[[webhook]] url: expected an http:// or https:// URL, got {hook.url!r}")
+        for kind in hook.events:
+            if kind not in WEBHOOK_TYPES:
+                raise ConfigError(f"[[webhook]] events: expected types among "
+                                  f"{', '.join(WEBHOOK_TYPES)}, got {kind!r}")
+    if len({hook.url for hook in webhooks}) != len(webhooks):
+        raise ConfigError("[[webhook]] url: the same url twice")
     return Settings(
+        amqp=amqp,
+        webhooks=webhooks,
         relay=relay,
         listen=listen,
         tls=tls,
@@ -664,6 +735,34 @@ def from_dict(raw: dict, source: str = "", base_dir: str | None = None) -> Setti
         http=http,
         source=source,
     )
+
+
+def _amqp(raw: Any) -> AmqpSettings:
+    if not isinstance(raw, dict):
+        raise ConfigError("[amqp]: expected a table")
+    for name in raw:
+        if name not in ("consumer", "events"):
+            raise ConfigError(f"[amqp] {name}: unknown key")
+    consumers = tuple(
+        AmqpConsumer(**_section("[[amqp.consumer]]", item, AMQP_CONSUMER_KEYS, None))
+        for item in _array("[[amqp.consumer]]", raw.get("consumer", []))
+    )
+    seen = set()
+    for consumer in consumers:
+        if not consumer.queue:
+            raise ConfigError("[[amqp.consumer]] queue: expected a queue name, got ''")
+        if not consumer.url.startswith(("amqp://", "amqps://")):
+            raise ConfigError(
+                f"[[amqp.consumer]] url: expected an amqp:// or amqps:// URL, got {consumer.url!r}")
+        if (consumer.url, consumer.queue) in seen:
+            raise ConfigError(f"[[amqp.consumer]] queue: {consumer.queue!r} is consumed twice")
+        seen.add((consumer.url, consumer.queue))
+    events = AmqpEvents(**_section("[amqp.events]", raw.get("events", {}), AMQP_EVENTS_KEYS, None))
+    if events.url and not events.url.startswith(("amqp://", "amqps://")):
+        raise ConfigError(f"[amqp.events] url: expected an amqp:// or amqps:// URL, got {events.url!r}")
+    if not events.exchange:
+        raise ConfigError("[amqp.events] exchange: expected an exchange name, got ''")
+    return AmqpSettings(consumers=consumers, events=events)
 
 
 def load(path: str) -> Settings:

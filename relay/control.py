@@ -103,7 +103,8 @@ class ControlPlane:
             if op == "requeue" and not any(request.get(k) for k in REQUEUE_FILTERS + ("all", "quarantined")):
                 return {"ok": False, "error": "requeue without a filter needs all: every bounce"
                                               " would go back in the queue"}
-            if op in ("flush", "suspend", "resume", "suspensions", "requeue", "delete", "trace"):
+            if op in ("flush", "suspend", "resume", "suspensions", "requeue", "delete", "trace",
+                      "amqp"):
                 return self._to_workers(request)
             if op in ("shaping", "shaping_cancel"):
                 return self._shaping(request)
@@ -173,6 +174,8 @@ class ControlPlane:
             result["count"] = len(deleted)
             result["deleted"] = sorted(deleted)
             result["missing"] = [i for i in dict.fromkeys(request.get("ids", [])) if i not in deleted]
+        if any("amqp" in a for a in answers.values()):
+            result["per_worker"] = [{"worker": w, **answers[w].get("amqp", {})} for w in sorted(answers)]
         if any("suspended" in a for a in answers.values()):
             result["suspended"] = sorted({d for a in answers.values() for d in a.get("suspended", [])})
         return result

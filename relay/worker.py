@@ -27,6 +27,8 @@ from relay import config
 from relay.dispatch import Dispatcher
 from relay.dkim.sign import Signer
 from relay.errors import ConfigError, RelayError
+from relay.feeds.amqp import Feeds
+from relay.intake.amqp import AmqpIntake
 from relay.intake.clients import ClientTable
 from relay.intake.handler import IntakeState
 from relay.intake.http.server import HttpIntake
@@ -34,6 +36,7 @@ from relay.intake.listener import open_listen_sockets, server_tls_context
 from relay.model import Transaction
 from relay.ops import admin_http
 from relay.route.forward import Router
+from relay.spool.seen import IntakeIndex
 from relay.spool.store import Spool
 from relay.stats import ring
 from relay.stats.process import ProcessFigures
@@ -81,6 +84,11 @@ class Worker:
         self.intake = IntakeState(
             settings, self.index, self.accept, server_tls_context(settings.tls), clients
         )
+        self.seen = IntakeIndex(settings.relay.spool_dir)  # AMQP redeliveries, in every spool
+        self.amqp = AmqpIntake(settings, self.intake, self.spool, self.seen.find)
+        self.amqp.start()
+        self.feeds = Feeds(settings, self.index, self.spool, self.seen, self.intake.counters)
+        self.feeds.start()
         self.dispatcher = Dispatcher(settings, self.index, self.workers, self.spool,
                                      self.router.submit, self.intake.queue_ids)
         dispatching = asyncio.create_task(self.dispatcher.run(), name="dispatch")
@@ -108,9 +116,11 @@ class Worker:
         await self._drain(servers)
         dispatching.cancel()
         publishing.cancel()
+        await self.feeds.stop()
         self._publish_once()
         await self.dispatcher.close()
         await self.router.close()
+        self.seen.close()
         await self.spool.close()
         log.info("worker %d stopped", self.index)
         return 0
@@ -120,6 +130,7 @@ class Worker:
         write is committed; then exit, within relay.shutdown_timeout."""
         deadline = self._deadline = time.monotonic() + self.settings.relay.shutdown_timeout
         self.intake.drain()
+        await self.amqp.stop(max(deadline - time.monotonic(), 0.1))
         log.info("worker %d draining %d sessions", self.index, len(self.intake.sessions))
         while self.intake.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -171,6 +182,8 @@ class Worker:
             if cancelled is None:
                 raise RelayError(f"no effect {request['id']} in force")
             return {"cancelled": cancelled}
+        if op == "amqp":
+            return {"amqp": {"consumers": self.amqp.status(), "feeds": self.feeds.status()}}
         if op in ("suspend", "resume"):
             await self.dispatcher.suspend(request["domain"], op == "suspend")
             return {"suspended": sorted(self.dispatcher.suspended)}
@@ -208,6 +221,8 @@ class Worker:
             "ready": self.dispatcher.loaded,
             "inbound_connections": len(self.intake.sessions),
             "outbound_connections": self.dispatcher.outbound_connections(),
+            **self.feeds.gauges(),
+            **self.amqp.gauges(),
         }
         histograms = {
             "data_to_250": self.intake.data_to_250.value(),

@@ -71,6 +71,12 @@ def render(stats: dict) -> str:
     if any(k.startswith("rejected_") and v for k, v in c.items()):
         lines.append("rejections     " + ", ".join(
             f"{k[9:]} {v}" for k, v in c.items() if k.startswith("rejected_") and v))
+    if any(c[k] for k in c if k.startswith("amqp_")) or g["feed_lag_events"] or g["feed_lag_failures"]:
+        lines.append(
+            f"amqp           consumed {c['amqp_consumed']}, acked {c['amqp_acked']}, nacked"
+            f" {c['amqp_nacked']}, failed {c['amqp_failed']}, duplicates {c['amqp_duplicates']};"
+            f" feeds published {c['feed_published']}, errors {c['feed_errors']},"
+            f" lag events {g['feed_lag_events']:.0f}, failures {g['feed_lag_failures']:.0f}")
     failures = [f"{k} {v}" for k, v in c.items() if k.startswith(("deferred_", "bounced_")) and v]
     if failures:
         lines.append("failures       " + ", ".join(failures))

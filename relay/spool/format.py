@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 
 # Recorded in every spool file; relay.spool.schema migrates older files.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 class MessageState(enum.IntEnum):

@@ -12,7 +12,10 @@ per part), ``recipient`` (per-recipient state, next attempt indexed by due
 time, crash count and error), ``txn`` (this worker's decisions as the
 coordinator of multi-owner transactions), ``event`` (delivery attempts),
 ``suppression`` (hard-bounced addresses), ``meta`` (format version, slot
-count, worker count, operator settings kept across restarts).
+count, worker count, operator settings kept across restarts),
+``amqp_intake`` (the AMQP messages this worker consumed and spooled: key,
+origin queue, original fields, the pid of the worker that took it; see
+spool.seen).
 
 Migrations only ever append columns with defaults or add tables and
 indexes: recovery copies rows between spools with ``SELECT *``, so every
@@ -82,6 +85,16 @@ CREATE TABLE IF NOT EXISTS suppression (
 );
 CREATE INDEX IF NOT EXISTS event_queue_id ON event (queue_id);
 CREATE INDEX IF NOT EXISTS event_time ON event (time);
+-- AMQP intake: which published messages this worker spooled (redeliveries
+-- are recognised by key) and what they carried, for the failure feeds.
+CREATE TABLE IF NOT EXISTS amqp_intake (
+    queue_id TEXT PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    time REAL NOT NULL,
+    queue TEXT NOT NULL,
+    fields BLOB NOT NULL,
+    pid INTEGER NOT NULL
+);
 """
 
 # MIGRATIONS[n] takes a file from version n - 1 to version n.
@@ -89,6 +102,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: (  # quarantine: crashes charged to a recipient's delivery
         "ALTER TABLE recipient ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE recipient ADD COLUMN error TEXT",
+    ),
+    3: (  # AMQP intake: consumed messages by key (redeliveries) and their fields (feeds)
+        """CREATE TABLE IF NOT EXISTS amqp_intake (
+            queue_id TEXT PRIMARY KEY, key TEXT NOT NULL UNIQUE, time REAL NOT NULL,
+            queue TEXT NOT NULL, fields BLOB NOT NULL, pid INTEGER NOT NULL)""",
     ),
 }
 

@@ -542,6 +542,54 @@ class Spool:
 
         return await self._submit(apply)
 
+    # -- AMQP intake ----------------------------------------------------------
+
+    async def remember_intake(self, key: str, queue_id: str, queue: str, fields: bytes) -> None:
+        """Record, before it is handed to its owners, that the AMQP message
+        ``key`` (from ``queue``, with these original fields as JSON) is
+        being spooled as ``queue_id``; a later try of the same key takes
+        the record over (spool.seen decides whether a try committed)."""
+        now, pid = time.time(), os.getpid()
+        await self._submit(lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO amqp_intake VALUES (?, ?, ?, ?, ?, ?)",
+            (queue_id, key, now, queue, fields, pid),
+        ))
+
+    async def forget_intake(self, queue_id: str) -> None:
+        """A try that failed (nothing of it will be delivered): its record goes."""
+        await self._submit(lambda conn: conn.execute(
+            "DELETE FROM amqp_intake WHERE queue_id = ?", (queue_id,)))
+
+    async def prune_intake(self, older_than: float) -> int:
+        return await self._submit(lambda conn: conn.execute(
+            "DELETE FROM amqp_intake WHERE time < ?", (older_than,)).rowcount)
+
+    # -- the outbox: committed events, in order, for the feeds -----------------
+
+    async def events_after(self, cursor: int, limit: int) -> list[dict]:
+        """Up to ``limit`` events with an id above ``cursor``, in commit order
+        (ids grow with each commit: one writer), with the message's sender
+        and the recipient's attempts while they are still in the spool."""
+
+        def query(conn: sqlite3.Connection) -> list[dict]:
+            rows = conn.execute(
+                f"SELECT e.id, {', '.join('e.' + c for c in EVENT_COLUMNS)}, m.sender, m.size,"
+                " (SELECT r.attempts FROM recipient r WHERE r.message_id = e.queue_id"
+                "  AND r.address = e.recipient LIMIT 1)"
+                " FROM event e LEFT JOIN message m ON m.id = e.queue_id"
+                " WHERE e.id > ? ORDER BY e.id LIMIT ?",
+                (cursor, limit),
+            ).fetchall()
+            names = ("id", *EVENT_COLUMNS, "sender", "size", "attempts")
+            return [dict(zip(names, row)) for row in rows]
+
+        return await self._read(query)
+
+    async def last_event_id(self) -> int:
+        """The id of the newest event (0: none)."""
+        row = await self._read(lambda conn: conn.execute("SELECT MAX(id) FROM event").fetchone())
+        return row[0] or 0
+
     async def set_meta(self, key: str, value: str) -> None:
         await self._submit(
             lambda conn: conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))

@@ -61,6 +61,13 @@ COUNTERS = (
     "effects_throttle",
     "effects_suspend",
     "effects_bounce",
+    "amqp_consumed",  # messages taken from AMQP queues
+    "amqp_acked",  # ... and acked: spooled, or published to failure.technical
+    "amqp_nacked",  # ... handed back to the broker (spool failure, owner down)
+    "amqp_failed",  # bad input published to <queue>.failure.technical
+    "amqp_duplicates",  # redeliveries of messages already spooled, acked
+    "feed_published",  # events the feeds published (confirmed by the broker)
+    "feed_errors",  # failed publishes (retried: the cursor waits)
 )
 GAUGES = (
     "ready",  # recipients loaded for delivery
@@ -76,6 +83,11 @@ GAUGES = (
     "gc_seconds",
     "pid",
     "restarts",
+    "feed_lag_events",  # events not yet confirmed by the [amqp.events] exchange
+    "feed_lag_failures",  # events not yet through the PostmanQ failure feed
+    "feed_lag_webhooks",  # events not yet accepted by every [[webhook]] (summed)
+    "amqp_connected",  # [[amqp.consumer]] connections up (one per consumer and worker)
+    "amqp_unacked",  # AMQP messages being taken (consumed, not yet settled)
 )
 HISTOGRAMS = ("data_to_250", "accept_to_delivered")
 # Upper bounds in seconds; the last bucket takes everything above.

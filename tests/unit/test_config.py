@@ -444,3 +444,52 @@ def test_exclude_domains_are_lower_cased():
     s = from_dict({"deliver": {"exclude_domains": ["Spam.Example"]}})
     assert s.deliver.exclude_domains == ("spam.example",)
     assert error({"deliver": {"exclude_domains": "spam.example"}}).startswith("[deliver] exclude_domains: expected ")
+
+
+def test_amqp_consumers_are_declared_like_other_keys():
+    settings = config.from_dict({"amqp": {"consumer": [
+        {"queue": "outbox"},
+        {"queue": "bulk", "url": "amqps://u:p@broker:5671/v", "exchange": "x",
+         "exchange_type": "topic", "routing_key": "k", "prefetch": 10, "declare": False,
+         "queue_type": "quorum", "format": "relay", "class": "bulk"},
+    ]}})
+    first, second = settings.amqp.consumers
+    assert (first.url, first.exchange, first.exchange_type, first.prefetch, first.declare,
+            first.queue_type, first.format, first.class_) == (
+        "amqp://guest:guest@127.0.0.1:5672/", "", "fanout", 64, True, "classic", "postmanq", "")
+    assert (second.exchange_type, second.queue_type, second.class_) == ("topic", "quorum", "bulk")
+    assert config.defaults().amqp.consumers == ()
+    events = config.from_dict({"amqp": {"events": {"url": "amqp://h/"}}}).amqp.events
+    assert (events.url, events.exchange) == ("amqp://h/", "relay.events")
+    assert config.defaults().amqp.events.url == ""
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"consumer": [{}]}, "[[amqp.consumer]] queue: required key is missing"),
+    ({"consumer": [{"queue": "q", "prefetch": 0}]}, "[[amqp.consumer]] prefetch: expected"),
+    ({"consumer": [{"queue": "q", "format": "json"}]}, "[[amqp.consumer]] format: expected"),
+    ({"consumer": [{"queue": "q", "url": "http://x"}]}, "[[amqp.consumer]] url: expected"),
+    ({"consumer": [{"queue": "q"}, {"queue": "q"}]}, "consumed twice"),
+    ({"consumer": [{"queue": "q", "prefetchh": 1}]}, "[[amqp.consumer]] prefetchh: unknown key"),
+    ({"event": {}}, "[amqp] event: unknown key"),
+    ({"events": {"url": "http://x"}}, "[amqp.events] url: expected"),
+    ({"events": {"exchange": ""}}, "[amqp.events] exchange: expected"),
+])
+def test_bad_amqp_consumers_name_the_key(raw, message):
+    with pytest.raises(config.ConfigError) as caught:
+        config.from_dict({"amqp": raw})
+    assert message in str(caught.value)
+
+
+def test_webhooks_are_declared_like_other_keys():
+    [hook] = config.from_dict({"webhook": [{"url": "https://h/x", "events": ["Bounce"],
+                                            "secret": "s", "batch_wait": "250ms"}]}).webhooks
+    assert (hook.url, hook.events, hook.batch_size, hook.batch_wait, hook.secret, hook.timeout) == (
+        "https://h/x", ("Bounce",), 100, 0.25, "s", 10.0)
+    assert config.defaults().webhooks == ()
+    for bad, message in [({"events": ["Nope"]}, "[[webhook]] events: expected"),
+                         ({"url": "ftp://x"}, "[[webhook]] url: expected"),
+                         ({"batch_size": 0}, "[[webhook]] batch_size: expected")]:
+        with pytest.raises(config.ConfigError) as caught:
+            config.from_dict({"webhook": [{"url": "http://h/", **bad}]})
+        assert message in str(caught.value)

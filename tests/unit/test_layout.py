@@ -32,6 +32,8 @@ for rank, names in enumerate(
         ("spool",),
         ("deliver",),
         ("outcome",),
+        # feeds read committed events from the spool; never on the delivery path.
+        ("feeds",),
         # dispatch is the worker's delivery loop, wiring deliver/outcome/spool.
         ("dispatch",),
         # ops: the operator verbs behind both relayctl and /api/admin.

@@ -128,8 +128,8 @@ def spool_file(tmp_path, version: str) -> str:
 
 
 @pytest.mark.parametrize("version, says", [
-    ("1", "format version 1 is older than this relayctl's (2): starting the relay upgrades it"),
-    ("3", "format version 3 is newer than this relayctl's (2)"),
+    ("1", "format version 1 is older than this relayctl's (3): starting the relay upgrades it"),
+    ("4", "format version 4 is newer than this relayctl's (3)"),
 ])
 def test_the_reader_refuses_a_spool_of_another_version(tmp_path, version, says):
     path = spool_file(tmp_path, version)

@@ -46,7 +46,7 @@ def write_v1(path: str) -> None:
 
 def test_a_new_spool_records_this_format_version(tmp_path):
     conn = connect(str(tmp_path / "worker-0.db"))
-    assert version(conn) == FORMAT_VERSION == 2
+    assert version(conn) == FORMAT_VERSION == 3
     assert columns(conn, "recipient")[-2:] == ["crashes", "error"]
 
 
@@ -75,14 +75,14 @@ def test_a_failed_migration_leaves_the_old_version_whole(tmp_path, monkeypatch):
 
 def test_a_newer_spool_is_refused_untouched(tmp_path):
     path = str(tmp_path / "worker-0.db")
-    connect(path).execute("UPDATE meta SET value = '3' WHERE key = 'version'")
+    connect(path).execute("UPDATE meta SET value = '99' WHERE key = 'version'")
     before = open(path, "rb").read()
     with pytest.raises(SpoolError) as raised:
         connect(path)
     message = str(raised.value)
-    assert path in message and "version 3" in message and "newer" in message
+    assert path in message and "version 99" in message and "newer" in message
     assert "\n" not in message
-    assert version(sqlite3.connect(path)) == 3
+    assert version(sqlite3.connect(path)) == 99
     assert open(path, "rb").read() == before
 
 

@@ -1,0 +1,2 @@
+"""Feeds: committed delivery events, read from the spool through a cursor
+(outbox) and published elsewhere; never on the delivery path."""

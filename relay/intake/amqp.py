@@ -1,0 +1,416 @@
+"""AMQP intake: consume ``[[amqp.consumer]]`` queues into the acceptance path.
+
+Input: messages from RabbitMQ queues in PostmanQ's format (or the relay's
+extended one; intake.amqp_message parses and checks them).  Output: each
+message handed to the worker's ``accept`` (DKIM, routing to the owners,
+group commit) exactly as an SMTP transaction is, then acked; bad input
+published to ``<queue>.failure.technical`` and acked.
+
+Theory of operation.  Every worker consumes every configured queue, with
+``prefetch`` unacked messages at most (basic.qos), each handled in its own
+task (aiormq runs a consumer callback per delivery), so many messages share
+one group commit.  A message is acked only after the step that makes it
+safe has completed:
+
+* accepted: its key recorded in this worker's spool (``remember``), then
+  every part on disk in its owner's spool, then ack;
+* bad input (not JSON, a field missing, a bad address, a body the DATA
+  rules refuse, too large): published persistent to the exchange
+  ``<exchange>.failure.technical`` with publisher confirms (and mandatory:
+  a failure nobody would receive is an error), with the original fields and
+  PostmanQ's ``error {message, code}``; ack once the broker confirmed;
+* anything else (spool failure, owner down, low disk, the failure publish
+  refused): wait ``NACK_DELAY``, then nack with requeue.  Never an ack.
+
+A redelivery (the connection broke between our commit and our ack, or a
+worker died) is recognised by the message's key, looked up in every
+worker's spool (``seen``): committed already -> ack without storing it
+again; a try still under way in a live worker -> nack, see it again
+shortly; recorded by a worker that died before committing -> stored now.
+Within a worker the check and the record are one step (a set of keys
+being taken); two workers taking two copies of one key within the same
+few milliseconds (the time a record takes to commit) may both store it:
+the one duplicate left, for the same message published twice at once.
+
+The connection is aio-pika's robust connection: after a loss it reconnects
+every ``RECONNECT_INTERVAL`` and restores channel, qos, declarations and
+consumers; the first connection is retried with exponential backoff.  SMTP
+intake is unaffected meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.utils
+import logging
+import re
+import time
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage
+
+from relay.errors import RelayError
+from relay.intake import amqp_message
+from relay.intake.handler import IntakeState, wants_trace
+from relay.model import Transaction
+
+log = logging.getLogger("relay.amqp")
+
+# Quiet aio-pika's and aiormq's per-reconnect tracebacks; we log the state.
+logging.getLogger("aio_pika").setLevel(logging.CRITICAL)
+logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+
+# What spool.seen.IntakeIndex.find says of a key (intake may not import spool).
+COMMITTED = "committed"
+
+NACK_DELAY = 1.0  # seconds before a message we could not store goes back to the queue
+RECONNECT_INTERVAL = 2.0  # seconds between reconnection attempts of the robust connection
+FIRST_CONNECT_BACKOFF = (0.5, 30.0)  # first connection: initial and largest delay
+FAILURE_CLASSES = ("recipient", "technical", "connection", "unknown")
+
+_UNSAFE = re.compile(r"[^\x21-\x7e]")
+
+
+def _without_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+def failure_name(name: str, failure_class: str) -> str:
+    """PostmanQ's failure exchange / queue for a main exchange / queue."""
+    return f"{name}.failure.{failure_class}"
+
+
+def not_send_name(name: str) -> str:
+    return f"{name}.not.send"
+
+
+def received_line(queue: str, hostname: str, queue_id: str, when: float) -> bytes:
+    """``Received: from amqp queue Q by HOST (relay) with AMQP id QID; date``."""
+    date = email.utils.formatdate(when, localtime=True)
+    return (f"Received: from amqp queue {_UNSAFE.sub('?', queue)[:200]}\r\n"
+            f"\tby {hostname} (relay) with AMQP id {queue_id};\r\n\t{date}\r\n").encode(
+                "ascii", "replace")
+
+
+async def declare_topology(channel, consumer) -> tuple:
+    """The main exchange and queue and their failure.* / not.send twins,
+    durable, as PostmanQ declares them (consumer/binding.go); or, with
+    ``declare = false``, the ones that exist (passive).  Returns (queue,
+    failure exchanges by class)."""
+    exchange_name = consumer.exchange or consumer.queue
+    kind = aio_pika.ExchangeType(consumer.exchange_type)
+    arguments = {"x-queue-type": consumer.queue_type}
+    failures = {}
+    if not consumer.declare:
+        queue = await channel.get_queue(consumer.queue, ensure=True)
+        for name in FAILURE_CLASSES:
+            failures[name] = await channel.get_exchange(failure_name(exchange_name, name),
+                                                        ensure=True)
+        return queue, failures
+    exchange = await channel.declare_exchange(exchange_name, kind, durable=True)
+    queue = await channel.declare_queue(consumer.queue, durable=True, arguments=arguments)
+    await queue.bind(exchange, routing_key=consumer.routing_key)
+    for name in FAILURE_CLASSES:
+        failures[name] = await _declare_pair(
+            channel, failure_name(exchange_name, name), failure_name(consumer.queue, name),
+            kind, arguments)
+    await _declare_pair(channel, not_send_name(exchange_name), not_send_name(consumer.queue),
+                        kind, arguments)
+    return queue, failures
+
+
+async def _declare_pair(channel, exchange_name, queue_name, kind, arguments):
+    exchange = await channel.declare_exchange(exchange_name, kind, durable=True)
+    queue = await channel.declare_queue(queue_name, durable=True, arguments=arguments)
+    await queue.bind(exchange, routing_key="")
+    return exchange
+
+
+class Consumer:
+    """One ``[[amqp.consumer]]`` table, in one worker."""
+
+    def __init__(self, settings, state: IntakeState, seen, remember, forget,
+                 taking: set[str] | None = None) -> None:
+        self.settings = settings  # the AmqpConsumer table
+        # Keys this worker is taking now (shared by its consumers): a second
+        # copy waits, so two copies never pass the check below at once.
+        self.taking = taking if taking is not None else set()
+        self.state = state
+        # async (key) -> (COMMITTED | IN_FLIGHT, queue id) or None  (spool.seen.IntakeIndex.find)
+        self.seen = seen
+        self.remember = remember  # async (key, queue_id, queue, origin)  (Spool.remember_intake)
+        self.forget = forget  # async (queue_id)  (Spool.forget_intake)
+        self.connection = None
+        self.connected = False
+        self.in_flight = 0
+        self._consumer_tag = None
+        self._queue = None
+        self._failures: dict = {}
+        self._stopping = False
+        self.counts: collections.Counter[str] = collections.Counter()  # this consumer's own
+        self._settling: set[asyncio.Task] = set()
+
+    def count(self, name: str) -> None:
+        """One more ``amqp_<name>``: in the worker's stats and this consumer's status."""
+        self.state.counters[f"amqp_{name}"] += 1
+        self.counts[name] += 1
+
+    def status(self) -> dict:
+        """For ``relayctl amqp``."""
+        return {
+            "queue": self.settings.queue,
+            "url": _without_password(self.settings.url),
+            "format": self.settings.format,
+            "connected": self.connected,
+            "prefetch": self.settings.prefetch,
+            "unacked": self.in_flight,
+            **{name: self.counts[name]
+               for name in ("consumed", "acked", "nacked", "failed", "duplicates")},
+        }
+
+    async def run(self) -> None:
+        """Connect (with backoff until the broker answers), declare, consume."""
+        delay, largest = FIRST_CONNECT_BACKOFF
+        url = self.settings.url
+        while not self._stopping:
+            try:
+                self.connection = await aio_pika.connect_robust(
+                    url, reconnect_interval=RECONNECT_INTERVAL,
+                    client_properties={"connection_name":
+                                       f"relay worker {self.state.worker} {self.settings.queue}"},
+                )
+                channel = await self.connection.channel(publisher_confirms=True,
+                                                        on_return_raises=True)
+                await channel.set_qos(prefetch_count=self.settings.prefetch)
+                self._queue, self._failures = await declare_topology(channel, self.settings)
+                self._consumer_tag = await self._queue.consume(self._on_message)
+                break
+            except (aiormq.exceptions.AMQPError, OSError, ConnectionError,
+                    asyncio.TimeoutError) as exc:
+                log.warning("amqp %s: cannot consume (%s); retrying in %.1fs",
+                            self.settings.queue, exc or type(exc).__name__, delay)
+                await self._close_connection()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, largest)
+        if self.connection is None or self._stopping:
+            return
+        self.connected = True
+        self.connection.close_callbacks.add(self._on_lost)
+        self.connection.reconnect_callbacks.add(self._on_reconnected)
+        log.info("amqp: worker %d consuming %s (prefetch %d)", self.state.worker,
+                 self.settings.queue, self.settings.prefetch)
+
+    def _on_lost(self, *args) -> None:
+        if self.connected and not self._stopping:
+            log.warning("amqp %s: connection lost; reconnecting", self.settings.queue)
+        self.connected = False
+
+    def _on_reconnected(self, *args) -> None:
+        self.connected = True
+        log.info("amqp %s: reconnected, consuming again", self.settings.queue)
+
+    async def _close_connection(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            try:
+                await connection.close()
+            except Exception:  # closing a half-open connection: nothing to keep
+                pass
+
+    async def stop(self, timeout: float) -> None:
+        """Drain: take no more messages, let those in hand finish, close.
+        Whatever is not acked by then goes back to the queue."""
+        self._stopping = True
+        if self._queue is not None and self._consumer_tag is not None:
+            try:
+                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), timeout=2)
+            except Exception:  # the broker is gone: nothing more will come anyway
+                pass
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await self._close_connection()
+
+    # -- one message ---------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        """aiormq's callback: it cancels its callbacks when the channel closes,
+        but a message half handed to the owners must finish (committed, or
+        withdrawn with its record): the work runs in a task of its own."""
+        task = asyncio.ensure_future(self._settle(message))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        await asyncio.shield(task)
+
+    async def _settle(self, message: AbstractIncomingMessage) -> None:
+        self.count("consumed")
+        self.in_flight += 1
+        try:
+            if await self._handle(message):
+                await message.ack()
+                self.count("acked")
+            else:
+                await asyncio.sleep(NACK_DELAY)
+                await message.nack(requeue=True)
+                self.count("nacked")
+        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.MessageProcessError,
+                ConnectionError, OSError, RuntimeError) as exc:
+            # The channel went away before the ack: the broker redelivers the
+            # message and its key says whether it is already spooled.
+            log.info("amqp %s: could not settle a message: %s", self.settings.queue, exc)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, message: AbstractIncomingMessage) -> bool:
+        """True: ack.  False: nack with requeue after a delay."""
+        state, consumer = self.state, self.settings
+        intake = state.intake
+        limits = amqp_message.Limits(
+            max_message_size=intake.max_message_size,
+            max_recipients=intake.max_recipients,
+            normalize=intake.bare_line_endings == "normalize",
+            max_received_headers=intake.max_received_headers,
+        )
+        try:
+            parsed = amqp_message.parse(message.body, consumer.format, limits, message.message_id)
+        except amqp_message.BadMessage as bad:
+            return await self._technical_failure(message, bad)
+        if parsed.key in self.taking:  # this worker is taking another copy right now
+            log.info("amqp %s: %s is being spooled here; nacked until it is",
+                     consumer.queue, parsed.key)
+            return False
+        self.taking.add(parsed.key)
+        try:
+            return await self._take(parsed)
+        finally:
+            self.taking.discard(parsed.key)
+
+    async def _take(self, parsed: amqp_message.Message) -> bool:
+        state, consumer = self.state, self.settings
+        try:
+            seen = await self.seen(parsed.key)
+            if seen is not None and seen[0] == COMMITTED:
+                self.count("duplicates")
+                log.info("amqp %s: %s already spooled as %s; acked", consumer.queue, parsed.key,
+                         seen[1])
+                return True
+            if seen is not None:  # another try of it is under way: see it again shortly
+                log.info("amqp %s: %s is being spooled as %s; nacked until it is",
+                         consumer.queue, parsed.key, seen[1])
+                return False
+        except RelayError as exc:
+            log.warning("amqp %s: cannot check for a redelivery: %s", consumer.queue, exc)
+            return False
+        if state.draining or state.low_disk():
+            if state.low_disk():
+                state.counters["rejected_low_disk"] += 1
+            return False
+        queue_id = state.queue_ids.next()
+        now = time.time()
+        txn = Transaction(
+            queue_id=queue_id,
+            sender=parsed.sender,
+            recipients=parsed.recipients,
+            body=received_line(consumer.queue, state.hostname, queue_id, now) + parsed.body,
+            received_at=now,
+            smtputf8=parsed.smtputf8,
+            trace=wants_trace(parsed.body, list(parsed.recipients), state.traced),
+        )
+        try:
+            await self.remember(parsed.key, queue_id, consumer.queue, parsed.origin())
+        except RelayError as exc:
+            state.counters["rejected_spool"] += 1
+            log.warning("%s: not accepted from amqp %s: %s", queue_id, consumer.queue, exc)
+            return False
+        try:
+            await state.accept(txn)
+        except RelayError as exc:
+            state.counters["rejected_spool"] += 1
+            log.warning("%s: not accepted from amqp %s: %s", queue_id, consumer.queue, exc)
+            await self._forget(queue_id)
+            return False
+        except BaseException:  # a bug: the record must not make retries wait
+            await self._forget(queue_id)
+            raise
+        state.counters["accepted_messages"] += 1
+        state.counters["accepted_recipients"] += len(txn.recipients)
+        state.counters["accepted_bytes"] += len(txn.body)
+        log.info("%s: accepted from=<%s> nrcpt=%d size=%d amqp=%s%s", queue_id, txn.sender,
+                 len(txn.recipients), len(txn.body), consumer.queue, " trace" if txn.trace else "")
+        return True
+
+    async def _forget(self, queue_id: str) -> None:
+        try:
+            await self.forget(queue_id)
+        except RelayError:  # left as it is, retries wait for IN_FLIGHT_LIMIT
+            log.error("%s: could not drop its intake record", queue_id)
+
+    async def _technical_failure(self, message: AbstractIncomingMessage,
+                                 bad: amqp_message.BadMessage) -> bool:
+        """Publish to failure.technical, persistent and confirmed: True once
+        the broker took it (then the original may be acked)."""
+        error = bad.error
+        body = amqp_message.technical_failure(message.body, error)
+        try:
+            await self._failures["technical"].publish(
+                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                 content_type="application/json",
+                                 headers={"x-relay-error-code": error["code"]}),
+                routing_key="",
+            )
+        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.DeliveryError,
+                ConnectionError, OSError, RuntimeError) as exc:
+            log.warning("amqp %s: failure.technical refused a message (%s): kept in the queue",
+                        self.settings.queue, exc)
+            return False
+        self.count("failed")
+        log.warning("amqp %s: bad message to %s: %s", self.settings.queue,
+                    failure_name(self.settings.queue, "technical"), error["message"])
+        return True
+
+
+PRUNE_INTERVAL = 3600.0  # seconds between prunes of the keys of spooled messages
+
+
+class AmqpIntake:
+    """Every consumer of one worker, and the pruning of the keys they
+    recorded (kept as long as delivery events: ``deliver.event_retention``)."""
+
+    def __init__(self, settings, state: IntakeState, spool, seen) -> None:
+        self.settings = settings
+        taking: set[str] = set()
+        self.consumers = [Consumer(c, state, seen, spool.remember_intake, spool.forget_intake,
+                                   taking) for c in settings.amqp.consumers]
+        self._prune = spool.prune_intake  # async (older_than) -> count
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        if not self.consumers:
+            return
+        for consumer in self.consumers:
+            self._tasks.append(asyncio.create_task(consumer.run(),
+                                                   name=f"amqp-{consumer.settings.queue}"))
+        self._tasks.append(asyncio.create_task(self._prune_keys(), name="amqp-prune"))
+
+    async def _prune_keys(self) -> None:
+        while True:
+            try:
+                await self._prune(time.time() - self.settings.deliver.event_retention)
+            except RelayError as exc:
+                log.info("pruning AMQP keys postponed: %s", exc)
+            await asyncio.sleep(PRUNE_INTERVAL)
+
+    def status(self) -> list[dict]:
+        return [consumer.status() for consumer in self.consumers]
+
+    def gauges(self) -> dict[str, float]:
+        return {"amqp_connected": sum(c.connected for c in self.consumers),
+                "amqp_unacked": sum(c.in_flight for c in self.consumers)}
+
+    async def stop(self, timeout: float) -> None:
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*(c.stop(timeout) for c in self.consumers), return_exceptions=True)
