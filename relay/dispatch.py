@@ -418,6 +418,13 @@ class Dispatcher:
                             session.hop.host, session.hop.ip, session.source_ip or "any",
                             session.tls, session.messages_sent + 1)
             done = await self._transact(job, session)
+            if done == "full":  # 421 at MAIL after messages on this connection: its limit
+                self.sessions.pop(conn, None)
+                self.scheduler.on_connection_full(conn, job, time.time())
+                if job.trace:
+                    self._trace(job, "421 at MAIL after %d messages: a fresh connection",
+                                session.messages_sent)
+                return
             if done is None:  # nothing was sent: a body gone, or a dead pooled connection
                 self.scheduler.on_sent(conn, job, time.time(), [], False, None)
                 if not session.usable:
@@ -542,6 +549,9 @@ class Dispatcher:
             if reused and exc.stage is Stage.MAIL and exc.reply.code == 0 and not job.retried:
                 job.retried = "again"
                 return None
+            if reused and exc.stage is Stage.MAIL and exc.reply.code == 421 and not job.retried:
+                job.retried = True  # once: a receiver that 421s every MAIL is trouble
+                return "full"
             if job.trace:
                 self._trace(job, "connection failed at %s: %s", exc.stage.value, exc.reply)
             return ([(r, exc.reply, exc.stage) for r in job.recipients], exc.reply,

@@ -128,6 +128,9 @@ class Site:
     messages: Gcra = field(default_factory=lambda: Gcra(None))
     opens: Gcra = field(default_factory=lambda: Gcra(None))
     failures: int = 0  # failed opens in a row
+    # Transactions per connection the receiver was seen to allow (it said 421
+    # at MAIL on a connection after that many): connections close there.
+    learned_deliveries: int | None = None
     resting: dict = field(default_factory=dict)  # host -> until (after a 421)
 
     def count(self, state: str) -> int:
@@ -142,6 +145,7 @@ class Site:
             "max_message_rate": _rate_text(limits.max_message_rate),
             "max_connection_rate": _rate_text(limits.max_connection_rate),
             "max_deliveries_per_connection": limits.max_deliveries_per_connection,
+            "learned_deliveries_per_connection": self.learned_deliveries,
             "connections": len(self.connections), "queued": sum(len(j.recipients) for j in self.jobs),
         }
 
@@ -290,7 +294,7 @@ class Scheduler:
             if delivered:
                 site.concurrency.increase()
                 site.failures = 0
-            if conn.deliveries >= site.limits.max_deliveries_per_connection:
+            if conn.deliveries >= self.deliveries_per_connection(site):
                 conn.state = "closing"
                 self._pending_close.append(conn.id)
             else:
@@ -298,6 +302,26 @@ class Scheduler:
         if fired is not None and fired.kind == "bounce":
             return BOUNCE
         return RECORD
+
+    def deliveries_per_connection(self, site: Site) -> int:
+        learned = site.learned_deliveries
+        configured = site.limits.max_deliveries_per_connection
+        return configured if learned is None else min(configured, learned)
+
+    def on_connection_full(self, conn_id: int, job, now: float) -> None:
+        """The receiver closed a connection with a 421 at MAIL after it had
+        taken messages on it: its limit per connection, not trouble.  The
+        job was not tried and goes first again on a fresh connection; later
+        connections of the site close before that limit (no 421 again)."""
+        conn = self._conns.get(conn_id)
+        self._release_bytes(conn_id)
+        if conn is not None:
+            site = conn.site
+            taken = max(conn.deliveries, 1)
+            if site.learned_deliveries is None or taken < site.learned_deliveries:
+                site.learned_deliveries = taken
+            self._drop(conn)
+        self.push(job.site_key, job.destination, job.domain, job, now, front=True)
 
     def on_not_sent(self, conn_id: int, job, now: float) -> None:
         """A Send found its connection dead before anything was sent: the

@@ -389,3 +389,25 @@ def test_worker_caps_sessions_and_body_bytes_in_flight():
     send.job.site_key, send.job.destination = KEY, MX
     s.on_not_sent(send.conn, send.job, clock.now)
     assert s.bytes_in_flight == 0 and s.sites[KEY].jobs[0] is send.job
+
+
+def test_421_at_mail_after_n_messages_teaches_the_site_its_per_connection_limit():
+    clock = Clock()
+    s = scheduler(**{"example.net": {"connection_limit": 1}})
+    for i in range(30):
+        s.push(KEY, MX, "example.net", FakeJob(f"m{i}", site_key=KEY, destination=MX), clock.now)
+    (send,) = of(Send, open_all(s, clock, s.actions(clock.now)))
+    for _ in range(10):
+        s.on_sent(send.conn, send.job, clock.now, [OK], True, None)
+        (send,) = of(Send, s.actions(clock.now))
+    s.on_connection_full(send.conn, send.job, clock.now)  # 421 at the 11th MAIL
+    site = s.sites[KEY]
+    assert site.jobs[0] is send.job and site.concurrency.allowed >= 1
+    (send,) = of(Send, open_all(s, clock, s.actions(clock.now)))  # a fresh connection
+    for _ in range(10):
+        s.on_sent(send.conn, send.job, clock.now, [OK], True, None)
+        actions = s.actions(clock.now)
+        sends = of(Send, actions)
+        if sends:
+            (send,) = sends
+    assert Close(send.conn) in actions  # closed after 10, before the receiver's 421
