@@ -21,6 +21,7 @@ import pytest
 from relay.cli import parse_args, spoolread
 from relay.model import Part, Recipient
 from relay.route.shard import owner_of, slot_of
+from relay.spool import read
 from relay.spool.format import MessageState, RecipientState
 from relay.spool.store import EVENT_COLUMNS, connect, insert_part, spool_path
 
@@ -204,7 +205,7 @@ def test_queue_scans_in_chunks_across_holes(capsys, relay_dir, monkeypatch):
     conn.execute("DELETE FROM recipient WHERE idx >= 100")
     conn.commit()
     conn.close()
-    monkeypatch.setattr(spoolread, "CHUNK", 1)
+    monkeypatch.setattr(read, "CHUNK", 1)
     assert json_of(capsys, relay_dir, "queue") == whole
 
 
@@ -322,7 +323,7 @@ def test_grep_table(capsys, relay_dir):
 
 def test_grep_scans_in_chunks(capsys, relay_dir, monkeypatch):
     whole = json_of(capsys, relay_dir, "grep", "@beta.example")
-    monkeypatch.setattr(spoolread, "CHUNK", 1)
+    monkeypatch.setattr(read, "CHUNK", 1)
     assert json_of(capsys, relay_dir, "grep", "@beta.example") == whole
 
 
@@ -443,7 +444,7 @@ def test_a_running_relay_is_read_without_offline(capsys, relay_dir, supervisor):
 
 
 def test_a_scan_holds_no_snapshot_between_chunks(relay_dir, monkeypatch):
-    monkeypatch.setattr(spoolread, "CHUNK", 1)
+    monkeypatch.setattr(read, "CHUNK", 1)
     path = spool_path(str(relay_dir / "spool"), 0)
     reader = spoolread.SpoolReader(0, path)
     writer = connect(path)
@@ -470,7 +471,7 @@ def test_the_reader_cannot_write(relay_dir):
 
 
 def test_a_busy_spool_is_retried_then_reported(relay_dir, monkeypatch):
-    monkeypatch.setattr(spoolread, "BUSY_FOR", 0.3)
+    monkeypatch.setattr(read, "BUSY_FOR", 0.3)
     path = spool_path(str(relay_dir / "spool"), 0)
     # An exclusive lock is the one thing that stops a WAL reader.
     locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
