@@ -12,7 +12,6 @@ import smtplib
 import os
 import signal
 import socket
-import sqlite3
 import ssl
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 
 import tomli_w
 
+from relay.spool import read
 from relay.stats import ring
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,23 +251,16 @@ class SpooledMessage:
 
 
 def read_spool(spool_dir: str) -> list[SpooledMessage]:
-    """Every part in every worker's spool (read-only, the relay stopped or not)."""
+    """Every part in every worker's spool (read-only, the relay stopped or
+    not), through the spool's read API."""
     found = []
-    for path in sorted(glob.glob(os.path.join(spool_dir, "worker-*.db"))):
-        worker = int(path.rsplit("-", 1)[1].split(".")[0])
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    for reader in read.open_readers(spool_dir):
         try:
-            for queue_id, sender, state in conn.execute("SELECT id, sender, state FROM message"):
-                body = conn.execute("SELECT data FROM body WHERE id = ?", (queue_id,)).fetchone()
-                rcpts = conn.execute(
-                    "SELECT address, slot FROM recipient WHERE message_id = ? ORDER BY idx",
-                    (queue_id,),
-                ).fetchall()
-                found.append(
-                    SpooledMessage(queue_id, sender, state, body[0] if body else None, rcpts, worker)
-                )
+            found += [SpooledMessage(p.queue_id, p.sender, p.state, p.body, list(p.recipients),
+                                     p.worker)
+                      for p in reader.parts()]
         finally:
-            conn.close()
+            reader.close()
     return found
 
 
