@@ -447,6 +447,15 @@ class SpoolReader:
         return sum(self.query(sql, (lo, hi, since))[0][0] for lo, hi in self.chunks("event"))
 
 
+    def recipients(self) -> Iterator[RecipientRow]:
+        """Every recipient in any state, in rowid order."""
+        sql = ("SELECT message_id, idx, address, domain, state, attempts, next_attempt,"
+               " last_reply, crashes, error FROM recipient WHERE rowid BETWEEN ? AND ?"
+               " ORDER BY rowid")
+        for lo, hi in self.chunks("recipient"):
+            for row in self.query(sql, (lo, hi)):
+                yield RecipientRow(self.worker, *row)
+
     def parts(self) -> Iterator[StoredPart]:
         """Every part in the spool, with its body and recipients, in rowid
         chunks of messages (each chunk one snapshot)."""

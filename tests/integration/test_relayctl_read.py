@@ -21,9 +21,9 @@ import pytest
 from relay.cli import parse_args, spoolread
 from relay.model import Part, Recipient
 from relay.route.shard import owner_of, slot_of
-from relay.spool import read
+from relay.spool import read, testing
 from relay.spool.format import MessageState, RecipientState
-from relay.spool.store import EVENT_COLUMNS, connect, insert_part, spool_path
+from relay.spool.store import connect, insert_part, spool_path
 
 NOW = time.time()
 WORKERS = 2
@@ -68,16 +68,13 @@ class Spools:
 
     def release(self, queue_id: str) -> None:
         for conn in self.conns.values():
-            conn.execute("UPDATE message SET state = ? WHERE id = ?",
-                         (int(MessageState.ACTIVE), queue_id))
+            testing.set_message_state(conn, queue_id, MessageState.ACTIVE)
 
     def set_state(self, queue_id: str, address: str, state: RecipientState, attempts: int = 0,
                   next_attempt: float | None = None, last_reply: str | None = None) -> None:
         next_attempt = NOW if next_attempt is None else next_attempt
-        self.conns[owner(address)].execute(
-            "UPDATE recipient SET state = ?, attempts = ?, next_attempt = ?, last_reply = ?"
-            " WHERE message_id = ? AND address = ?",
-            (int(state), attempts, next_attempt, last_reply, queue_id, address))
+        testing.set_recipient(self.conns[owner(address)], queue_id, address, state, attempts,
+                              next_attempt, last_reply)
 
     def event(self, when: float, queue_id: str, recipient: str, outcome: str, code: int,
               enhanced: str | None, text: str, failure_class: str | None = None,
@@ -85,9 +82,7 @@ class Spools:
         domain = recipient.rpartition("@")[2].lower()
         row = (when, queue_id, recipient, destination or domain, f"mx.{domain}", "192.0.2.7",
                1, code, enhanced, text, outcome, failure_class, 0.25)
-        self.conns[owner(recipient) if worker is None else worker].execute(
-            f"INSERT INTO event ({', '.join(EVENT_COLUMNS)})"
-            f" VALUES ({', '.join('?' * len(EVENT_COLUMNS))})", row)
+        testing.insert_event(self.conns[owner(recipient) if worker is None else worker], row)
 
     def close(self) -> None:
         for conn in self.conns.values():
@@ -199,11 +194,7 @@ def test_queue_scans_in_chunks_across_holes(capsys, relay_dir, monkeypatch):
     whole = json_of(capsys, relay_dir, "queue")
     # Holes in the rowids, as delivered mail leaves behind.
     conn = sqlite3.connect(spool_path(str(relay_dir / "spool"), 0))
-    conn.execute("INSERT INTO recipient (message_id, idx, address, domain, slot, state,"
-                 " next_attempt, attempts, last_reply) SELECT message_id, idx + 100, address,"
-                 " domain, slot, 2, next_attempt, 0, NULL FROM recipient")
-    conn.execute("DELETE FROM recipient WHERE idx >= 100")
-    conn.commit()
+    testing.leave_recipient_holes(conn)
     conn.close()
     monkeypatch.setattr(read, "CHUNK", 1)
     assert json_of(capsys, relay_dir, "queue") == whole
@@ -452,7 +443,7 @@ def test_a_scan_holds_no_snapshot_between_chunks(relay_dir, monkeypatch):
         rows = reader.waiting()
         next(rows)  # the scan is under way
         writer.execute("PRAGMA busy_timeout=0")
-        writer.execute("DELETE FROM event")
+        testing.delete_events(writer)
         # A reader pinning the WAL would make the checkpoint report busy (1).
         assert writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
         rows.close()
@@ -465,7 +456,7 @@ def test_the_reader_cannot_write(relay_dir):
     reader = spoolread.SpoolReader(0, spool_path(str(relay_dir / "spool"), 0))
     try:
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
-            reader.conn.execute("DELETE FROM event")
+            testing.delete_events(reader.conn)
     finally:
         reader.close()
 

@@ -9,6 +9,7 @@ import os
 import signal
 import sqlite3
 
+from relay.spool import schema, testing
 from support import inject, relayctl, wait_for
 
 BODY = b"Subject: s\r\n\r\n" + (b"x" * 78 + b"\r\n") * 750  # 60 KB
@@ -64,13 +65,11 @@ def test_a_spool_of_a_newer_format_is_refused(relay_factory):
     relay = relay_factory(workers=1).start()
     assert relay.stop() == 0
     path = spool_file(relay, 0)
-    sqlite3.connect(path, isolation_level=None).execute(
-        "UPDATE meta SET value = '99' WHERE key = 'version'")
+    testing.set_version(path, "99")
     lines = failed_start(relay)
     assert lines[-1].endswith(f"spool file {path} has format version 99, newer than this"
                               " relay's (2): run the relay that wrote it")
-    assert sqlite3.connect(path).execute(
-        "SELECT value FROM meta WHERE key = 'version'").fetchone() == ("99",)
+    assert schema.recorded_version(sqlite3.connect(path), path) == 99
 
 
 def test_a_restarted_worker_whose_spool_was_damaged_says_so_in_one_line(relay_factory):

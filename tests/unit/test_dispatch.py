@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import sqlite3
 import time
 
 import pytest
@@ -15,6 +14,7 @@ from relay.deliver.queue import jobs_from
 from relay.dispatch import Dispatcher
 from relay.model import Part, QueueIds, Recipient
 from relay.route.shard import slot_of
+from relay.spool import read
 from relay.spool.format import RecipientState
 from relay.spool.store import RecipientUpdate, Spool, spool_path
 
@@ -45,9 +45,12 @@ def run(tmp_path, scenario, quarantine_after=2):
 
 
 def rows(tmp_path) -> list[tuple]:
-    conn = sqlite3.connect(spool_path(str(tmp_path), 0))
-    return conn.execute("SELECT message_id, address, state, crashes, error FROM recipient"
-                        " ORDER BY message_id, idx").fetchall()
+    reader = read.SpoolReader(0, spool_path(str(tmp_path), 0))
+    try:
+        found = sorted(reader.recipients(), key=lambda r: (r.queue_id, r.index))
+    finally:
+        reader.close()
+    return [(r.queue_id, r.address, r.state, r.crashes, r.error) for r in found]
 
 
 async def bug():
