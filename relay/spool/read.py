@@ -429,6 +429,8 @@ class SpoolReader:
                 yield Event.from_row(self.worker, row)
 
     def failures(self, since: float) -> Iterator[FailureRow]:
+        """Failures since ``since`` grouped per chunk of events: a group may
+        come once per chunk (relay.cli.spoolread.failure_report merges them)."""
         marks = ", ".join("?" * len(FAILURE_OUTCOMES))
         # SQLite gives the bare column ``text`` from the row holding max(time).
         sql = (

@@ -11,7 +11,6 @@ from relay.cli.spoolread import (
     age_bucket, failure_report, latest_destinations, message_view, newest_first, queue_shape,
 )
 from relay.spool.format import MessageState, RecipientState
-from relay.spool.store import connect
 
 NOW = 1_700_000_000.0
 MIN = 60.0
@@ -119,38 +118,6 @@ def test_a_quarantined_recipient_shows_its_crashes_and_error_and_no_next_attempt
     out = message_view("Q1", [part(0)], [quarantined, rcpt(0, 1)], []).as_json()
     assert [(r["state"], r["crashes"], r["error"], r["next_attempt"]) for r in out["recipients"]] == [
         ("quarantined", 3, "KeyError: 'x'", None), ("queued", 0, None, NOW + 300)]
-
-
-def spool_file(tmp_path, version: str) -> str:
-    path = str(tmp_path / "worker-0.db")
-    connect(path).execute("UPDATE meta SET value = ? WHERE key = 'version'", (version,))
-    return path
-
-
-@pytest.mark.parametrize("version, says", [
-    ("1", "format version 1 is older than this relayctl's (3): starting the relay upgrades it"),
-    ("4", "format version 4 is newer than this relayctl's (3)"),
-])
-def test_the_reader_refuses_a_spool_of_another_version(tmp_path, version, says):
-    path = spool_file(tmp_path, version)
-    reader = spoolread.SpoolReader(0, path)
-    with pytest.raises(spoolread.ReadError) as raised:
-        reader.held_parts()
-    reader.close()
-    assert str(raised.value) == f"{path}: {says}"
-
-
-def test_the_reader_counts_quarantined_recipients_and_names_their_messages(tmp_path):
-    path = spool_file(tmp_path, "2")
-    conn = connect(path)
-    for queue_id, state in (("Q1", RecipientState.QUARANTINED), ("Q2", RecipientState.QUEUED)):
-        for index in range(2):
-            conn.execute("INSERT INTO recipient (message_id, idx, address, domain, slot, state,"
-                         " next_attempt) VALUES (?, ?, 'a@x.example', 'x.example', 1, ?, 0)",
-                         (queue_id, index, int(state)))
-    reader = spoolread.SpoolReader(0, path)
-    assert reader.quarantined() == (2, ["Q1"])
-    reader.close()
 
 
 def test_message_view_of_a_message_that_left_the_queue():
