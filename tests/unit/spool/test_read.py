@@ -11,7 +11,7 @@ import pytest
 from relay.model import Part, Recipient
 from relay.route.shard import slot_of
 from relay.spool import bulk, read, testing
-from relay.spool.format import MessageState, RecipientState
+from relay.spool.format import FORMAT_VERSION, MessageState, RecipientState
 from relay.spool.read import (
     Counts, Event, MessagePart, ReadError, RecipientRow, SpoolReader, StoredPart, WaitingRecipient,
     WaitingRow, address_pattern, open_readers,
@@ -196,8 +196,10 @@ def spool_file(tmp_path, version: str) -> str:
 
 
 @pytest.mark.parametrize("version, says", [
-    ("1", "format version 1 is older than this relayctl's (2): starting the relay upgrades it"),
-    ("3", "format version 3 is newer than this relayctl's (2)"),
+    ("1", f"format version 1 is older than this relayctl's ({FORMAT_VERSION}):"
+          " starting the relay upgrades it"),
+    (str(FORMAT_VERSION + 1),
+     f"format version {FORMAT_VERSION + 1} is newer than this relayctl's ({FORMAT_VERSION})"),
 ])
 def test_the_reader_refuses_a_spool_of_another_version(tmp_path, version, says):
     path = spool_file(tmp_path, version)
@@ -209,7 +211,7 @@ def test_the_reader_refuses_a_spool_of_another_version(tmp_path, version, says):
 
 
 def test_the_reader_counts_quarantined_recipients_and_names_their_messages(tmp_path):
-    path = spool_file(tmp_path, "2")
+    path = spool_file(tmp_path, str(FORMAT_VERSION))
     conn = connect(path)
     for queue_id, state in (("Q1", RecipientState.QUARANTINED), ("Q2", RecipientState.QUEUED)):
         for index in range(2):
