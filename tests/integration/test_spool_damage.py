@@ -10,6 +10,7 @@ import signal
 import sqlite3
 
 from relay.spool import schema, testing
+from relay.spool.format import FORMAT_VERSION
 from support import inject, relayctl, wait_for
 
 BODY = b"Subject: s\r\n\r\n" + (b"x" * 78 + b"\r\n") * 750  # 60 KB
@@ -68,7 +69,7 @@ def test_a_spool_of_a_newer_format_is_refused(relay_factory):
     testing.set_version(path, "99")
     lines = failed_start(relay)
     assert lines[-1].endswith(f"spool file {path} has format version 99, newer than this"
-                              " relay's (2): run the relay that wrote it")
+                              f" relay's ({FORMAT_VERSION}): run the relay that wrote it")
     assert schema.recorded_version(sqlite3.connect(path), path) == 99
 
 
