@@ -64,7 +64,7 @@ class ReadError(Exception):
         self.status = status
 
 
-# -- records (what the queries return, what the pure functions take) ------
+# -- records (what the queries return) ------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +206,7 @@ class FailureRow:
 
 
 
-# -- grep (pure) ----------------------------------------------------------
+# -- what grep looks for (pure) ------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +264,7 @@ def address_domain(address: str) -> str:
 
 
 
-# -- the databases --------------------------------------------------------
+# -- one spool, read-only -------------------------------------------------
 
 
 class SpoolReader:
