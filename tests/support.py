@@ -1,5 +1,6 @@
 """Test support: the real relay in a child process, raw SMTP clients, spool
-readers and generated TLS certificates.  Everything talks to 127.0.0.0/8."""
+readers and generated TLS certificates.  Everything talks to 127.0.0.0/8.
+Also the model of the stream RelaySMTP.smtp_DATA reads (unit and fuzz tests)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import ssl
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import tomli_w
 
+from relay.intake.data import DataReader
 from relay.spool import read
 from relay.stats import ring
 
@@ -576,3 +579,124 @@ class SmallDisk:
         if self.mounted:
             subprocess.run(["umount", self.path], check=True)
             self.mounted = False
+
+
+# -- the DATA stream, as RelaySMTP.smtp_DATA reads it ------------------------------
+
+LIMIT = 1001  # aiosmtpd SMTP.line_length_limit, the StreamReader limit
+
+
+class _Overrun(Exception):
+    def __init__(self, consumed: int) -> None:
+        self.consumed = consumed
+
+
+class _Eof(Exception):
+    pass
+
+
+class StreamModel:
+    """The buffer logic of asyncio.StreamReader (readuntil/read), synchronous."""
+
+    def __init__(
+        self, data: bytes, chunk: int | None = None, limit: int = LIMIT, *, cuts=None
+    ) -> None:
+        """Arrives in chunks of ``chunk`` bytes (None: whole), or cut at the
+        offsets ``cuts``."""
+        if cuts is not None:
+            bounds = [0] + sorted(set(c for c in cuts if 0 < c < len(data))) + [len(data)]
+            self._chunks = deque(data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a)
+        else:
+            size = chunk or max(len(data), 1)
+            self._chunks = deque(data[i : i + size] for i in range(0, len(data), size))
+        self._buffer = bytearray()
+        self._eof = False
+        self._limit = limit
+
+    def _wait_for_data(self) -> None:
+        if self._chunks:
+            self._buffer += self._chunks.popleft()
+        else:
+            self._eof = True
+
+    def readuntil(self, separator: bytes = b"\r\n") -> bytes:
+        seplen = len(separator)
+        offset = 0
+        while True:
+            buflen = len(self._buffer)
+            if buflen - offset >= seplen:
+                isep = self._buffer.find(separator, offset)
+                if isep != -1:
+                    break
+                offset = buflen + 1 - seplen
+                if offset > self._limit:
+                    raise _Overrun(offset)
+            if self._eof:
+                self._buffer.clear()
+                raise _Eof()
+            self._wait_for_data()
+        if isep > self._limit:
+            raise _Overrun(isep)
+        chunk = bytes(self._buffer[: isep + seplen])
+        del self._buffer[: isep + seplen]
+        return chunk
+
+    def read(self, n: int) -> bytes:
+        if not self._buffer and not self._eof:
+            self._wait_for_data()
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
+
+    def unread(self) -> bytes:
+        return bytes(self._buffer) + b"".join(self._chunks)
+
+
+def pieces(data: bytes, chunk: int | None = None) -> list[tuple[str, bytes]]:
+    """What the handler would feed for the whole stream: ("line"|"overrun", bytes)."""
+    stream = StreamModel(data, chunk)
+    out = []
+    while True:
+        try:
+            out.append(("line", stream.readuntil()))
+        except _Overrun as exc:
+            out.append(("overrun", stream.read(exc.consumed)))
+        except _Eof:
+            return out
+
+
+@dataclass
+class Outcome:
+    verdict: str | None
+    body: bytes
+    ended: bool  # feed_line returned True
+    unread: bytes  # what is left in the stream after the end of data
+    reader: DataReader
+
+
+def transfer(
+    data: bytes,
+    *,
+    chunk: int | None = None,
+    normalize: bool = False,
+    max_size: int = 10_000_000,
+    max_received: int = 50,
+    cuts=None,
+) -> Outcome:
+    """Run RelaySMTP.smtp_DATA's loop over ``data``."""
+    reader = DataReader(max_size=max_size, normalize=normalize, max_received=max_received)
+    stream = StreamModel(data, chunk, cuts=cuts)
+    ended = False
+    while True:
+        try:
+            line = stream.readuntil(b"\r\n")
+        except _Overrun as exc:
+            reader.feed_overrun(stream.read(exc.consumed))
+            continue
+        except _Eof:
+            break
+        if reader.feed_line(line):
+            ended = True
+            break
+    verdict, body = reader.finish()
+    return Outcome(verdict, body, ended, stream.unread(), reader)

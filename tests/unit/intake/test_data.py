@@ -1,6 +1,6 @@
 """relay.intake.data.DataReader: the DATA transfer, fed as RelaySMTP feeds it.
 
-``StreamModel`` reproduces ``asyncio.StreamReader.readuntil(b"\\r\\n")`` with
+``StreamModel`` (in support) reproduces ``asyncio.StreamReader.readuntil(b"\\r\\n")`` with
 aiosmtpd's limit of 1001 bytes (a line whose separator is not found within
 the limit raises LimitOverrunError, and the handler reads ``exc.consumed``
 bytes and gives them to ``feed_overrun``).  Input arrives in chunks, so every
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections import deque
-from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings
@@ -21,116 +19,7 @@ from hypothesis import strategies as st
 
 from relay.intake import replies
 from relay.intake.data import MAX_TEXT_LINE, DataReader
-
-LIMIT = 1001  # aiosmtpd SMTP.line_length_limit, the StreamReader limit
-
-
-class _Overrun(Exception):
-    def __init__(self, consumed: int) -> None:
-        self.consumed = consumed
-
-
-class _Eof(Exception):
-    pass
-
-
-class StreamModel:
-    """The buffer logic of asyncio.StreamReader (readuntil/read), synchronous."""
-
-    def __init__(self, data: bytes, chunk: int | None = None, limit: int = LIMIT) -> None:
-        size = chunk or max(len(data), 1)
-        self._chunks = deque(data[i : i + size] for i in range(0, len(data), size))
-        self._buffer = bytearray()
-        self._eof = False
-        self._limit = limit
-
-    def _wait_for_data(self) -> None:
-        if self._chunks:
-            self._buffer += self._chunks.popleft()
-        else:
-            self._eof = True
-
-    def readuntil(self, separator: bytes = b"\r\n") -> bytes:
-        seplen = len(separator)
-        offset = 0
-        while True:
-            buflen = len(self._buffer)
-            if buflen - offset >= seplen:
-                isep = self._buffer.find(separator, offset)
-                if isep != -1:
-                    break
-                offset = buflen + 1 - seplen
-                if offset > self._limit:
-                    raise _Overrun(offset)
-            if self._eof:
-                self._buffer.clear()
-                raise _Eof()
-            self._wait_for_data()
-        if isep > self._limit:
-            raise _Overrun(isep)
-        chunk = bytes(self._buffer[: isep + seplen])
-        del self._buffer[: isep + seplen]
-        return chunk
-
-    def read(self, n: int) -> bytes:
-        if not self._buffer and not self._eof:
-            self._wait_for_data()
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return data
-
-    def unread(self) -> bytes:
-        return bytes(self._buffer) + b"".join(self._chunks)
-
-
-def pieces(data: bytes, chunk: int | None = None) -> list[tuple[str, bytes]]:
-    """What the handler would feed for the whole stream: ("line"|"overrun", bytes)."""
-    stream = StreamModel(data, chunk)
-    out = []
-    while True:
-        try:
-            out.append(("line", stream.readuntil()))
-        except _Overrun as exc:
-            out.append(("overrun", stream.read(exc.consumed)))
-        except _Eof:
-            return out
-
-
-@dataclass
-class Outcome:
-    verdict: str | None
-    body: bytes
-    ended: bool  # feed_line returned True
-    unread: bytes  # what is left in the stream after the end of data
-    reader: DataReader
-
-
-def transfer(
-    data: bytes,
-    *,
-    chunk: int | None = None,
-    normalize: bool = False,
-    max_size: int = 10_000_000,
-    max_received: int = 50,
-) -> Outcome:
-    """Run RelaySMTP.smtp_DATA's loop over ``data``."""
-    reader = DataReader(max_size=max_size, normalize=normalize, max_received=max_received)
-    stream = StreamModel(data, chunk)
-    ended = False
-    while True:
-        try:
-            line = stream.readuntil(b"\r\n")
-        except _Overrun as exc:
-            reader.feed_overrun(stream.read(exc.consumed))
-            continue
-        except _Eof:
-            break
-        if reader.feed_line(line):
-            ended = True
-            break
-    verdict, body = reader.finish()
-    return Outcome(verdict, body, ended, stream.unread(), reader)
-
+from support import LIMIT, pieces, transfer
 
 CHUNKINGS = [None, 1, 7]  # whole, byte at a time, odd splits
 TRAILER = b"QUIT\r\n"
