@@ -25,7 +25,8 @@ from relay.model import Reply
 
 MAX_REPLY_LINE = 4096  # RFC 5321 allows 512; real servers send longer text lines
 MAX_REPLY_LINES = 200
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+# RFC 3463 digits are ASCII: a "5.\u0663.1" is text, not an enhanced code.
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)", re.ASCII)
 
 
 class ReplyParser:
@@ -42,6 +43,10 @@ class ReplyParser:
             end = buffer.find(b"\n", start)
             if end < 0:
                 break
+            # The same limit for a whole line as for a partial one, so that
+            # how the bytes arrive never changes the verdict.
+            if end - start > MAX_REPLY_LINE:
+                raise RemoteProtocolError("reply line too long")
             self._line(buffer[start:end].rstrip(b"\r"))
             start = end + 1
         self._partial = buffer[start:]
@@ -66,8 +71,15 @@ class ReplyParser:
         match = _ENHANCED.match(texts[-1])
         if match and match.group(1) == str(code)[0]:
             enhanced = texts[-1][: match.end()].strip()
-            texts = [t[match.end():] if _ENHANCED.match(t) else t for t in texts]
+            texts = [_without_enhanced(t) for t in texts]
         self._replies.append(Reply(code, enhanced, "\n".join(texts).strip(), self.host))
+
+
+def _without_enhanced(text: str) -> str:
+    """A reply line's text without its own enhanced code (each line may
+    write it with a different number of digits)."""
+    match = _ENHANCED.match(text)
+    return text[match.end():] if match else text
 
 
 def ehlo_extensions(reply: Reply) -> dict[str, str]:

@@ -103,3 +103,38 @@ def test_lost_connections_become_delivery_errors(error):
             raise error
     assert caught.value.reply.code == 0 and caught.value.stage is Stage.DOT
     assert caught.value.reply.text.startswith("connection lost")
+
+
+# -- found by tests/fuzz -------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunking", ["whole", "bytewise"])
+def test_an_over_long_line_is_refused_however_it_arrives(chunking):
+    # It used to pass when it came in one read together with its LF.
+    data = b"250 " + b"y" * smtp_proto.MAX_REPLY_LINE + b"\r\n"
+    parser = smtp_proto.ReplyParser()
+    with pytest.raises(RemoteProtocolError):
+        for piece in [data] if chunking == "whole" else [data[i:i + 1] for i in range(len(data))]:
+            parser.receive_data(piece)
+
+
+def test_the_longest_line_is_accepted_however_it_arrives():
+    data = b"250 " + b"y" * (smtp_proto.MAX_REPLY_LINE - 5) + b"\r\n"
+    for pieces in ([data], [data[i:i + 1] for i in range(len(data))]):
+        parser = smtp_proto.ReplyParser()
+        for piece in pieces:
+            parser.receive_data(piece)
+        assert drain(parser)[0].code == 250
+
+
+def test_enhanced_code_digits_are_ascii():
+    parser = smtp_proto.ReplyParser()
+    parser.receive_data("550 5.\u0663.1 arabic-indic three\r\n".encode())
+    assert drain(parser) == [Reply(550, None, "5.\u0663.1 arabic-indic three", None)]
+
+
+def test_each_line_loses_its_own_enhanced_code():
+    # The last line's code length used to cut every line: "2.0.0 a" lost its "a".
+    parser = smtp_proto.ReplyParser()
+    parser.receive_data(b"250-2.0.0 a\r\n250 2.1.10 b\r\n")
+    assert drain(parser) == [Reply(250, "2.1.10", "a\nb", None)]
