@@ -81,7 +81,9 @@ def _durations(value: Any) -> tuple[float, ...]:
     return tuple(parse_duration(item) for item in value)
 
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
+# At most 20 digits: int() refuses a string of thousands of digits with its
+# own message, which must not reach the operator as ours.
+_SIZE = re.compile(r"^\s*(\d{1,20})\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -107,7 +109,11 @@ def parse_hostport(value: Any) -> tuple[str, int]:
         host, sep, port = value.rpartition(":")
         if ":" in host:
             sep = ""
-    if sep != ":" or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # isdigit() alone takes "²", which int() refuses.
+    if (
+        sep != ":" or not host or not (port.isascii() and port.isdigit()) or len(port) > 5
+        or not 0 < int(port) < 65536
+    ):
         raise ValueError('"host:port" with a port from 1 to 65535 (IPv6 as "[::1]:25")')
     return host, int(port)
 

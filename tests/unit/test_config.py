@@ -493,3 +493,23 @@ def test_webhooks_are_declared_like_other_keys():
         with pytest.raises(config.ConfigError) as caught:
             config.from_dict({"webhook": [{"url": "http://h/", **bad}]})
         assert message in str(caught.value)
+
+
+# -- found by tests/fuzz -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"listen": [{"address": "127.0.0.1:\u00b2"}]},  # isdigit() but not int()
+        {"routes": {"example.com": "mx.example:" + "2" * 5000}},
+        {"stats": {"metrics_address": "127.0.0.1:\u00b2\u00b2"}},
+        {"intake": {"min_free_space": "9" * 5000}},  # int()'s digit limit
+    ],
+)
+def test_refusals_are_in_our_words_not_int_s(raw):
+    with pytest.raises(ConfigError) as info:
+        config.from_dict(raw)
+    message = str(info.value)
+    assert "expected" in message
+    assert "invalid literal" not in message and "Exceeds the limit" not in message
