@@ -275,6 +275,15 @@ async def _settled(result):
     return await result if asyncio.iscoroutine(result) else result
 
 
+# Replies never held back for pipelining: the client must see them before it
+# sends more, or aiosmtpd closes the connection right after them (a held
+# reply would be lost with the connection).
+_SENT_AT_ONCE = (
+    b"220", b"221", b"3", b"421",
+    b"502 5.5.1 Too many unrecognized commands",  # aiosmtpd's BOGUS_LIMIT goodbye
+)
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's session, narrowed to what a production relay must do."""
 
@@ -350,8 +359,9 @@ class RelaySMTP(SMTP):
         """Send a reply.  While the client has pipelined more complete
         commands, replies are held and go out together with the last one
         (one write instead of one per command, as Postfix's smtpd does);
-        replies the client must see before it sends more (220, 221, 3xx,
-        421) always go at once."""
+        replies the client must see before it sends more (220, 3xx) and
+        those after which aiosmtpd hangs up (221, 421, its 502 for too many
+        unknown commands) always go at once: ``_SENT_AT_ONCE``."""
         if isinstance(status, str):
             if not (self._raw_250 and status.startswith("250")):
                 status = replies.enhance(status)
@@ -359,7 +369,7 @@ class RelaySMTP(SMTP):
         self._held_replies.append(status + b"\r\n")
         if status[3:4] == b"-":
             return  # a line of a multi-line reply: the rest follows at once
-        if status[:1] != b"3" and status[:3] not in (b"220", b"221", b"421") and self._pipelined():
+        if not status.startswith(_SENT_AT_ONCE) and self._pipelined():
             return
         await self._flush_replies()
         if self.close_after_reply and not self._in_transaction and self.transport is not None:
@@ -413,7 +423,17 @@ class RelaySMTP(SMTP):
     async def auth_LOGIN(self, _, args):
         return await _settled(await super().auth_LOGIN(_, args))
 
+    def _hung_up(self) -> bool:
+        """The connection is closing (QUIT, a goodbye, a drop) while
+        commands the client pipelined are still buffered.  aiosmtpd's loop
+        goes on reading them until it next waits for the network, so the
+        verbs that change state check this first: nothing is accepted once
+        no reply can reach the client (which would then send it again)."""
+        return self.transport is None or self.transport.is_closing()
+
     async def smtp_AUTH(self, arg: str) -> None:
+        if self._hung_up():
+            return
         ip = self.session.peer[0]
         if self.state.lockout.is_locked(ip):
             await self.push(replies.S421_AUTH_LOCKED)
@@ -440,9 +460,16 @@ class RelaySMTP(SMTP):
         return path.address, rest
 
     async def smtp_MAIL(self, arg: str | None) -> None:
+        if self._hung_up():
+            return
         await super().smtp_MAIL(arg)
         if self.envelope is not None and self.envelope.mail_from:
             self._in_transaction = True
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if self._hung_up():
+            return
+        await super().smtp_RCPT(arg)
 
     async def smtp_RSET(self, arg: str) -> None:
         self._in_transaction = False
@@ -451,6 +478,8 @@ class RelaySMTP(SMTP):
     # -- DATA ---------------------------------------------------------------
 
     async def smtp_DATA(self, arg: str) -> None:
+        if self._hung_up():
+            return
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
         if not self.envelope.rcpt_tos:

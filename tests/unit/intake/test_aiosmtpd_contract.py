@@ -35,6 +35,7 @@ SMTP_METHODS = {
     "smtp_HELO": (True, ["hostname"]),
     "smtp_AUTH": (True, ["arg"]),
     "smtp_MAIL": (True, ["arg"]),
+    "smtp_RCPT": (True, ["arg"]),
     "smtp_RSET": (True, ["arg"]),
     "smtp_DATA": (True, ["arg"]),
     "_getaddr": (False, ["arg"]),
@@ -65,6 +66,8 @@ CALL_SITES = [
     ("_authenticate", "self._authenticator("),
     ("_authenticate", "self, self.session, self.envelope, mechanism, auth_data"),
     ("smtp_DATA", "self.envelope.content"),
+    # handler._SENT_AT_ONCE: the reply after which aiosmtpd hangs up
+    ("_handle_client", '"502 5.5.1 Too many unrecognized commands, goodbye."'),
 ]
 
 SESSION_ATTRIBUTES = ["peer", "ssl", "host_name", "extended_smtp", "authenticated"]
