@@ -26,8 +26,10 @@ __all__ = ["canon_header_relaxed", "canon_header_simple"]
 _WSP = b" \t"
 
 # Unfolding (RFC 5322 section 2.2.3) removes a CRLF only when WSP follows it.
-# The look-ahead reads the original value, so this is one pass: removing a
-# fold never creates a new one (the byte after a removed CRLF is WSP).
+# The look-ahead reads the original value, so this is one pass over it.  Only
+# a value holding CRLF CRLF WSP, which no header can (CRLF CRLF ends the
+# header block), gets a new fold from it: the first CRLF stays, and now WSP
+# follows it (tests/fuzz checks idempotence on every other value).
 _FOLD = re.compile(rb"\r\n(?=[ \t])")
 _WSP_RUN = re.compile(rb"[ \t]+")
 
