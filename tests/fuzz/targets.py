@@ -425,7 +425,8 @@ def _settings(normalize: bool) -> config.Settings:
 
 
 async def _settle(server, transport, limit: int = 20000) -> None:
-    """Run the session until it waits for input or has ended."""
+    """Run the session until it waits for input (asyncio's StreamReader has
+    a ``_waiter`` then) or has ended."""
     task = server._handler_coroutine
     for _ in range(limit):
         await asyncio.sleep(0)
@@ -440,7 +441,7 @@ def _session(chunks: list[bytes], peer: str, normalize: bool) -> tuple[bytes, li
     async def accept(transaction) -> None:
         accepted.append(transaction)
 
-    async def drive() -> None:
+    async def drive() -> bytearray:
         state = IntakeState(_settings(normalize), 0, accept)
         server = state.factory()
         transport = _Transport(peer, asyncio.get_running_loop())
