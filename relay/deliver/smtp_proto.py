@@ -69,7 +69,7 @@ class ReplyParser:
         texts = [l[4:].decode("utf-8", "replace") for l in lines]
         enhanced = None
         match = _ENHANCED.match(texts[-1])
-        if match and match.group(1) == str(code)[0]:
+        if match and match.group(1) == f"{code:03d}"[0]:  # "055" is of class 0, not 5
             enhanced = texts[-1][: match.end()].strip()
             texts = [_without_enhanced(t) for t in texts]
         self._replies.append(Reply(code, enhanced, "\n".join(texts).strip(), self.host))

@@ -138,3 +138,10 @@ def test_each_line_loses_its_own_enhanced_code():
     parser = smtp_proto.ReplyParser()
     parser.receive_data(b"250-2.0.0 a\r\n250 2.1.10 b\r\n")
     assert drain(parser) == [Reply(250, "2.1.10", "a\nb", None)]
+
+
+def test_the_class_of_a_code_with_a_leading_zero_is_zero():
+    # "055" used to be taken as class 5 (str(55)[0]), so "5.1.1" was its code.
+    parser = smtp_proto.ReplyParser()
+    parser.receive_data(b"055 5.1.1 odd\r\n")
+    assert drain(parser) == [Reply(55, None, "5.1.1 odd", None)]
