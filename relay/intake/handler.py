@@ -365,7 +365,9 @@ class RelaySMTP(SMTP):
         if isinstance(status, str):
             if not (self._raw_250 and status.startswith("250")):
                 status = replies.enhance(status)
-            status = status.encode("utf-8")
+            # Client text that aiosmtpd decoded with surrogateescape must not
+            # make a reply fail to encode (an internal error per command).
+            status = status.encode("utf-8", "replace")
         self._held_replies.append(status + b"\r\n")
         if status[3:4] == b"-":
             return  # a line of a multi-line reply: the rest follows at once

@@ -63,6 +63,7 @@ _REWRITES: tuple[tuple[str, str], ...] = (
     ("552 Error: message size exceeds", S552_TOO_BIG),
     ("552 Error: Too much mail data", S552_TOO_BIG),
     ("553 5.1.3 Error: malformed address", "553 5.1.3 Malformed address"),
+    ("502 Could not VRFY", "502 5.5.4 Could not VRFY that address"),  # theirs echoes it
     ("555 MAIL FROM parameters", "555 5.5.4 MAIL FROM parameters not recognized"),
     ("555 RCPT TO parameters", "555 5.5.4 RCPT TO parameters not recognized"),
     ("530 5.7.0 Authentication required", S530_AUTH_REQUIRED),

@@ -127,6 +127,19 @@ def test_nothing_is_accepted_after_the_connection_is_closing(hang_up):
     assert b"Sender OK" not in written and b"queued" not in written
 
 
+def test_vrfy_of_undecodable_bytes_is_a_reply_not_an_internal_error():
+    # Found by the long atheris run: aiosmtpd answers a VRFY it cannot parse
+    # with the argument echoed ("502 Could not VRFY " + arg); bytes that are
+    # not UTF-8 made that reply fail to encode, so every such VRFY was an
+    # internal error with a logged traceback.
+    wire = b"EHLO c\r\nVRFY x\x9b\x9b\r\nVRFY " + b"y" * 480 + b"\r\nQUIT\r\n"
+    with targets._quiet_logs() as errors:
+        written, _ = targets._session([wire], targets.TRUSTED, False)
+    assert errors.records == []
+    assert written.count(b"502 5.5.4 Could not VRFY that address\r\n") == 2
+    targets.check_session(wire, [9], trusted=True, normalize=False)
+
+
 @targets.fuzz_settings(100)
 @given(data=st.binary(max_size=300))
 def test_session_raw_bytes(data):
