@@ -19,6 +19,7 @@ cimport cython
 from cpython.buffer cimport PyBUF_READ, PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
 
@@ -69,12 +70,16 @@ cdef class BodyHasher:
             raise ValueError(f"unknown body hash algorithm {algo!r}") from None
         if canon not in _CANONICALIZATIONS:
             raise ValueError(f"unknown body canonicalization {canon!r}")
+        # Compared as Python objects first, so that any int works as in _ref:
+        # no body is PY_SSIZE_T_MAX bytes long, so a larger limit is none.
         if limit is None:
+            self._limit = -1
+        elif limit < 0:
+            raise ValueError("limit must be >= 0 or None")
+        elif limit >= PY_SSIZE_T_MAX:
             self._limit = -1
         else:
             self._limit = limit
-            if self._limit < 0:
-                raise ValueError("limit must be >= 0 or None")
         self._hash = constructor()
         self._relaxed = canon == "relaxed"
         self._out = <unsigned char *>PyMem_Malloc(OUT_SIZE)
