@@ -53,6 +53,15 @@ documents = st.fixed_dictionaries(
         "routes": st.one_of(st.dictionaries(st.text(max_size=10), values, max_size=3), values),
         "tls_policy": st.one_of(st.dictionaries(st.text(max_size=10), values, max_size=3), values),
         "dkim": st.one_of(st.lists(st.one_of(_table(config.DKIM_KEYS), values), max_size=2), values),
+        "shaping": st.one_of(
+            st.dictionaries(
+                st.one_of(st.sampled_from(["default", "example.com", "mx:.example.net"]), st.text(max_size=8)),
+                st.one_of(_table(config.SHAPING_KEYS), values), max_size=3,
+            ),
+            st.builds(lambda rules: {"rules": rules}, st.lists(st.one_of(_table(config.RULE_KEYS), values), max_size=2)),
+            values,
+        ),
+        "http": st.one_of(_table(config.HTTP_KEYS), values),
         "nonsense": values,
     },
 )
@@ -68,3 +77,30 @@ def test_from_dict_raises_only_config_error(doc):
 @given(data=st.binary(max_size=300))
 def test_config_raw_toml(data):
     targets.run_config(data)
+
+
+# Valid values of the keys `relayctl config` formats (durations, sizes):
+# these documents load, so the paste-back round trip is checked on them.
+_duration = st.one_of(
+    st.integers(0, 10**9), st.floats(0, 1e9, allow_nan=False),
+    st.builds(lambda n, unit: f"{n}{unit}", st.integers(0, 10**6), st.sampled_from(["", "ms", "s", "m", "h", "d"])),
+    st.builds(lambda n: f"{n}s", st.decimals(0, 10**6, places=3).map(str)),
+)
+_size = st.one_of(
+    st.integers(0, 2**62),
+    st.builds(lambda n, unit: f"{n}{unit}", st.integers(0, 10**6), st.sampled_from(["", "k", "M", "G", "KiB", "b"])),
+)
+valid_documents = st.fixed_dictionaries({
+    "relay": st.fixed_dictionaries({"shutdown_timeout": _duration}),
+    "intake": st.fixed_dictionaries({"idle_timeout": _duration, "min_free_space": _size,
+                                     "max_message_size": st.integers(1024, 2**40)}),
+    "deliver": st.fixed_dictionaries({"retry_schedule": st.lists(_duration, min_size=1, max_size=4),
+                                      "max_lifetime": _duration}),
+})
+
+
+@targets.fuzz_settings(300)
+@given(doc=valid_documents)
+def test_valid_documents_load_and_paste_back(doc):
+    config.from_dict(doc)  # these are valid: the round trip below is reached
+    targets.check_config(doc)

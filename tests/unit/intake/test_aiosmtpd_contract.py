@@ -2,7 +2,8 @@
 
 intake.handler subclasses ``aiosmtpd.smtp.SMTP``: it overrides methods
 aiosmtpd calls (``_getaddr``, ``push``, ``handle_exception``, the
-``smtp_*`` verbs, ``_timeout_cb``), calls its helpers (``_call_handler_hook``,
+``smtp_*`` verbs, ``_timeout_cb``, ``_authenticate`` and the ``auth_*``
+mechanisms), calls its helpers (``_call_handler_hook``,
 ``_set_post_data_state``, ``_reset_timeout``, ``check_*_needed``), reads its
 attributes (``session``, ``envelope``, ``transport``, ``loop``, ``_reader``,
 ``_writer``) and peeks into asyncio's ``StreamReader._buffer``.
@@ -39,6 +40,9 @@ SMTP_METHODS = {
     "smtp_RSET": (True, ["arg"]),
     "smtp_DATA": (True, ["arg"]),
     "_getaddr": (False, ["arg"]),
+    "_authenticate": (False, ["mechanism", "auth_data"]),
+    "auth_PLAIN": (True, ["_", "args"]),
+    "auth_LOGIN": (True, ["_", "args"]),
     "_timeout_cb": (False, []),
     # called
     "_call_handler_hook": (True, ["command", "args"]),
@@ -63,8 +67,10 @@ CALL_SITES = [
     ("_handle_client", "self.handle_exception(error)"),
     ("_handle_client", "self.push("),
     ("_reset_timeout", "self._timeout_cb"),
-    ("_authenticate", "self._authenticator("),
-    ("_authenticate", "self, self.session, self.envelope, mechanism, auth_data"),
+    # RelaySMTP._authenticate returns a coroutine that its auth_PLAIN/LOGIN
+    # await: aiosmtpd's must hand back what _authenticate returned, as is.
+    ("auth_PLAIN", 'return self._authenticate("PLAIN", LoginPassword(login, password))'),
+    ("auth_LOGIN", 'return self._authenticate("LOGIN", LoginPassword(login, password))'),
     ("smtp_DATA", "self.envelope.content"),
     # handler._SENT_AT_ONCE: the reply after which aiosmtpd hangs up
     ("_handle_client", '"502 5.5.1 Too many unrecognized commands, goodbye."'),
