@@ -13,32 +13,44 @@ or the scenario's time limit; the run ends when the sinks hold every
 accepted recipient or the drain limit passes.  CPU seconds come from /proc
 (the server's whole process tree, the sinks' process, this process); RSS
 is sampled every 250 ms.  With several variants (relay and Postfix, or an
-empty and a full spool) the runs alternate pair by pair, so load from
-other users of the machine hits both sides alike.
+empty and a full spool, or SMTP and HTTP or AMQP intake) the runs
+alternate pair by pair, so load from other users of the machine hits both
+sides alike.
+
+http-inject and amqp-intake compare two intakes of one relay config, stream
+by stream (labels ``smtp/<stream>`` and ``http/<stream>`` or
+``amqp/<stream>``, one run each): the HTTP side's generator is
+perf.http_load (the same messages as requests); the AMQP side fills a
+queue of the run's own name first, then starts the relay and times the
+consumption (perf.amqp_load).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 import uvloop
 
+from perf import amqp_load, procstat, report, scenarios
 from perf import deferred as deferred_spool
-from perf import procstat, report, scenarios
+from perf.http_load import HttpGenerator
 from perf.farm import Farm
 from perf.loadgen import Generator, sources
-from perf.mta import Postfix, Relay, postfix_path
+from perf.mta import Postfix, Relay, free_port, postfix_path
 from perf.scenarios import Scenario
 
 GENERATOR_SOURCES = 8  # 127.0.1.1 .. 127.0.1.8
@@ -47,6 +59,8 @@ PSS_INTERVAL = 1.0  # smaps_rollup of a few hundred Postfix processes costs real
 PROGRESS_INTERVAL_TTY = 0.25
 PROGRESS_INTERVAL_PIPE = 5.0
 RELAY_CONNECTIONS_PER_DESTINATION = 20  # the relay's default, matched by Postfix
+HTTP_TOKEN_NAME = "bench"
+AMQP_START_LIMIT = 60.0  # seconds for the relay to start and take its first messages
 
 
 def raise_nofile() -> int:
@@ -127,9 +141,14 @@ class PySpy:
 
 
 async def drive(scenario: Scenario, server, farm: Farm, label: str, run_tag: str,
-                py_spy: str | None, py_spy_gil: bool = False) -> dict:
-    """Inject, wait for the deliveries, and measure; returns the run's figures."""
-    generator = Generator("127.0.0.1", server.port, sources=sources(GENERATOR_SOURCES), run_tag=run_tag)
+                py_spy: str | None, py_spy_gil: bool = False, http: tuple[int, str] | None = None) -> dict:
+    """Inject (over SMTP, or over HTTP when ``http`` is (port, token)), wait
+    for the deliveries, and measure; returns the run's figures."""
+    if http is None:
+        generator = Generator("127.0.0.1", server.port, sources=sources(GENERATOR_SOURCES),
+                              run_tag=run_tag)
+    else:
+        generator = HttpGenerator("127.0.0.1", http[0], http[1], run_tag=run_tag)
     total_messages = sum(s.messages for s in scenario.streams)
     progress = Progress(label, total_messages, sum(s.messages * s.recipients for s in scenario.streams))
     peak_pss = 0
@@ -187,25 +206,147 @@ async def drive(scenario: Scenario, server, farm: Farm, label: str, run_tag: str
     return figures
 
 
+async def drive_amqp(scenario: Scenario, server: Relay, farm: Farm, backlog: amqp_load.Backlog,
+                     label: str) -> dict:
+    """Start the relay on a full queue, time its consumption and the
+    deliveries; returns the run's figures (started: the consumption)."""
+    from relay.stats import ring
+
+    (stream,) = scenario.streams
+    total = stream.messages
+    progress = Progress(label, total, total * stream.recipients)
+    readers: list = []
+
+    def acked() -> int | None:
+        try:
+            if not readers:
+                readers.append(ring.Reader(ring.ring_path(os.path.join(server.directory, "run"))))
+            return ring.merge(readers[0].read())["counters"]["amqp_acked"]
+        except (OSError, ValueError):
+            readers.clear()  # not there yet
+            return None
+
+    loop = asyncio.get_running_loop()
+    cpu_sinks = procstat.cpu_seconds(farm.pid)
+    began = time.monotonic()
+    ready_at: list[float] = []
+
+    def start() -> None:
+        server.start()
+        ready_at.append(time.monotonic())
+
+    # The relay consumes as soon as a worker is up, before start() returns.
+    starting = loop.run_in_executor(None, start)
+    deadline = began + AMQP_START_LIMIT + scenario.time_limit
+    consumed = asyncio.ensure_future(amqp_load.wait_consumed(backlog, total, acked, deadline))
+    await asyncio.wait([starting, consumed], return_when=asyncio.FIRST_EXCEPTION)
+    if starting.done() and starting.exception() is not None:
+        consumed.cancel()
+        raise starting.exception()
+    start, spooled = await consumed
+    await starting
+    startup = ready_at[0] - began
+    peak_pss = server.pss_bytes()
+    drain_deadline = time.monotonic() + scenario.drain_limit
+    while farm.received() < total * stream.recipients and time.monotonic() < drain_deadline:
+        peak_pss = max(peak_pss, server.pss_bytes())
+        progress.update(acked() or 0, farm.received())
+        await asyncio.sleep(SAMPLE_INTERVAL)
+    progress.update(acked() or 0, farm.received(), force=True)
+    elapsed = time.monotonic() - began
+    for reader in readers:
+        reader.close()
+    sinks = farm.stats()
+    records = amqp_load.injections(stream, start, spooled)
+    figures = report.summarise(records, farm.receipts(), scenario.layout.group_of())
+    # Every record starts at the consumption's start: per-message latencies
+    # would be meaningless, so none are reported.
+    figures["inject_to_250_ms"] = report.percentiles([])
+    figures["inject_to_delivered_ms"] = report.percentiles([])
+    for found in figures["by_stream"].values():
+        found["inject_to_250_ms"] = found["inject_to_delivered_ms"] = report.percentiles([])
+    figures.update({
+        "elapsed_seconds": round(elapsed, 2),
+        "timed_out": int(farm.received() < total * stream.recipients or not spooled),
+        # Consumption overlaps the relay's startup: its CPU cannot be told
+        # apart from the startup's, so only the total is given.
+        "server_cpu_seconds_with_startup": round(server.cpu_seconds(), 2),
+        "cpu_seconds": {
+            "server": None,
+            "generator": 0.0,
+            "sampler": 0.0,
+            "sinks": round(procstat.cpu_seconds(farm.pid) - cpu_sinks, 2),
+        },
+        "sampled_peak_pss_bytes": peak_pss,
+        "peak_rss_bytes": sum(server.peak_rss()),
+        "peak_rss_per_worker_bytes": server.peak_rss(),
+        "outbound_connections": sinks.connections_opened,
+        "outbound_transactions": sinks.transactions,
+        "errors": {},
+        "startup_seconds": round(startup, 2),
+        # The same figures as injected_per_s and delivered_per_s, by the names
+        # this side measures them under.
+        "consumed_to_spooled_per_s": figures["injected_per_s"],
+        "consumed_to_delivered_per_s": figures["delivered_per_s"],
+    })
+    return figures
+
+
+def http_config(port: int) -> tuple[dict, str]:
+    """The ``[http]`` table on ``port`` with a new inject token, and that token."""
+    from relay.intake.http import tokens
+
+    token = tokens.new_token()
+    return {"address": f"127.0.0.1:{port}",
+            "tokens": [{"name": HTTP_TOKEN_NAME, "token_hash": tokens.hash_token(token),
+                        "scopes": ["inject"]}]}, token
+
+
+def wait_listening(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on HTTP port {port} after {timeout}s")
+            time.sleep(0.05)
+
+
 def run_once(scenario: Scenario, kind: str, args, workdir: str, index: int,
-             deferred_template: str | None) -> dict:
-    """One run of a scenario through one server (kind: relay or postfix)."""
+             deferred_template: str | None, intake: str = "smtp") -> dict:
+    """One run of a scenario through one server (kind: relay or postfix),
+    its mail taken in by ``intake`` (smtp, http or amqp; the last two: relay only)."""
     loadavg = os.getloadavg()[0]
+    if intake == "amqp":
+        return _run_amqp(scenario, args, workdir, index, loadavg)
     with Farm(scenario.layout) as farm:
         routes = scenario.layout.routes(farm.mx_port) if args.vs_postfix else None
+        http = None
         if kind == "postfix":
             server = Postfix(workdir, routes=routes,
                              concurrency=RELAY_CONNECTIONS_PER_DESTINATION * args.workers,
                              messages_per_connection=100)
         else:
-            server = Relay(workdir, workers=args.workers, deliver_to=farm.config_overrides(),
-                           routes=routes, overrides=scenario.relay_overrides, tree=args.relay_tree)
+            overrides = dict(scenario.relay_overrides)
+            if scenario.intake == "http":
+                # Both sides of http-inject serve HTTP: one config, two intakes.
+                http_port = free_port()
+                overrides["http"], token = http_config(http_port)
+                if intake == "http":
+                    http = (http_port, token)
+            server = Relay(workdir, workers=scenario.workers or args.workers,
+                           deliver_to=farm.config_overrides(), routes=routes, overrides=overrides,
+                           tree=args.relay_tree)
             if deferred_template:
                 deferred_spool.copy(deferred_template, server.spool_dir)
         began = time.monotonic()
         server.start()
         startup = time.monotonic() - began
         try:
+            if http is not None:
+                wait_listening(http[0])
             rss_idle = server.rss_bytes()
             spy = None
             if args.py_spy and kind == "relay" and index == 0:
@@ -213,9 +354,11 @@ def run_once(scenario: Scenario, kind: str, args, workdir: str, index: int,
                 mode = "gil" if args.py_spy_gil else "active"
                 spy = os.path.join(args.py_spy, f"{scenario.name}-{kind}-{mode}.txt")
             label = f"{kind}{'+deferred' if deferred_template else ''} #{index + 1}"
+            if scenario.intake:
+                label = f"{intake}/{scenario.streams[0].name} #{index + 1}"
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 figures = runner.run(drive(scenario, server, farm, label, f"{kind}{index}", spy,
-                                           args.py_spy_gil))
+                                           args.py_spy_gil, http))
         finally:
             server.stop()
         if deferred_template:
@@ -231,8 +374,47 @@ def run_once(scenario: Scenario, kind: str, args, workdir: str, index: int,
         return figures
 
 
+def _run_amqp(scenario: Scenario, args, workdir: str, index: int, loadavg: float) -> dict:
+    """The AMQP side: fill a queue of this run's own, start the relay on it, time it, delete it."""
+    (stream,) = scenario.streams
+    queue = f"relay-bench-{uuid.uuid4().hex[:12]}"
+    with Farm(scenario.layout) as farm, asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        backlog = runner.run(amqp_load.Backlog(queue).open())
+        server = None
+        try:
+            began = time.monotonic()
+            runner.run(backlog.fill(amqp_load.postmanq_bodies(stream, f"amqp{index}")))
+            published = time.monotonic() - began
+            overrides = {**scenario.relay_overrides,
+                         "amqp": {"consumer": [{"url": amqp_load.URL, "queue": queue}]}}
+            server = Relay(workdir, workers=scenario.workers or args.workers,
+                           deliver_to=farm.config_overrides(), overrides=overrides,
+                           tree=args.relay_tree)
+            try:
+                figures = runner.run(drive_amqp(scenario, server, farm, backlog, f"amqp/{stream.name} #{index + 1}"))
+            finally:
+                server.stop()
+        finally:
+            runner.run(backlog.delete())
+            runner.run(backlog.close())
+    figures.update({
+        "server": "relay",
+        "publish_seconds": round(published, 2),
+        "rss_after_start_bytes": None,
+        "loadavg_before": loadavg,
+        "profile": None,
+    })
+    return figures
+
+
 def variants(scenario: Scenario, args) -> list[tuple[str, str, bool]]:
     """(label, server kind, with the deferred spool) of each side to compare."""
+    if scenario.intake:
+        if args.vs_postfix:
+            print(f"--vs-postfix: not for {scenario.name} (it compares two intakes of the relay)",
+                  file=sys.stderr)
+        return [(f"{intake}/{stream.name}", "relay", False)
+                for stream in scenario.streams for intake in ("smtp", scenario.intake)]
     if scenario.deferred:
         if args.vs_postfix:
             print("--vs-postfix: not for deferred-1m (it compares the relay with itself)", file=sys.stderr)
@@ -245,6 +427,16 @@ def variants(scenario: Scenario, args) -> list[tuple[str, str, bool]]:
         else:
             sides.append(("postfix", "postfix", False))
     return sides
+
+
+def side(scenario: Scenario, label: str) -> tuple[Scenario, str]:
+    """The scenario a side runs and its intake: for http-inject and
+    amqp-intake, label ``<intake>/<stream>`` runs that stream alone."""
+    if not scenario.intake:
+        return scenario, "smtp"
+    intake, _, name = label.partition("/")
+    return dataclasses.replace(scenario, streams=tuple(
+        s for s in scenario.streams if s.name == name)), intake
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -275,6 +467,11 @@ def _terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+async def _check_broker() -> None:
+    connection = await amqp_load.connect()
+    await connection.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
@@ -285,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
         return idle.main(args)
     scenario = scenarios.build(args.scenario, args.quick)
     sides = variants(scenario, args)
+    if scenario.intake == "amqp":
+        try:
+            asyncio.run(_check_broker())
+        except amqp_load.Unreachable as exc:
+            print(f"{scenario.name}: {exc}", file=sys.stderr)
+            return 2
     print(f"scenario {scenario.name}{' (quick)' if args.quick else ''}: {scenario.description}",
           file=sys.stderr)
     top = tempfile.mkdtemp(prefix="relay-bench-")
@@ -300,9 +503,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  built in {time.monotonic() - began:.1f}s", file=sys.stderr)
         for index in range(args.runs):
             for label, kind, with_deferred in sides:
-                workdir = tempfile.mkdtemp(prefix=f"{label}-{index}-", dir=top)
-                runs[label].append(run_once(scenario, kind, args, workdir, index,
-                                            template if with_deferred else None))
+                workdir = tempfile.mkdtemp(prefix=f"{label.replace('/', '-')}-{index}-", dir=top)
+                mine, intake = side(scenario, label)
+                runs[label].append(run_once(mine, kind, args, workdir, index,
+                                            template if with_deferred else None, intake))
                 if not args.keep:
                     shutil.rmtree(workdir, ignore_errors=True)
     finally:
@@ -322,16 +526,27 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "median": medians,
     }
-    if len(sides) == 2:
+    pairs = []
+    if scenario.intake:  # HTTP or AMQP / SMTP, stream by stream
+        pairs = [(f"{scenario.intake}/{s.name}", f"smtp/{s.name}") for s in scenario.streams]
+    elif len(sides) == 2:
         first, second = (label for label, _, _ in sides)
         # relay/Postfix, or 1M-deferred/empty for deferred-1m
-        a, b = (first, second) if not scenario.deferred else (second, first)
-        result["ratio"] = {"of": f"{a}/{b}", **report.ratios(medians[a], medians[b])}
+        pairs = [(first, second) if not scenario.deferred else (second, first)]
+    # "http/batch-1 / smtp/batch-1": spaced when the labels have slashes of their own
+    slash = " / " if scenario.intake else "/"
+    found = [{"of": f"{a}{slash}{b}", **report.ratios(medians[a], medians[b])} for a, b in pairs]
+    if len(found) == 1:
+        result["ratio"] = found[0]
+    elif found:
+        result["ratios"] = found
     print(f"\n{scenario.name}{' (quick)' if args.quick else ''}: median of {args.runs} run(s)")
     print(report.table(columns))
-    if "ratio" in result:
-        print(f"\nratio {result['ratio']['of']}: " + ", ".join(
-            f"{k} {v}" for k, v in result["ratio"].items() if k != "of"))
+    if scenario.intake == "amqp":
+        print("\namqp: injected/s is consumed->spooled (first consumption to every message acked,"
+              " ring read every 0.25 s), delivered/s consumed->delivered; no per-message latencies")
+    for one in found:
+        print(f"\nratio {one['of']}: " + ", ".join(f"{k} {v}" for k, v in one.items() if k != "of"))
     if args.json:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=2)

@@ -201,12 +201,19 @@ class Messages:
 
     def build(self, n: int) -> tuple[bytes, bytes, int]:
         """(MAIL+RCPT+DATA commands, body ending in CRLF.CRLF, recipients)."""
-        rcpts = [f"r{n}.{j}@{self._domain()}" for j in range(self.stream.recipients)]
+        rcpts, message = self.message(n)
         commands = (
             f"MAIL FROM:<{SENDER}>\r\n"
             + "".join(f"RCPT TO:<{r}>\r\n" for r in rcpts)
             + "DATA\r\n"
         ).encode()
+        return commands, message + b".\r\n", len(rcpts)
+
+    def message(self, n: int) -> tuple[list[str], bytes]:
+        """(recipients, the RFC 5322 message ending in CRLF) of message ``n``:
+        what SMTP sends after DATA (no line starts with a dot), and what the
+        HTTP and AMQP generators send as the whole message."""
+        rcpts = [f"r{n}.{j}@{self._domain()}" for j in range(self.stream.recipients)]
         head = (
             f"From: Bench <{SENDER}>\r\nTo: <{rcpts[0]}>\r\n"
             f"Subject: perf {self.stream.name} {n}\r\n"
@@ -218,7 +225,7 @@ class Messages:
         body = self._fillers.get(size)
         if body is None:
             body = self._fillers[size] = filler(size)
-        return commands, head + body + b".\r\n", len(rcpts)
+        return rcpts, head + body
 
 
 def recipient_message(address: str) -> int:

@@ -64,6 +64,7 @@ def summarise(injections: list[Injection], receipts: list[tuple[float, tuple[str
         "inject_seconds": round(inject_seconds, 3),
         "deliver_seconds": round(deliver_seconds, 3),
         "injected_per_s": round(len(accepted) / inject_seconds, 1),
+        "injected_recipients_per_s": round(sum(i.recipients for i in accepted) / inject_seconds, 1),
         "delivered_per_s": round(len(first_delivery) / deliver_seconds, 1),
         "inject_to_250_ms": percentiles([i.finished - i.started for i in accepted]),
         "inject_to_delivered_ms": percentiles(delivered_latency[("all", "")]),
@@ -122,6 +123,8 @@ def ratios(first: dict, second: dict) -> dict:
     return {
         "delivered_per_s": ratio(first.get("delivered_per_s"), second.get("delivered_per_s")),
         "injected_per_s": ratio(first.get("injected_per_s"), second.get("injected_per_s")),
+        "injected_recipients_per_s": ratio(first.get("injected_recipients_per_s"),
+                                           second.get("injected_recipients_per_s")),
         "inject_to_250_p50": ratio(first["inject_to_250_ms"]["p50"], second["inject_to_250_ms"]["p50"]),
         "inject_to_250_p99": ratio(first["inject_to_250_ms"]["p99"], second["inject_to_250_ms"]["p99"]),
         "inject_to_delivered_p50": ratio(first["inject_to_delivered_ms"]["p50"],
@@ -153,6 +156,7 @@ ROWS = [
     ("delivered (recipients)", lambda r: _fmt(r["delivered"], digits=0)),
     ("duplicates", lambda r: _fmt(r["duplicates"], digits=0)),
     ("injected/s", lambda r: _fmt(r["injected_per_s"])),
+    ("accepted recipients/s", lambda r: _fmt(r["injected_recipients_per_s"])),
     ("delivered/s", lambda r: _fmt(r["delivered_per_s"])),
     ("inject->250 p50/p90/p99 ms", lambda r: "/".join(
         _ms(r["inject_to_250_ms"][p]) for p in ("p50", "p90", "p99"))),

@@ -29,6 +29,8 @@ class Scenario:
     drain_limit: float  # then seconds to wait for the last deliveries
     relay_overrides: dict = field(default_factory=dict)
     deferred: int = 0  # deferred-1m: messages already deferred in the spool
+    intake: str = ""  # http or amqp: run that intake against SMTP with the same messages
+    workers: int = 0  # relay workers when the scenario fixes them; 0 = --workers
 
 
 def _domains(farm: Layout) -> tuple[str, ...]:
@@ -121,6 +123,36 @@ def deferred_1m(quick: bool) -> Scenario:
     )
 
 
+def http_inject(quick: bool) -> Scenario:
+    # The delivery farm of transactional.  Two streams, run one at a time:
+    # 1 recipient per request and 100 per request, each against SMTP with
+    # the same messages (a 100-recipient message for a 100-recipient request).
+    farm = layout(domains=100, sites=20)
+    domains = _domains(farm)
+    return Scenario(
+        "http-inject", "POST /api/inject/v1 vs SMTP, the same messages (2 KB): 1 recipient per"
+        " request/message with 50 in flight, then 100 with 10 in flight; 100 domains on 20 MX hosts",
+        farm,
+        (Stream("batch-1", 1_000 if quick else 20_000, domains, concurrency=50),
+         Stream("batch-100", 50 if quick else 1_000, domains, recipients=100, concurrency=10)),
+        time_limit=30 if quick else 600, drain_limit=30 if quick else 300,
+        intake="http",
+    )
+
+
+def amqp_intake(quick: bool) -> Scenario:
+    farm = layout(domains=100, sites=20)
+    messages = 2_000 if quick else 20_000
+    return Scenario(
+        "amqp-intake", f"{messages:,} PostmanQ messages (1 rcpt, 2 KB) pre-published persistent,"
+        " consumed by 2 workers, vs SMTP with the same messages (50 connections)",
+        farm,
+        (Stream("transactional", messages, _domains(farm), concurrency=50),),
+        time_limit=30 if quick else 600, drain_limit=30 if quick else 120,
+        intake="amqp", workers=2,
+    )
+
+
 SCENARIOS = {
     "transactional": transactional,
     "bulk": bulk,
@@ -129,6 +161,8 @@ SCENARIOS = {
     "throttling": throttling,
     "large": large,
     "deferred-1m": deferred_1m,
+    "http-inject": http_inject,
+    "amqp-intake": amqp_intake,
 }
 
 # Not a Scenario: a flow of its own (perf.idle).
