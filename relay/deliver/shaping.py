@@ -30,10 +30,11 @@ holds its mail (not an attempt: the mail goes when the effect ends),
 ``bounce`` fails its queued mail.  They come from rules, from repeated
 connection failures, or from an operator, and can all be cancelled.
 
-Adaptive concurrency: a refused or timed-out connection, or a 421 before a
-transaction, halves the site's concurrency (not below 1); each delivered
-transaction adds 1/(10 x concurrency) back (one connection per ten
-windows), up to the limit.  ``consecutive_connection_failures`` failed opens in a row suspend
+Adaptive concurrency: a new site starts at a few connections and gains one
+per delivered transaction (slow start) up to its limit; a refused or
+timed-out connection, or a 421 before a transaction, halves it (not below
+1), and from then on it grows by one connection per ten windows of
+successes, so a receiver is rarely probed past what it refused.  ``consecutive_connection_failures`` failed opens in a row suspend
 the site for a hold that doubles on repeat (1 min, 2 min, ... 1 h).
 """
 
@@ -291,11 +292,15 @@ class Effects:
 
 
 class Concurrency:
-    """Adaptive concurrency of one site: AIMD between 1 and its limit."""
+    """Adaptive concurrency of one site, as TCP's congestion window: slow
+    start (one more connection per success) until the receiver first
+    pushes back, then halving on trouble and a careful probe upwards (one
+    more per PROBE_AFTER windows of successes), between 1 and the limit."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.value = float(limit)
+        self.threshold: float | None = None  # set by the first push-back
 
     @property
     def allowed(self) -> int:
@@ -307,10 +312,14 @@ class Concurrency:
 
     def decrease(self) -> None:
         self.value = max(1.0, self.value / 2)
+        self.threshold = self.value
 
     def increase(self) -> None:
-        # One more connection per PROBE_AFTER windows of successes: a
-        # receiver that refused the next connection is not asked again at
-        # once (each probe past its limit costs a 421).
-        self.value = min(float(self.limit), self.value + 1.0 / (PROBE_AFTER * max(self.value, 1.0)))
+        if self.threshold is None or self.value < self.threshold:
+            step = 1.0  # nothing refused yet (or below the last good level): grow fast
+        else:
+            # Past where the receiver pushed back: one more connection per
+            # PROBE_AFTER windows, so each probe beyond its limit is rare.
+            step = 1.0 / (PROBE_AFTER * max(self.value, 1.0))
+        self.value = min(float(self.limit), self.value + step)
 

@@ -136,21 +136,28 @@ def test_failed_opens_lower_concurrency_and_other_connections_keep_the_jobs():
 
 def test_successes_raise_concurrency_back_to_the_limit():
     clock = Clock()
-    s = scheduler(**{"example.net": {"connection_limit": 4}})
+    s = scheduler(**{"example.net": {"connection_limit": 8}})
     s.push(KEY, MX, "example.net", FakeJob("m0"), clock.now)
     sends = of(Send, open_all(s, clock, s.actions(clock.now)))
     site = s.sites[KEY]
-    site.concurrency.value = 1.0
+    assert site.concurrency.allowed == 5  # a new site starts at 5
+    for i in range(3):  # ... and gains one connection per success (slow start)
+        s.push(KEY, MX, "example.net", FakeJob(f"s{i}"), clock.now)
+        s.on_sent(sends[0].conn, sends[0].job, clock.now, [OK], True, None)
+        sends = of(Send, s.actions(clock.now)) or sends
+    assert site.concurrency.allowed == 8  # 5 + 3, the limit
+    site.concurrency.value = 2.0
+    site.concurrency.decrease()  # pushed back: 1, and careful from now on
     for i in range(9):  # one more connection takes ten windows of one: not yet
         s.push(KEY, MX, "example.net", FakeJob(f"n{i}"), clock.now)
         s.on_sent(sends[0].conn, sends[0].job, clock.now, [OK], True, None)
         sends = of(Send, s.actions(clock.now)) or sends
     assert site.concurrency.allowed == 1
-    for i in range(200):
+    for i in range(400):
         s.push(KEY, MX, "example.net", FakeJob(f"m{i}"), clock.now)
         s.on_sent(sends[0].conn, sends[0].job, clock.now, [OK], True, None)
         sends = of(Send, s.actions(clock.now)) or sends
-    assert site.concurrency.allowed == 4
+    assert site.concurrency.allowed == 8
 
 
 def test_last_connection_failing_defers_the_site_jobs():
