@@ -352,6 +352,9 @@ class Scheduler:
     def actions(self, now: float) -> list:
         out: list = [Close(conn) for conn in self._pending_close]
         self._pending_close = []
+        # Expired effects end here even for sites that have left (no jobs, no
+        # connections): otherwise their past expiry would be the next wake.
+        self.effects.all(now)
         wake = [self.effects.next_expiry()]
         for site in list(self.sites.values()):
             self._refresh(site, now)

@@ -418,3 +418,16 @@ def test_421_at_mail_after_n_messages_teaches_the_site_its_per_connection_limit(
         if sends:
             (send,) = sends
     assert Close(send.conn) in actions  # closed after 10, before the receiver's 421
+
+
+def test_an_effect_of_a_site_that_left_ends_and_is_not_the_next_wake():
+    clock = Clock()
+    s = scheduler(rules=[RULE])
+    s.effects.on_reply("gone.example", Reply(451, None, "rate limited", None), clock.now)
+    s.actions(clock.now)
+    assert s.next_wake() == clock.now + 600
+    clock.advance(601)
+    s.actions(clock.now)
+    assert s.next_wake() is None  # not a past time: the driver would spin
+    started, ended = s.effects.drain_changes()
+    assert len(started) == 1 and ended == started
