@@ -268,12 +268,11 @@ class Scheduler:
         self._release_bytes(conn_id)
         conn = self._conns.get(conn_id)
         site = conn.site if conn is not None else None
-        fired = None
-        for reply in replies:
-            if site is not None:
-                fired = self.effects.on_reply(site.name, reply, now) or fired
         if conn is None:
             return RECORD
+        fired = None
+        for reply in replies:
+            fired = self.effects.on_reply(site.name, reply, now) or fired
         conn.deliveries += 1
         if site_failure is not None:
             self._drop(conn)
