@@ -13,12 +13,15 @@ import collections
 import json
 import smtplib
 import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from amqp_support import URL, Broker, leftovers, postmanq
 from relay.route.shard import host_of, slot_of
-from support import Injector, deliver_relay, events, message_id_of, relayctl, tally, wait_for
+from support import (Injector, deliver_relay, events, free_port, message_id_of, relayctl, tally,
+                     wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +63,8 @@ def cluster(relay_factory, net, broker, tmp_path, amqp_intake: bool = True, star
             "cluster": {"hosts": HOSTS, "index": index, "amqp_url": URL, "queue_prefix": prefix},
             "shaping": {domain: dict(LIMITS) for domain in DOMAINS},
         }
+        if index == 0:
+            sections["stats"] = {"metrics_address": f"127.0.0.1:{free_port()}"}
         if amqp_intake:
             sections["amqp"] = {"consumer": [{"url": URL, "queue": broker.queue, "prefetch": 16}]}
         relay = relay_factory(workers=2, directory=directory, **{
@@ -122,6 +127,14 @@ def test_three_hosts_share_the_domains_and_their_limits(relay_factory, net, brok
     assert answer["published"] > 0 and answer["publish_failed"] == 0
     assert [q["consumers"] for q in answer["queues"]] == [1, 1, 1]
     assert all(q["messages"] == 0 for q in answer["queues"])
+    address = hosts[0].overrides["stats"]["metrics_address"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+        samples = {sample.name: sample.value
+                   for family in text_string_to_metric_families(response.read().decode())
+                   for sample in family.samples if not sample.labels}
+    assert samples["relay_cluster_published_total"] == answer["published"]
+    assert samples["relay_cluster_consumed_total"] == answer["consumed"] > 0
+    assert samples["relay_cluster_connected"] == 2 and samples["relay_cluster_queue_depth"] == 0
     text = relayctl(hosts[1], "cluster").stdout
     assert text.startswith("host 1 of 3") and f"{broker.prefix}.shard.1" in text
     for relay in hosts:
