@@ -3,7 +3,9 @@
 The slot is a stable hash (CRC-32, never Python's per-process ``hash()``)
 of the lower-cased A-label domain, modulo a fixed slot count that is
 recorded in every spool.  ``owner(slot) = slot % workers``, so one domain's
-mail, queues and limits live in exactly one worker.
+mail, queues and limits live in exactly one worker.  The key of an AMQP
+message (intake.amqp_message.payload_key) has an owner the same way: the
+worker that records, in one atomic step, which try of it is being spooled.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ def slot_of(domain: str) -> int:
 
 def owner_of(slot: int, workers: int) -> int:
     return slot % workers
+
+
+def key_owner(key: str, workers: int) -> int:
+    """The worker that records AMQP message ``key`` (stable across processes)."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % workers
 
 
 def recipient(address: str, index: int) -> Recipient:
