@@ -11,7 +11,11 @@ every spool database holding exactly the mail of its worker's slots.
    events of its domains: copied and committed there first, then deleted
    at the source.  A crash in between leaves a copy on both sides, and the
    next run's INSERT OR IGNORE makes the copy a no-op before the delete.
-3. Databases of workers that no longer exist are removed once empty.
+3. The records of AMQP message keys (spool.seen) move to their key's owner
+   (route.shard.key_owner) when the worker count changed since they were
+   placed, or when a relay that kept them with the consuming worker wrote
+   them: copied first, then deleted at the source, like mail.
+4. Databases of workers that no longer exist are removed once empty.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import os
 import re
 
 from relay.intake.policy import BadDomain, routing_domain
-from relay.route.shard import slot_of
+from relay.route.shard import key_owner, slot_of
 from relay.spool.format import MessageState
 from relay.spool.schema import reporting
 from relay.spool.store import connect, spool_path
@@ -53,6 +57,7 @@ def recover(spool_dir: str, workers: int) -> dict[str, int]:
         for worker, path in sorted(paths.items()):
             conns[worker] = connect(path)  # a damaged or newer file: SpoolError naming it
             conns[worker].create_function("address_slot", 1, _address_slot, deterministic=True)
+            conns[worker].create_function("key_owner", 2, key_owner, deterministic=True)
         _settle_held(conns, paths, counts)
         # Re-homing reads every row: only when the worker count changed.
         recorded = {}
@@ -65,6 +70,17 @@ def recover(spool_dir: str, workers: int) -> dict[str, int]:
                     _rehome(source, conn, conns, workers, counts)
             for conn in conns.values():
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('workers', ?)", (str(workers),))
+        placed = {}
+        for worker, conn in conns.items():
+            with reporting(paths[worker]):
+                placed[worker] = _recorded_workers(conn, KEYS_PLACED_FOR)
+        if any(count != workers for count in placed.values()):
+            for source, conn in conns.items():
+                with reporting(paths[source]):
+                    _rehome_keys(source, conn, conns, workers)
+            for conn in conns.values():
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                             (KEYS_PLACED_FOR, str(workers)))
     finally:
         for conn in conns.values():
             conn.close()
@@ -80,8 +96,12 @@ def recover(spool_dir: str, workers: int) -> dict[str, int]:
     return counts
 
 
-def _recorded_workers(conn) -> int | None:
-    row = conn.execute("SELECT value FROM meta WHERE key = 'workers'").fetchone()
+# The worker count the AMQP key records of a spool were placed for.
+KEYS_PLACED_FOR = "amqp_key_workers"
+
+
+def _recorded_workers(conn, key: str = "workers") -> int | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return int(row[0]) if row else None
 
 
@@ -187,6 +207,27 @@ def _rehome(source: int, conn, conns: dict, workers: int, counts: dict[str, int]
         conn.execute("COMMIT")
         counts["moved"] += max(moved, 0)
         log.info("spool: re-homed %d recipients from worker %d to %d", moved, source, target)
+
+
+def _rehome_keys(source: int, conn, conns: dict, workers: int) -> None:
+    targets = {row[0] for row in conn.execute(
+        "SELECT DISTINCT key_owner(key, ?) FROM amqp_intake", (workers,))}
+    for target in targets - {source}:
+        dest = conns[target]
+        dest.execute("ATTACH DATABASE ? AS src", (conn_path(conn),))
+        try:
+            dest.execute("BEGIN IMMEDIATE")
+            # A key in both (two tries stored by a relay before keys had
+            # owners): the owner's record stays.
+            moved = dest.execute(
+                "INSERT OR IGNORE INTO main.amqp_intake SELECT * FROM src.amqp_intake"
+                " WHERE key_owner(key, ?) = ?", (workers, target)).rowcount
+            dest.execute("COMMIT")
+        finally:
+            dest.execute("DETACH DATABASE src")
+        conn.execute("DELETE FROM amqp_intake WHERE key_owner(key, ?) = ?", (workers, target))
+        log.info("spool: moved %d AMQP key records from worker %d to %d", max(moved, 0),
+                 source, target)
 
 
 def conn_path(conn) -> str:
