@@ -104,6 +104,29 @@ def test_postmanq_messages_are_all_delivered_once(relay_factory, net, broker):
     relay.stop()
 
 
+def test_copies_published_together_are_stored_once_by_two_workers(relay_factory, net, broker):
+    # Each message published twice in a row, with its message_id (what makes
+    # two publications one message): the broker hands the two copies to the
+    # two workers' consumers at about the same time.
+    def relay_format(seq):
+        return orjson.dumps({"sender": "app@sender.example",
+                             "recipients": [f"r{seq}@{DOMAINS[seq % len(DOMAINS)]}"],
+                             "body": body(seq), "message_id": f"m{seq}"})
+
+    broker.publish([relay_format(seq) for seq in range(300) for _ in range(2)])
+    relay = amqp_relay(relay_factory, net, broker, workers=2, prefetch=16, format="relay")
+    wait_delivered(net, set(range(300)), timeout=90)
+    # A copy nacked while its twin was being spooled comes back ~1 s later.
+    wait_for(lambda: stats(relay)["counters"]["amqp_acked"] == 600, 30, "every copy acked")
+    counters = stats(relay)["counters"]
+    print(f"copies taken while their twin was being spooled: {counters['amqp_nacked']}")
+    assert counters["accepted_messages"] == 300 and counters["amqp_duplicates"] == 300
+    time.sleep(1)  # a second copy stored would be delivered by now
+    assert report_duplicates(net, "every message published twice") == 0
+    assert max(collections.Counter(sequence_numbers(net.farm.received)).values()) == 1
+    relay.stop()
+
+
 def test_malformed_messages_land_in_failure_technical_with_an_error(relay_factory, net, broker):
     bad = [
         b"{not json",
@@ -159,14 +182,10 @@ def test_consumers_resume_after_the_broker_cut_their_connections(relay_factory, 
     print(f"messages left in the queue at the cut: {left}")
     assert left > 0  # the cut landed mid-consumption
     wait_delivered(net, set(range(6000)), timeout=120)  # nothing lost
-    # Nothing was killed, so every redelivery after the cut should be
-    # recognised.  Known race, not fixed yet: a copy redelivered to the other
-    # worker while the first try is still looking its key up is stored too
-    # (each worker records keys in its own spool; the fix is one key owner
-    # per key, through the peer sockets).  Only the messages unacked at the
-    # cut can be redelivered: prefetch 16 per worker bounds the copies.
-    twice = report_duplicates(net, "connections closed by the broker")
-    assert twice <= 2 * 16
+    # Nothing was killed: every redelivery after the cut is recognised by
+    # its key, even one that reached the other worker while the first try
+    # was still under way (the key's owner records one try only).
+    assert report_duplicates(net, "connections closed by the broker") == 0
     relay.wait_log("reconnected, consuming again", count=2)
     # rabbitmqctl takes a second or two per call: the queue is long enough
     # for the cut to land mid-consumption (checked above).
@@ -207,9 +226,9 @@ def test_quorum_queues_and_the_relay_format(relay_factory, net):
             "body_base64": base64.b64encode(body(seq).encode()).decode(), "message_id": f"m{seq}",
         }) for seq in range(10)]
         broker.publish(relay_format + [relay_format[3], b'{"sender": "a@x.example"}'])
-        # One worker: two copies consumed at once by two workers may both be
-        # stored (see intake.amqp); redeliveries are what the key is for.
-        relay = amqp_relay(relay_factory, net, broker, workers=1, queue_type="quorum",
+        # Two workers: the two copies of message 3 may be taken at once, one
+        # by each; the key's owner lets one of them only be stored.
+        relay = amqp_relay(relay_factory, net, broker, workers=2, queue_type="quorum",
                            format="relay")
         wait_delivered(net, set(range(10)), timeout=30)
         failure = f"{broker.queue}.failure.technical"
