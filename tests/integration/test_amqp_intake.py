@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from amqp_support import URL, Broker, leftovers, postmanq, sequence_numbers
+from relay.testing.fakenet import Behaviour
 from support import deliver_relay, free_port, inject, relayctl, wait_for
 
 DOMAINS = [f"d{i}.example" for i in range(6)]
@@ -193,6 +194,67 @@ def test_consumers_resume_after_the_broker_cut_their_connections(relay_factory, 
     broker.publish(messages(20, start=5000))
     wait_delivered(net, set(range(5000, 5020)), timeout=30)
     wait_for(lambda: broker.count(broker.queue) == 0, 20, "the queue drained")
+    relay.stop()
+
+
+def test_a_broker_restart_mid_run_loses_nothing_and_consumers_and_feeds_resume(
+        relay_factory, net, broker):
+    """``rabbitmqctl stop_app`` / ``start_app`` while both workers consume
+    and both feeds publish.  This stops the broker of the whole machine:
+    kept to a few seconds."""
+    count = 6000
+    events = f"{broker.prefix}.events"
+    broker.declare_exchange(events, "topic")
+    broker.bind_queue(f"{events}.all", events, "#")  # durable, like every queue here
+    net.add_domain(DOMAINS[0], ["127.0.0.10"],
+                   behaviour=Behaviour(rules={r"^nobody": "550 5.1.1 No such user"}))
+    for index, domain in enumerate(DOMAINS[1:], start=1):
+        net.add_domain(domain, [f"127.0.0.{10 + index}"])
+
+    def bounced(n: int) -> bytes:
+        return postmanq("app@sender.example", f"nobody{n}@{DOMAINS[0]}", body(90000 + n))
+
+    broker.publish([bounced(0)] + messages(count))
+    relay = deliver_relay(relay_factory, net, workers=2, intake={"min_free_space": 0}, amqp={
+        "consumer": [{"url": URL, "queue": broker.queue, "prefetch": 16}],
+        "events": {"url": URL, "exchange": events},
+    })
+    failures = f"{broker.queue}.failure.recipient"
+    # Both feeds are connected (a feed connects when it first has something
+    # to publish) and consumption is under way.
+    wait_for(lambda: broker.count(failures) == 1, 30, "the first bounce in failure.recipient")
+    wait_for(lambda: broker.count(f"{events}.all") >= 30, 30, "events flowing")
+    wait_for(lambda: broker.count(broker.queue) <= count - 1000, 60, "consumption under way")
+    before = stats(relay)["counters"]
+    down = broker.restart(down_for=2.0)
+    left = broker.count(broker.queue)
+    print(f"broker not serving for {down:.1f}s; messages in the queue after the restart: {left}")
+    assert left > 0  # the restart landed mid-consumption: consumers must come back for these
+    assert down < 30
+    # Consumers come back within a bounded wait (robust connection, every 2 s).
+    relay.wait_log("reconnected, consuming again", count=2, timeout=60)
+    wait_for(lambda: stats(relay)["gauges"]["amqp_connected"] == 2, 30, "both consumers back")
+    wait_delivered(net, set(range(count)), timeout=180)  # nothing lost
+    # Nothing was killed: every redelivery is recognised by its key.
+    assert report_duplicates(net, "broker stopped and started") == 0
+    counters = stats(relay)["counters"]
+    print(f"consumed {counters['amqp_consumed'] - before['amqp_consumed']} after the stop, "
+          f"{counters['amqp_duplicates']} redeliveries acked as already spooled")
+    wait_for(lambda: broker.count(broker.queue) == 0, 30, "the queue drained")
+    # The failure feed resumes: a bounce after the restart is published.
+    broker.publish([bounced(1)])
+    wait_for(lambda: broker.count(failures) == 2, 60, "the second bounce in failure.recipient")
+    assert sorted(f["recipient"] for f in broker.drain(failures)) == [
+        f"nobody0@{DOMAINS[0]}", f"nobody1@{DOMAINS[0]}"]
+    # The events feed resumes and loses nothing (at-least-once: a publish
+    # confirmed but cut before its cursor moved goes out again).
+    wait_for(lambda: stats(relay)["gauges"]["feed_lag_events"] == 0, 60, "the events feed caught up")
+    records = [r for r in broker.drain(f"{events}.all") if r["outcome"] == "delivered"]
+    recipients = collections.Counter(r["recipient"] for r in records)
+    expected = {f"r{seq}@{DOMAINS[seq % len(DOMAINS)]}" for seq in range(count)}
+    assert set(recipients) >= expected  # none lost
+    print(f"events feed across the restart: {len(records)} records for {len(recipients)} "
+          f"deliveries, {sum(n - 1 for n in recipients.values())} published twice")
     relay.stop()
 
 
