@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import functools
 import logging
 import re
 import time
@@ -88,9 +89,15 @@ def not_send_name(name: str) -> str:
     return f"{name}.not.send"
 
 
+@functools.lru_cache(maxsize=4)
+def _date(second: int) -> str:
+    # Once a second, not once a message: formatdate showed in the profile.
+    return email.utils.formatdate(second, localtime=True)
+
+
 def received_line(queue: str, hostname: str, queue_id: str, when: float) -> bytes:
     """``Received: from amqp queue Q by HOST (relay) with AMQP id QID; date``."""
-    date = email.utils.formatdate(when, localtime=True)
+    date = _date(int(when))
     return (f"Received: from amqp queue {_UNSAFE.sub('?', queue)[:200]}\r\n"
             f"\tby {hostname} (relay) with AMQP id {queue_id};\r\n\t{date}\r\n").encode(
                 "ascii", "replace")
