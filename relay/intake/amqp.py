@@ -33,8 +33,8 @@ see it again shortly; held by a worker that died before committing -> the
 key is taken over and the copy stored.  Within a worker a set of keys being
 taken spares a copy the round trip.
 
-The connection is aio-pika's robust connection: after a loss it reconnects
-every ``RECONNECT_INTERVAL`` and restores channel, qos, declarations and
+The connection is relay.broker's: aio-pika's robust connection, which
+after a loss reconnects and restores channel, qos, declarations and
 consumers; the first connection is retried with exponential backoff.  SMTP
 intake is unaffected meanwhile.
 """
@@ -53,6 +53,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
+from relay.broker import BrokerLink
 from relay.errors import RelayError
 from relay.intake import amqp_message
 from relay.intake.handler import IntakeState, wants_trace
@@ -60,17 +61,11 @@ from relay.model import Transaction
 
 log = logging.getLogger("relay.amqp")
 
-# Quiet aio-pika's and aiormq's per-reconnect tracebacks; we log the state.
-logging.getLogger("aio_pika").setLevel(logging.CRITICAL)
-logging.getLogger("aiormq").setLevel(logging.CRITICAL)
-
 # What spool.seen.IntakeIndex.claim says of a key held by another try
 # (intake may not import spool).
 COMMITTED = "committed"
 
 NACK_DELAY = 1.0  # seconds before a message we could not store goes back to the queue
-RECONNECT_INTERVAL = 2.0  # seconds between reconnection attempts of the robust connection
-FIRST_CONNECT_BACKOFF = (0.5, 30.0)  # first connection: initial and largest delay
 FAILURE_CLASSES = ("recipient", "technical", "connection", "unknown")
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
@@ -151,13 +146,11 @@ class Consumer:
         # or (COMMITTED | IN_FLIGHT, queue id) of the try that does  (Router.claim_key)
         self.claim = claim
         self.forget = forget  # async (key, queue_id)  (Router.forget_key)
-        self.connection = None
-        self.connected = False
+        self.link: BrokerLink | None = None
         self.in_flight = 0
         self._consumer_tag = None
         self._queue = None
         self._failures: dict = {}
-        self._stopping = False
         self.counts: collections.Counter[str] = collections.Counter()  # this consumer's own
         self._settling: set[asyncio.Task] = set()
 
@@ -181,57 +174,29 @@ class Consumer:
 
     async def run(self) -> None:
         """Connect (with backoff until the broker answers), declare, consume."""
-        delay, largest = FIRST_CONNECT_BACKOFF
-        url = self.settings.url
-        while not self._stopping:
-            try:
-                self.connection = await aio_pika.connect_robust(
-                    url, reconnect_interval=RECONNECT_INTERVAL,
-                    client_properties={"connection_name":
-                                       f"relay worker {self.state.worker} {self.settings.queue}"},
-                )
-                channel = await self.connection.channel(publisher_confirms=True,
-                                                        on_return_raises=True)
-                await channel.set_qos(prefetch_count=self.settings.prefetch)
-                self._queue, self._failures = await declare_topology(channel, self.settings)
-                self._consumer_tag = await self._queue.consume(self._on_message)
-                break
-            except (aiormq.exceptions.AMQPError, OSError, ConnectionError,
-                    asyncio.TimeoutError) as exc:
-                log.warning("amqp %s: cannot consume (%s); retrying in %.1fs",
-                            self.settings.queue, exc or type(exc).__name__, delay)
-                await self._close_connection()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, largest)
-        if self.connection is None or self._stopping:
-            return
-        self.connected = True
-        self.connection.close_callbacks.add(self._on_lost)
-        self.connection.reconnect_callbacks.add(self._on_reconnected)
-        log.info("amqp: worker %d consuming %s (prefetch %d)", self.state.worker,
-                 self.settings.queue, self.settings.prefetch)
+        self.link = BrokerLink(self.settings.url,
+                               f"relay worker {self.state.worker} {self.settings.queue}",
+                               f"amqp {self.settings.queue}", cannot="cannot consume",
+                               restored="reconnected, consuming again")
+        if await self.link.open(self._consume):
+            log.info("amqp: worker %d consuming %s (prefetch %d)", self.state.worker,
+                     self.settings.queue, self.settings.prefetch)
 
-    def _on_lost(self, *args) -> None:
-        if self.connected and not self._stopping:
-            log.warning("amqp %s: connection lost; reconnecting", self.settings.queue)
-        self.connected = False
+    async def _consume(self, connection) -> None:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await channel.set_qos(prefetch_count=self.settings.prefetch)
+        self._queue, self._failures = await declare_topology(channel, self.settings)
+        self._consumer_tag = await self._queue.consume(self._on_message)
 
-    def _on_reconnected(self, *args) -> None:
-        self.connected = True
-        log.info("amqp %s: reconnected, consuming again", self.settings.queue)
-
-    async def _close_connection(self) -> None:
-        connection, self.connection = self.connection, None
-        if connection is not None:
-            try:
-                await connection.close()
-            except Exception:  # closing a half-open connection: nothing to keep
-                pass
+    @property
+    def connected(self) -> bool:
+        return self.link is not None and self.link.connected
 
     async def stop(self, timeout: float) -> None:
         """Drain: take no more messages, let those in hand finish, close.
         Whatever is not acked by then goes back to the queue."""
-        self._stopping = True
+        if self.link is not None:
+            self.link.closing = True  # a first connection still being tried gives up
         if self._queue is not None and self._consumer_tag is not None:
             try:
                 await asyncio.wait_for(self._queue.cancel(self._consumer_tag), timeout=2)
@@ -240,7 +205,8 @@ class Consumer:
         deadline = time.monotonic() + timeout
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        await self._close_connection()
+        if self.link is not None:
+            await self.link.close()
 
     # -- one message ---------------------------------------------------------
 

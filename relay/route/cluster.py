@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import re
 import struct
 import time
 
@@ -45,6 +44,7 @@ import aio_pika
 import aiormq
 import orjson
 
+from relay.broker import BrokerLink
 from relay.errors import CorruptEntry, OwnerUnavailable, RelayError
 from relay.model import Part, Transaction
 from relay.route.forward import envelope_of, part_from
@@ -54,8 +54,6 @@ log = logging.getLogger("relay.cluster")
 HEADER = struct.Struct("!I")
 PUBLISH_TIMEOUT = 10.0  # a publish not confirmed by then is a failure (451)
 NACK_DELAY = 1.0  # seconds before a part we could not store goes back to the queue
-RECONNECT_INTERVAL = 2.0
-FIRST_CONNECT_BACKOFF = (0.5, 30.0)
 DEPTH_INTERVAL = 5.0  # how often worker 0 reads its shard queue's depth (for /metrics)
 CONSUMER = 0  # the worker that consumes this host's shard queue
 
@@ -85,10 +83,6 @@ def decode(data: bytes) -> tuple[Part, int]:
     return part_from(header, data[HEADER.size + length:]), header["origin"]
 
 
-def _without_password(url: str) -> str:
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
-
-
 class ClusterLink:
     """One worker's side of the cluster."""
 
@@ -100,9 +94,8 @@ class ClusterLink:
         self.committed = committed  # async (queue id) -> bool: spool.known.Parts.committed
         self.counters = counters  # the worker's stats counters (cluster_*)
         self.counts: collections.Counter[str] = collections.Counter()
-        self.connection = None
-        self.connected = False
-        self.last_error = ""
+        self.link: BrokerLink | None = None
+        self._error = ""  # the last publish or store that failed (the link has its own)
         self.depth: int | None = None  # this host's shard queue (worker 0 reads it)
         self.consumers_seen: int | None = None
         self._channel = None
@@ -113,7 +106,6 @@ class ClusterLink:
         self._settling: set[asyncio.Task] = set()
         self._tasks: list[asyncio.Task] = []
         self._ready = asyncio.Event()
-        self._stopping = False
         self.in_flight = 0
 
     def queue_of(self, host: int) -> str:
@@ -131,44 +123,38 @@ class ClusterLink:
         self._tasks.append(asyncio.create_task(self._run(), name="cluster"))
 
     async def _run(self) -> None:
-        delay, largest = FIRST_CONNECT_BACKOFF
-        while not self._stopping:
-            try:
-                self.connection = await aio_pika.connect_robust(
-                    self.settings.amqp_url, reconnect_interval=RECONNECT_INTERVAL,
-                    client_properties={"connection_name":
-                                       f"relay host {self.settings.index} worker {self.worker}"})
-                self._channel = await self.connection.channel(publisher_confirms=True,
-                                                              on_return_raises=True)
-                arguments = {"x-queue-type": self.settings.queue_type}
-                for host in range(self.settings.hosts):
-                    await self._channel.declare_queue(self.queue_of(host), durable=True,
-                                                      arguments=arguments)
-                if self.worker == CONSUMER:
-                    await self._consume(arguments)
-                break
-            except (aiormq.exceptions.AMQPError, OSError, ConnectionError,
-                    asyncio.TimeoutError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
-                log.warning("cluster: no broker at %s (%s); retrying in %.1fs",
-                            _without_password(self.settings.amqp_url), self.last_error, delay)
-                await self._close_connection()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, largest)
-        if self.connection is None or self._stopping:
+        self.link = BrokerLink(self.settings.amqp_url,
+                               f"relay host {self.settings.index} worker {self.worker}",
+                               "cluster", on_change=self._connection_changed)
+        if not await self.link.open(self._setup):
             return
-        self.connected = True
-        self._ready.set()
-        self.connection.close_callbacks.add(self._on_lost)
-        self.connection.reconnect_callbacks.add(self._on_reconnected)
         log.info("cluster: host %d of %d, worker %d connected%s", self.settings.index,
                  self.settings.hosts, self.worker,
                  f", consuming {self.own_queue}" if self.worker == CONSUMER else "")
         if self.worker == CONSUMER:
             await self._watch_depth()
 
-    async def _consume(self, arguments: dict) -> None:
-        consuming = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+    async def _setup(self, connection) -> None:
+        self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        arguments = {"x-queue-type": self.settings.queue_type}
+        for host in range(self.settings.hosts):
+            await self._channel.declare_queue(self.queue_of(host), durable=True, arguments=arguments)
+        if self.worker == CONSUMER:
+            await self._consume(connection, arguments)
+
+    def _connection_changed(self, connected: bool) -> None:
+        (self._ready.set if connected else self._ready.clear)()
+
+    @property
+    def connected(self) -> bool:
+        return self.link is not None and self.link.connected
+
+    @property
+    def last_error(self) -> str:
+        return self._error or (self.link.last_error if self.link is not None else "")
+
+    async def _consume(self, connection, arguments: dict) -> None:
+        consuming = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await consuming.set_qos(prefetch_count=self.settings.prefetch)
         self._queue = await consuming.declare_queue(self.own_queue, durable=True,
                                                     arguments=arguments)
@@ -177,25 +163,13 @@ class ClusterLink:
         self._bad = (consuming, bad)
         self._consumer_tag = await self._queue.consume(self._on_message)
 
-    def _on_lost(self, *args) -> None:
-        if self.connected and not self._stopping:
-            log.warning("cluster: broker connection lost; reconnecting")
-            self.last_error = "connection lost"
-        self.connected = False
-        self._ready.clear()
-
-    def _on_reconnected(self, *args) -> None:
-        self.connected = True
-        self._ready.set()
-        log.info("cluster: reconnected")
-
     async def _watch_depth(self) -> None:
-        while not self._stopping:
+        while True:  # until close() cancels it
             try:
                 if self.connected:
                     self.depth, self.consumers_seen = await self._inspect(self.own_queue)
             except Exception as exc:  # the channel is being restored: read it next time
-                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                self._error = f"{type(exc).__name__}: {exc}"[:300]
             await asyncio.sleep(DEPTH_INTERVAL)
 
     async def _inspect(self, name: str) -> tuple[int, int]:
@@ -224,7 +198,7 @@ class ClusterLink:
                 asyncio.TimeoutError, ConnectionError, OSError, RuntimeError, AttributeError) as exc:
             # AttributeError: no channel yet (never connected).
             self.count("publish_failed")
-            self.last_error = f"publish to {self.queue_of(host)}: {type(exc).__name__}: {exc}"[:300]
+            self._error = f"publish to {self.queue_of(host)}: {type(exc).__name__}: {exc}"[:300]
             raise OwnerUnavailable(f"host {host}'s shard queue did not confirm the part") from None
         self.count("published")
 
@@ -273,7 +247,7 @@ class ClusterLink:
             self.count("consumed")
             return True
         except RelayError as exc:
-            self.last_error = f"storing {queue_id}: {exc}"[:300]
+            self._error = f"storing {queue_id}: {exc}"[:300]
             log.warning("cluster: %s from host %d not stored (%s); handed back", queue_id, origin, exc)
             return False
         finally:
@@ -341,16 +315,7 @@ class ClusterLink:
             await asyncio.sleep(0.02)
 
     async def close(self) -> None:
-        self._stopping = True
         for task in self._tasks:
             task.cancel()
-        await self._close_connection()
-
-    async def _close_connection(self) -> None:
-        connection, self.connection = self.connection, None
-        self.connected = False
-        if connection is not None:
-            try:
-                await connection.close()
-            except Exception:  # closing a half-open connection: nothing to keep
-                pass
+        if self.link is not None:
+            await self.link.close()

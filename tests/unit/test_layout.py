@@ -25,6 +25,8 @@ for rank, names in enumerate(
         # Every stage writes its figures into the stats ring (only cli reads
         # them), so the ring's layout sits below the stages, not after them.
         ("stats",),
+        # The connection to RabbitMQ that AMQP intake and the cluster share.
+        ("broker",),
         ("_ref", "_fast", "accel"),
         ("intake",),
         ("dkim",),
