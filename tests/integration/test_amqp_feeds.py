@@ -8,19 +8,10 @@ import json
 
 import pytest
 
-from amqp_support import URL, Broker, leftovers, postmanq
+from amqp_support import URL, postmanq
 from relay.testing.fakenet import Behaviour
 from support import deliver_relay, free_port, relayctl, wait_for
 from support import events as log_events
-
-
-@pytest.fixture
-def broker():
-    broker = Broker()
-    broker.declare()
-    yield broker
-    broker.cleanup()
-    assert leftovers(broker.prefix) == []
 
 
 @pytest.fixture

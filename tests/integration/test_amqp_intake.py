@@ -22,15 +22,6 @@ DOMAINS = [f"d{i}.example" for i in range(6)]
 
 
 @pytest.fixture
-def broker():
-    broker = Broker()
-    broker.declare()
-    yield broker
-    broker.cleanup()
-    assert leftovers(broker.prefix) == []
-
-
-@pytest.fixture
 def relay_factory(broker, relay_factory):
     """The relays of a test stop before its broker fixture deletes the
     queues (set up after ``broker``, torn down before it): a relay still

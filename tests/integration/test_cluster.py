@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from amqp_support import URL, Broker, leftovers, postmanq
+from amqp_support import URL, postmanq
 from relay.route.shard import host_of, slot_of
 from support import (Injector, deliver_relay, events, free_port, message_id_of, relayctl, tally,
                      wait_for)
@@ -28,15 +28,6 @@ pytestmark = pytest.mark.slow
 HOSTS = 3
 DOMAINS = [f"c{i}.example" for i in range(30)]
 LIMITS = {"connection_limit": 2, "max_message_rate": "40/s"}
-
-
-@pytest.fixture
-def broker():
-    broker = Broker()
-    broker.declare()
-    yield broker
-    broker.cleanup()
-    assert leftovers(broker.prefix) == []
 
 
 @pytest.fixture
