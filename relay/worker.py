@@ -37,7 +37,6 @@ from relay.model import Transaction
 from relay.ops import admin_http
 from relay.route.cluster import ClusterLink
 from relay.route.forward import Router
-from relay.spool.known import Parts
 from relay.spool.seen import IntakeIndex
 from relay.spool.store import Spool
 from relay.stats import ring
@@ -91,11 +90,10 @@ class Worker:
         self.intake = IntakeState(
             settings, self.index, self.accept, server_tls_context(settings.tls), clients
         )
-        self.cluster = self.known = None
+        self.cluster = None
         if settings.cluster.hosts > 1:  # [cluster]: other hosts' parts through the broker
-            self.known = Parts(settings.relay.spool_dir)
             self.cluster = ClusterLink(settings, self.index, self.router.submit_here,
-                                       self.known.committed, self.intake.counters)
+                                       self.seen.committed, self.intake.counters)
             self.router.publish = self.cluster.publish
             self.cluster.start()
         self.amqp = AmqpIntake(settings, self.intake, self.spool, self.router)
@@ -135,7 +133,6 @@ class Worker:
         await self.router.close()
         if self.cluster is not None:
             await self.cluster.close()
-            self.known.close()
         self.seen.close()
         await self.spool.close()
         log.info("worker %d stopped", self.index)

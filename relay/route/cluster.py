@@ -21,7 +21,7 @@ duplicate here.
 Worker 0 alone consumes this host's shard queue: a redelivered part (our
 ack was lost with the connection, or worker 0 died) then always comes
 back to the process that took the first copy, where the check "already
-committed on this host?" (spool.known) and the record of the parts being
+committed on this host?" (spool.seen) and the record of the parts being
 stored (``_taking``) are one step, so a part whose first try committed is
 acked, not stored again.  Parts still go to every worker of this host
 through the peer sockets; only the taking is in one process.
@@ -91,7 +91,7 @@ class ClusterLink:
         self.worker = worker
         # async (Transaction, [Recipient]) -> None: route.forward.Router.submit_here
         self.submit_here = submit_here
-        self.committed = committed  # async (queue id) -> bool: spool.known.Parts.committed
+        self.committed = committed  # async (queue id) -> bool: spool.seen.IntakeIndex.committed
         self.counters = counters  # the worker's stats counters (cluster_*)
         self.counts: collections.Counter[str] = collections.Counter()
         self.link: BrokerLink | None = None

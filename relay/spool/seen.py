@@ -147,6 +147,11 @@ class IntakeIndex:
             replacing = held_as  # its worker died before the parts committed
         return IN_FLIGHT, held_as
 
+    async def committed(self, queue_id: str) -> bool:
+        """Whether a message is committed in some spool of this host (the
+        cluster's shard consumer asks before storing a redelivered part)."""
+        return await self._run(self._committed, queue_id)
+
     async def forget(self, queue_id: str) -> None:
         """As the key's owner: a try that failed gives its key back."""
         await self.spool.forget_intake(queue_id)
