@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Awaitable, Callable
 
 import aio_pika
@@ -99,3 +100,17 @@ class BrokerLink:
                 await connection.close()
             except Exception:  # closing a half-open connection: nothing to keep
                 pass
+
+
+async def stop_consuming(queue, consumer_tag, busy: Callable[[], int], timeout: float) -> None:
+    """Take no more messages from ``queue`` and let those in hand finish:
+    wait while ``busy()`` within ``timeout`` (what is not acked by then
+    goes back to the queue when the connection closes)."""
+    if queue is not None and consumer_tag is not None:
+        try:
+            await asyncio.wait_for(queue.cancel(consumer_tag), timeout=2)
+        except Exception:  # the broker is gone: nothing more will come anyway
+            pass
+    deadline = time.monotonic() + timeout
+    while busy() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)

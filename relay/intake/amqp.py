@@ -53,7 +53,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
-from relay.broker import BrokerLink
+from relay.broker import BrokerLink, stop_consuming
 from relay.errors import RelayError
 from relay.intake import amqp_message
 from relay.intake.handler import IntakeState, wants_trace
@@ -197,14 +197,7 @@ class Consumer:
         Whatever is not acked by then goes back to the queue."""
         if self.link is not None:
             self.link.closing = True  # a first connection still being tried gives up
-        if self._queue is not None and self._consumer_tag is not None:
-            try:
-                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), timeout=2)
-            except Exception:  # the broker is gone: nothing more will come anyway
-                pass
-        deadline = time.monotonic() + timeout
-        while self.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await stop_consuming(self._queue, self._consumer_tag, lambda: self.in_flight, timeout)
         if self.link is not None:
             await self.link.close()
 

@@ -44,7 +44,7 @@ import aio_pika
 import aiormq
 import orjson
 
-from relay.broker import BrokerLink
+from relay.broker import BrokerLink, stop_consuming
 from relay.errors import CorruptEntry, OwnerUnavailable, RelayError
 from relay.model import Part, Transaction
 from relay.route.forward import envelope_of, part_from
@@ -305,14 +305,7 @@ class ClusterLink:
         """Drain, first step: take no more parts, let those in hand finish
         (what is not acked by then goes back to the queue).  Publishing goes
         on: sessions still finishing may hand over parts for other hosts."""
-        if self._queue is not None and self._consumer_tag is not None:
-            try:
-                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), timeout=2)
-            except Exception:  # the broker is gone: nothing more will come anyway
-                pass
-        deadline = time.monotonic() + timeout
-        while self.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await stop_consuming(self._queue, self._consumer_tag, lambda: self.in_flight, timeout)
 
     async def close(self) -> None:
         for task in self._tasks:
