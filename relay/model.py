@@ -13,6 +13,12 @@ import os
 import time
 from dataclasses import dataclass
 
+# A message's class: its lane at every step of delivery.  Transactional
+# mail (sign-ups, receipts) goes before bulk mail (campaigns).
+TRANSACTIONAL = "transactional"
+BULK = "bulk"
+LANES = (TRANSACTIONAL, BULK)
+
 
 @dataclass(frozen=True, slots=True)
 class Recipient:
@@ -33,6 +39,9 @@ class Part:
     received_at: float  # wall-clock seconds
     smtputf8: bool = False
     trace: bool = False  # log every step of its delivery (X-Relay-Trace, relayctl trace)
+    lane: str = TRANSACTIONAL  # its class (intake.lane)
+    campaign: str = ""  # X-Relay-Campaign; "" for none
+    tenant: str = ""  # X-Relay-Tenant; "" for none
     # Worker that coordinates a transaction split across several owners.
     # None: the only part, stored ready for delivery.  Otherwise the part
     # is stored held until that coordinator's decision releases it.
@@ -50,6 +59,9 @@ class Transaction:
     received_at: float
     smtputf8: bool = False
     trace: bool = False
+    lane: str = TRANSACTIONAL
+    campaign: str = ""
+    tenant: str = ""
 
 
 class QueueIds:

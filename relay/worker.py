@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -99,9 +100,9 @@ class Worker:
         # create_server listens again on the socket it is given, with its own
         # backlog (100 unless told): pass the configured one.
         servers = [
-            await loop.create_server(self.intake.factory, sock=sock,
+            await loop.create_server(functools.partial(self.intake.factory, listen.class_), sock=sock,
                                      backlog=settings.relay.listen_backlog)
-            for sock in open_listen_sockets(settings)
+            for listen, sock in zip(settings.listen, open_listen_sockets(settings))
         ]
         self.http = HttpIntake(settings, self.intake, admin_http.routes())  # [http]: inject, admin
         await self.http.start()

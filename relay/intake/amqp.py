@@ -53,6 +53,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from relay.errors import RelayError
 from relay.intake import amqp_message
+from relay.intake import lane
 from relay.intake.handler import IntakeState, wants_trace
 from relay.model import Transaction
 
@@ -277,17 +278,23 @@ class Consumer:
             parsed = amqp_message.parse(message.body, consumer.format, limits, message.message_id)
         except amqp_message.BadMessage as bad:
             return await self._technical_failure(message, bad)
+        try:
+            labels = lane.choose(parsed.body, listener=consumer.class_,
+                                 declared={"class": parsed.lane, "campaign": parsed.campaign})
+        except lane.BadLabel as exc:
+            return await self._technical_failure(message, amqp_message.BadMessage(exc.reply,
+                                                                                  parsed.fields))
         if parsed.key in self.taking:  # this worker is taking another copy right now
             log.info("amqp %s: %s is being spooled here; nacked until it is",
                      consumer.queue, parsed.key)
             return False
         self.taking.add(parsed.key)
         try:
-            return await self._take(parsed)
+            return await self._take(parsed, labels)
         finally:
             self.taking.discard(parsed.key)
 
-    async def _take(self, parsed: amqp_message.Message) -> bool:
+    async def _take(self, parsed: amqp_message.Message, labels: lane.Labels) -> bool:
         state, consumer = self.state, self.settings
         try:
             seen = await self.seen(parsed.key)
@@ -317,6 +324,7 @@ class Consumer:
             received_at=now,
             smtputf8=parsed.smtputf8,
             trace=wants_trace(parsed.body, list(parsed.recipients), state.traced),
+            lane=labels.lane, campaign=labels.campaign, tenant=labels.tenant,
         )
         try:
             await self.remember(parsed.key, queue_id, consumer.queue, parsed.origin())
