@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from relay.errors import SpoolError, SpoolFull
-from relay.model import Part
+from relay.model import TRANSACTIONAL, Part
 from relay.route.shard import SLOT_COUNT
 from relay.spool import schema
 from relay.spool.format import MessageState, RecipientState
@@ -53,6 +53,8 @@ class DueRecipient:
     size: int
     suppressed: str | None = None  # the hard bounce that put the address on the list
     trace: bool = False
+    lane: str = TRANSACTIONAL  # the message's class
+    campaign: str = ""
 
 
 @dataclass(frozen=True, slots=True)
