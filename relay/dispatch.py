@@ -14,14 +14,10 @@ become jobs in their destination's queue (deliver.queue).  A sender task
 takes a pooled connection or opens one from the next of this worker's
 source IPs (round robin), then sends job after job until the queue is
 empty or the connection has carried ``max_messages_per_connection``.
-Each reply is classified (outcome.classify): delivered, deferred to the
-next step of the retry schedule, or bounced — with a DSN to the sender:
-one per message for the recipients it claimed together (its round), as
-Postfix sends one per message, not one per recipient or domain.  A
-bounced recipient is committed only with its DSN queued, so its outcome
-waits in memory (``_bounces``) until the last of its message's claimed
-recipients has its outcome; a crash meanwhile leaves it claimed, to be
-tried again after the restart.
+What each recipient becomes — delivered, deferred to the next step of
+the retry schedule, or bounced with one DSN per message and round — is
+decided by outcome.transition (pure); this module commits it and writes
+the events (outcome.events).
 The loop sleeps until the earliest deferred recipient is due or the spool
 says new mail was committed.
 
@@ -39,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import itertools
 import logging
 import os
@@ -59,12 +54,14 @@ from relay.deliver.shaping import Effect, Effects
 from relay.deliver.schedule import RetrySchedule
 from relay.deliver.session import SmtpSession, Timeouts, TransactionResult
 from relay.errors import DeliveryError, RelayError, TlsUnavailable
-from relay.model import QueueIds, Reply, Stage, Transaction
+from relay.model import Event, QueueIds, Reply, Stage, Transaction
+from relay.outcome import transition
 from relay.outcome.bounce import FailedRecipient, build_dsn, should_bounce
-from relay.outcome.classify import Action, FailureClass, Outcome, classify
+from relay.outcome.events import EventLog
+from relay.outcome.transition import Attempt, Rounds, Verdict
 from relay.spool.format import RecipientState
 from relay.stats.ring import Histogram
-from relay.spool.store import EVENT_COLUMNS, HELD_PREFIX, DueRecipient, RecipientUpdate, Spool
+from relay.spool.store import HELD_PREFIX, RecipientUpdate, Spool
 
 log = logging.getLogger("relay.deliver")
 trace_log = logging.getLogger("relay.trace")
@@ -111,23 +108,6 @@ def worker_source_ips(source_ips: tuple[str, ...], worker: int, workers: int) ->
     return own or [source_ips[worker % len(source_ips)]]
 
 
-@dataclasses.dataclass
-class _HeldBounces:
-    """A message's bounced recipients waiting for its round's one DSN."""
-
-    failed: list = dataclasses.field(default_factory=list)  # of FailedRecipient
-    updates: list = dataclasses.field(default_factory=list)  # of RecipientUpdate
-    events: list = dataclasses.field(default_factory=list)
-    suppress: list = dataclasses.field(default_factory=list)
-
-    def defer(self, retry: float) -> None:
-        """No DSN went out: the recipients are deferred, not bounced."""
-        self.updates = [dataclasses.replace(u, state=RecipientState.DEFERRED, next_attempt=retry)
-                        for u in self.updates]
-        self.events = [e[:10] + ("deferred",) + e[11:] for e in self.events]
-        self.suppress = []
-
-
 class Dispatcher:
     def __init__(self, settings: Settings, worker: int, workers: int, spool: Spool,
                  submit: Submit, queue_ids: QueueIds, resolver: Resolver | None = None) -> None:
@@ -155,17 +135,13 @@ class Dispatcher:
         self._sending = 0  # transactions in flight
         self._held_domains: dict[str, set] = {}  # site -> domains whose mail a suspension handed back
         self.loaded = 0
-        # Per message: claimed recipients still without an outcome, and the
-        # bounces waiting for the last of them (one DSN per round).
-        self._round: collections.Counter[str] = collections.Counter()
-        self._bounces: dict[str, _HeldBounces] = {}
+        self.rounds = Rounds()  # one DSN per message per round (outcome.transition)
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._tls_broken: dict[str, float] = {}
         self._verify_context = self._make_verify_context(deliver.ca_file)
         self._queue_ids = queue_ids  # the worker's one generator: no id twice
-        self._event_log = None
-        self.reopen_log()
+        self.event_log = EventLog(settings.deliver.event_log_dir, worker)
         self.stopping = False
         self.suspended: frozenset[str] = frozenset()  # domains relayctl suspended
         self.traced: frozenset[str] = frozenset()  # addresses relayctl traces
@@ -174,14 +150,8 @@ class Dispatcher:
         self._crash_on = os.environ.get(TEST_CRASH_ON) or None  # test hook, see the docstring
 
     def reopen_log(self) -> None:
-        """(Re)open delivery-N.jsonl: at start, after a reload that moves it,
-        and on SIGUSR1 once logrotate has renamed the old file."""
-        directory = self.settings.deliver.event_log_dir
-        os.makedirs(directory, exist_ok=True)
-        new = open(os.path.join(directory, f"delivery-{self.worker}.jsonl"), "ab")
-        old, self._event_log = self._event_log, new
-        if old is not None:
-            old.close()
+        """SIGUSR1: logrotate has renamed delivery-N.jsonl."""
+        self.event_log.reopen()
 
     @staticmethod
     def _make_verify_context(ca_file: str) -> ssl.SSLContext:
@@ -235,7 +205,7 @@ class Dispatcher:
         if claimed:
             self.loaded += len(claimed)
             for job in jobs_from(claimed, self.traced):
-                self._round[job.queue_id] += len(job.recipients)
+                self.rounds.claimed(job.queue_id, len(job.recipients))
                 if job.trace:
                     self._trace(job, "claimed %d recipient(s), attempt %d: %s", len(job.recipients),
                                 job.recipients[0].attempts + 1,
@@ -275,7 +245,7 @@ class Dispatcher:
         self._wakeup.set()
         for job in self.scheduler.take_all():
             self.loaded -= len(job.recipients)
-            self._round_done(job.queue_id, len(job.recipients))  # tried after the restart
+            self.rounds.done(job.queue_id, len(job.recipients))  # tried after the restart
         deadline = time.monotonic() + timeout
         while self._sending and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -285,7 +255,7 @@ class Dispatcher:
             task.cancel()
         for session in self.sessions.values():
             session.close()
-        self._event_log.close()
+        self.event_log.close()
 
     # -- routing a job to its destination -------------------------------------
 
@@ -295,7 +265,7 @@ class Dispatcher:
         moved = deliver.event_log_dir != self.settings.deliver.event_log_dir
         self.settings = settings
         if moved:
-            self.reopen_log()
+            self.event_log.reopen(deliver.event_log_dir)
         self.hostname = settings.hostname
         self.resolver = Resolver(
             nameservers=settings.dns.nameservers, routes=settings.routes, mx_port=deliver.mx_port
@@ -347,7 +317,7 @@ class Dispatcher:
                         ", ".join(f"{h.host}[{h.ip}]:{h.port}" for h in destination.hops))
         if self.stopping:
             self.loaded -= len(job.recipients)
-            self._round_done(job.queue_id, len(job.recipients))
+            self.rounds.done(job.queue_id, len(job.recipients))
             return
         job.destination = destination
         job.site_key = (destination.key, self.tls_mode(job.domain))
@@ -515,7 +485,7 @@ class Dispatcher:
         finally:
             self.loaded -= len(updates)
         for job in jobs:
-            held = self._round_done(job.queue_id, len(job.recipients))
+            held = self.rounds.done(job.queue_id, len(job.recipients))
             if held is not None:  # a sibling job's bounces waited for this one
                 await self._settle_bounces(job, held)
         log.info("%d recipient(s) held until %s: %s", len(updates),
@@ -533,7 +503,7 @@ class Dispatcher:
             body = None
         if body is None:  # removed meanwhile (relayctl delete, say)
             self.loaded -= len(job.recipients)
-            self._round_done(job.queue_id, len(job.recipients))
+            self.rounds.done(job.queue_id, len(job.recipients))
             return None
         started = time.monotonic()
         reused = session.messages_sent > 0
@@ -603,8 +573,8 @@ class Dispatcher:
         except (RelayError, asyncio.TimeoutError) as failure:
             log.error("%s: crash not recorded: %s", job.queue_id, str(failure) or "timed out")
             return
-        self._write_events(events)
-        quarantined = [event[2] for event in events if event[10] == "quarantined"]
+        self.event_log.write(events)
+        quarantined = [event.recipient for event in events if event.outcome == "quarantined"]
         if quarantined:
             log.error("%s: quarantined after %d crashed deliveries (%s): %s", job.queue_id, after,
                       error, ", ".join(quarantined))
@@ -618,73 +588,41 @@ class Dispatcher:
 
         ``dropped``: final without a DSN (domain exclusion list)."""
         now = time.time()
-        updates, events, bounced, suppress = [], [], [], []
-        some_accepted = any(reply.code in (250, 251) for _, reply, _ in outcomes)
-        for rcpt, reply, stage in outcomes:
-            outcome = classify(reply, stage)
-            state, next_attempt, attempts, label = self._next_state(
-                rcpt, reply, outcome, now, some_accepted
-            )
-            if dropped:
-                state, label = RecipientState.BOUNCED, "dropped"
-            elif label == "bounced":
-                # A reply that would only defer bounces when the message expired.
-                expired = outcome.action is not Action.BOUNCED
-                bounced.append(FailedRecipient(rcpt.address, reply, "failed", now, expired))
-                if (outcome.hard and outcome.failure_class is FailureClass.RECIPIENT
-                        and not rcpt.suppressed):
-                    suppress.append((rcpt.address, str(reply)))
-            updates.append(RecipientUpdate(rcpt.queue_id, rcpt.index, state, attempts,
-                                           next_attempt, str(reply)))
-            events.append((
-                now, job.queue_id, rcpt.address,
-                destination.name if destination else job.domain,
-                reply.mx, session.source_ip if session else None,
-                int(bool(session and session.tls)), reply.code, reply.enhanced, reply.text,
-                label, outcome.failure_class.value if outcome.failure_class else None,
-                round(latency, 4),
-            ))
-        if bounced and should_bounce(job.sender):
-            # Held back until the message's round is complete: one DSN for all.
-            held = self._bounces.setdefault(job.queue_id, _HeldBounces())
-            held.failed += bounced
-            held.updates += [u for u, e in zip(updates, events) if e[10] == "bounced"]
-            held.events += [e for e in events if e[10] == "bounced"]
-            held.suppress += suppress
-            updates = [u for u, e in zip(updates, events) if e[10] != "bounced"]
-            events = [e for e in events if e[10] != "bounced"]
-            suppress = []
-        held = self._round_done(job.queue_id, len(job.recipients))
+        attempt = Attempt(destination.name if destination else job.domain,
+                          session.source_ip if session else None,
+                          bool(session and session.tls), latency)
+        verdict = transition.decide(job.queue_id, outcomes, attempt, now, self.schedule, dropped)
+        if verdict.bounced and should_bounce(job.sender):
+            self.rounds.hold(job.queue_id, verdict.take_bounces())
+        held = self.rounds.done(job.queue_id, len(job.recipients))
         if held is not None:
-            if not await self._send_dsn(job, held.failed, body):
-                # No DSN could be queued: not final yet.  The recipients wait
-                # for the next attempt rather than bounce without telling the
-                # sender.
+            if not await self._send_dsn(job, held.bounced, body):
                 held.defer(now + self.schedule.delay(1))
-            updates += held.updates
-            events += held.events
-            suppress += held.suppress
-        if not updates:
+            verdict.add(held)
+        if not verdict.updates:
             self.loaded -= len(job.recipients)
             return
         try:
-            if not await self._complete(updates, events, suppress, job.queue_id):
+            if not await self._complete(verdict.updates, verdict.events, verdict.suppress,
+                                        job.queue_id):
                 return
         finally:
             self.loaded -= len(job.recipients)
         if job.trace:
-            for update, event in zip(updates, events):
-                self._trace(job, "%s -> %s (%s)%s", event[2], event[10], event[9],
+            for update, event in zip(verdict.updates, verdict.events):
+                self._trace(job, "%s -> %s (%s)%s", event.recipient, event.outcome, event.text,
                             f", next attempt in {update.next_attempt - now:.0f}s"
-                            if event[10] == "deferred" else "")
+                            if event.outcome == "deferred" else "")
+        self._count(verdict.events, job.received, now)
+        self.event_log.write(verdict.events)
+
+    def _count(self, events: list[Event], received: float | None, now: float) -> None:
         for event in events:
-            label, failure_class = event[10], event[11]
-            self.counters[label] += 1
-            if failure_class and label in ("deferred", "bounced"):
-                self.counters[f"{label}_{failure_class}"] += 1
-            if label == "delivered":
-                self.accept_to_delivered.observe(now - job.received)
-        self._write_events(events)
+            self.counters[event.outcome] += 1
+            if event.failure_class and event.outcome in ("deferred", "bounced"):
+                self.counters[f"{event.outcome}_{event.failure_class}"] += 1
+            if event.outcome == "delivered" and received is not None:
+                self.accept_to_delivered.observe(now - received)
 
     async def _complete(self, updates, events, suppress, queue_id: str) -> bool:
         """Commit an outcome, trying again while the spool fails (it may be
@@ -703,43 +641,14 @@ class Dispatcher:
                 log.warning("%s: outcome not recorded yet (%s); again in %ss", queue_id, exc, delay)
                 await asyncio.sleep(delay)
 
-    async def _settle_bounces(self, job: Job, held: "_HeldBounces") -> None:
+    async def _settle_bounces(self, job: Job, held: Verdict) -> None:
         """Commit bounces held for a round that ended without an outcome of
         its own (its last job was held by a suspension)."""
-        if not await self._send_dsn(job, held.failed, None):
+        if not await self._send_dsn(job, held.bounced, None):
             held.defer(time.time() + self.schedule.delay(1))
         if await self._complete(held.updates, held.events, held.suppress, job.queue_id):
-            for event in held.events:
-                self.counters[event[10]] += 1
-            self._write_events(held.events)
-
-    def _round_done(self, queue_id: str, count: int) -> _HeldBounces | None:
-        """``count`` recipients of a message have their outcome (or left
-        memory); the bounces held for it once none of its round is left."""
-        left = self._round[queue_id] - count
-        if left > 0:
-            self._round[queue_id] = left
-            return None
-        self._round.pop(queue_id, None)
-        return self._bounces.pop(queue_id, None)
-
-    def _next_state(self, rcpt: DueRecipient, reply: Reply, outcome: Outcome, now: float,
-                    some_accepted: bool):
-        if outcome.action is Action.DELIVERED:
-            return RecipientState.DELIVERED, now, rcpt.attempts + 1, "delivered"
-        if outcome.action is Action.BOUNCED:
-            return RecipientState.BOUNCED, now, rcpt.attempts + 1, "bounced"
-        if reply.code == 452 and reply.enhanced in (None, "4.5.3") and some_accepted:
-            # Too many recipients for one transaction (RFC 5321 4.5.3.1.10):
-            # the rest go in the next transaction, not after a retry delay.
-            # Only when others were taken: a server that refuses every
-            # recipient so is deferred like any 4xx, or it would loop.
-            return RecipientState.QUEUED, now, rcpt.attempts, "requeued"
-        attempts = rcpt.attempts + 1
-        next_attempt = self.schedule.next_attempt(attempts, rcpt.received, now)
-        if next_attempt is None:
-            return RecipientState.BOUNCED, now, attempts, "bounced"
-        return RecipientState.DEFERRED, next_attempt, attempts, "deferred"
+            self._count(held.events, None, time.time())
+            self.event_log.write(held.events)
 
     async def _send_dsn(self, job: Job, bounced: list[FailedRecipient], body: bytes | None) -> bool:
         """Queue the DSN like any message; False when that failed."""
@@ -768,15 +677,6 @@ class Dispatcher:
         elapsed = (time.monotonic() - job.claimed) * 1000
         trace_log.info("%s: +%.1fms " + message, job.queue_id, elapsed, *args)
 
-    def _write_events(self, events: list[tuple]) -> None:
-        lines = b"".join(
-            orjson.dumps(dict(zip(EVENT_COLUMNS, event))) + b"\n" for event in events
-        )
-        self._event_log.write(lines)
-        self._event_log.flush()
-        for event in events:
-            log.info("%s: to=<%s> relay=%s code=%s %s", event[1], event[2], event[4], event[7], event[10])
-
     # -- housekeeping ---------------------------------------------------------
 
     async def _publish_effects(self) -> None:
@@ -786,19 +686,10 @@ class Dispatcher:
         if not started and not ended:
             return
         now = time.time()
-        records = []
-        for effect, what in [(e, "started") for e in started] + [(e, "ended") for e in ended]:
-            if what == "started":
-                self.counters[f"effects_{effect.kind}"] += 1
-            log.warning("shaping: %s %d %s %s until %s: %s", effect.kind, effect.id, what,
-                        effect.site, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(effect.expires)),
-                        effect.reason)
-            record = dict.fromkeys(EVENT_COLUMNS)
-            record.update(time=now, destination=effect.site, outcome=f"effect_{what}",
-                          text=effect.reason, effect=effect.to_json())
-            records.append(orjson.dumps(record) + b"\n")
-        self._event_log.write(b"".join(records))
-        self._event_log.flush()
+        for effect in started:
+            self.counters[f"effects_{effect.kind}"] += 1
+        self.event_log.write_effects([(e, "started") for e in started] + [(e, "ended") for e in ended],
+                                     now)
         for effect in ended:
             domains = self._held_domains.pop(effect.site, None)
             if domains and effect.kind == "suspend":
@@ -848,7 +739,7 @@ class Dispatcher:
         for queue_id, events in found.items():
             log.info("%s: deleted by the operator, %d recipient(s) not delivered",
                      queue_id, len(events))
-            self._write_events(events)
+            self.event_log.write(events)
         return sorted(found)
 
     async def suspend(self, domain: str, suspended: bool) -> None:

@@ -12,6 +12,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # A message's class: its lane at every step of delivery.  Transactional
 # mail (sign-ups, receipts) goes before bulk mail (campaigns).
@@ -108,3 +109,36 @@ class Stage(enum.Enum):
     DATA = "data"  # the reply to DATA itself (354 expected)
     DOT = "dot"  # the reply after the final dot
     LOCAL = "local"  # no server reply: DNS, refused, timeout, TLS failure
+
+
+class Event(NamedTuple):
+    """One recipient's outcome (or an operator's act on it), as committed
+    with its state change and written to ``delivery-N.jsonl``.  The fields
+    follow the spool's ``event`` columns in order (spool.store.EVENT_COLUMNS,
+    where ``failure_class`` is the column ``class``), so a record is stored
+    as it is."""
+
+    time: float
+    queue_id: str
+    recipient: str
+    destination: str | None  # the site (MX set) or the domain
+    mx: str | None  # the host that gave the reply
+    source_ip: str | None
+    tls: int  # 1 when the session was encrypted
+    code: int  # the reply's code (0: no reply, e.g. a connection failure)
+    enhanced: str | None
+    text: str | None
+    outcome: str  # delivered | deferred | bounced | requeued | dropped | deleted | crashed | quarantined
+    failure_class: str | None  # outcome.classify.FailureClass value
+    latency: float  # seconds the transaction took
+
+    @classmethod
+    def local(cls, now: float, queue_id: str, recipient: str, destination: str | None,
+              text: str, outcome: str, failure_class: str | None = None) -> "Event":
+        """An outcome decided here, with no reply from any server."""
+        return cls(now, queue_id, recipient, destination, None, None, 0, 0, None, text, outcome,
+                   failure_class, 0.0)
+
+
+# Event's names as stored (the spool's event columns) and logged (JSON).
+EVENT_COLUMNS = tuple("class" if name == "failure_class" else name for name in Event._fields)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from relay.errors import SpoolError, SpoolFull
-from relay.model import TRANSACTIONAL, Part
+from relay.model import EVENT_COLUMNS, TRANSACTIONAL, Event, Part
 from relay.route.shard import SLOT_COUNT
 from relay.spool import schema
 from relay.spool.format import MessageState, RecipientState
@@ -68,11 +68,6 @@ class RecipientUpdate:
     next_attempt: float
     last_reply: str | None
 
-
-EVENT_COLUMNS = (
-    "time", "queue_id", "recipient", "destination", "mx", "source_ip", "tls", "code",
-    "enhanced", "text", "outcome", "class", "latency",
-)
 
 DELETED_TEXT = "deleted by the operator (relayctl delete)"
 
@@ -338,7 +333,7 @@ class Spool:
         )
         return row[0] if row else None
 
-    async def complete(self, updates: list[RecipientUpdate], events: list[tuple],
+    async def complete(self, updates: list[RecipientUpdate], events: list[Event],
                        suppress: list[tuple[str, str]] = ()) -> None:
         """Record the outcome of attempts and their events in one transaction;
         a message whose recipients are all final leaves the queue.  Addresses
@@ -377,7 +372,7 @@ class Spool:
         await self._submit(apply, wakes=any(u.state in PENDING_STATES for u in updates))
 
     async def record_crash(self, queue_id: str, indices: list[int], error: str, destination: str,
-                           quarantine_after: int) -> list[tuple]:
+                           quarantine_after: int) -> list[Event]:
         """Charge a crash (a bug raised while delivering them) to recipients
         of one message still being sent: one more crash and the error, and
         back in the queue; those that reached ``quarantine_after`` crashes
@@ -386,7 +381,7 @@ class Spool:
         change; the events are returned."""
         now = time.time()
 
-        def apply(conn: sqlite3.Connection) -> list[tuple]:
+        def apply(conn: sqlite3.Connection) -> list[Event]:
             marks = ",".join("?" * len(indices))
             rows = conn.execute(
                 "SELECT idx, address, crashes FROM recipient"
@@ -398,8 +393,8 @@ class Spool:
                 quarantined = crashes + 1 >= quarantine_after
                 state = RecipientState.QUARANTINED if quarantined else RecipientState.QUEUED
                 updates.append((int(state), crashes + 1, error, now, queue_id, index))
-                events.append((now, queue_id, address, destination, None, None, 0, 0, None, error,
-                               "quarantined" if quarantined else "crashed", "technical", 0.0))
+                events.append(Event.local(now, queue_id, address, destination, error,
+                                          "quarantined" if quarantined else "crashed", "technical"))
             conn.executemany(
                 "UPDATE recipient SET state = ?, crashes = ?, error = ?, next_attempt = ?"
                 " WHERE message_id = ? AND idx = ?",
@@ -522,14 +517,13 @@ class Spool:
         a ``deleted`` event for each recipient not yet delivered, in the
         same transaction.  Returns the ids found, each with its events."""
 
-        def apply(conn: sqlite3.Connection) -> dict[str, list[tuple]]:
+        def apply(conn: sqlite3.Connection) -> dict[str, list[Event]]:
             found = {}
             for queue_id in queue_ids:
                 if not conn.execute("SELECT 1 FROM message WHERE id = ?", (queue_id,)).fetchone():
                     continue
                 found[queue_id] = [
-                    (now, queue_id, address, domain, None, None, 0, 0, None, DELETED_TEXT,
-                     "deleted", None, 0.0)
+                    Event.local(now, queue_id, address, domain, DELETED_TEXT, "deleted")
                     for address, domain in conn.execute(
                         "SELECT address, domain FROM recipient WHERE message_id = ? AND state != ?"
                         " ORDER BY idx", (queue_id, int(RecipientState.DELIVERED)))
