@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import os
@@ -75,6 +76,7 @@ COMPLETE_RETRIES = (1, 2, 4, 8)
 CRASH_RECORD_TIMEOUT = 10.0  # a crash not committed by then is not counted
 MAX_ERROR = 500  # characters of an exception's text kept in the spool
 TEST_CRASH_ON = "RELAY_TEST_CRASH_ON"  # the test hook's environment variable
+SUSPENDED_TEXT = "suspended by the operator (relayctl suspend)"
 INTERNAL_HEADER = re.compile(rb"^X-Relay-[A-Za-z0-9-]*:", re.IGNORECASE)
 
 Submit = Callable[[Transaction], Awaitable[None]]
@@ -198,8 +200,7 @@ class Dispatcher:
         limit = self.settings.deliver.max_loaded
         self._wakeup.clear()
         room = limit - self.loaded
-        claimed = (await self.spool.claim_due(time.time(), room, self.suspended)
-                   if room > 0 else [])
+        claimed = await self.spool.claim_due(time.time(), room) if room > 0 else []
         if self.stopping:
             return  # claimed just now: queued again at the next start
         if claimed:
@@ -214,7 +215,7 @@ class Dispatcher:
             if len(claimed) == room:
                 await asyncio.sleep(0)  # more may be due: look again soon
                 return
-        due = await self.spool.next_due(self.suspended)
+        due = await self.spool.next_due()
         wait = MAX_WAIT if due is None else min(max(due - time.time(), 0.01), MAX_WAIT)
         if self.loaded >= limit:
             wait = MAX_WAIT
@@ -289,6 +290,9 @@ class Dispatcher:
         return self.settings.tls_policy.get(domain, self.settings.deliver.tls)
 
     async def _route(self, job: Job) -> None:
+        if job.domain in self.suspended:  # claimed before, or due since the suspension
+            await self._hold([job], None, SUSPENDED_TEXT)
+            return
         if job.domain in self.settings.deliver.exclude_domains:
             reply = Reply(550, "5.7.1", "recipient domain is excluded from delivery", None)
             await self._record(job, [(r, reply, Stage.LOCAL) for r in job.recipients], None, None,
@@ -474,10 +478,12 @@ class Dispatcher:
             now = time.monotonic()
             self._tls_broken = {ip: until for ip, until in self._tls_broken.items() if until > now}
 
-    async def _hold(self, jobs: list[Job], until: float, reason: str) -> None:
+    async def _hold(self, jobs: list[Job], until: float | None, reason: str) -> None:
         """Jobs of a suspended site back to the spool, due when the suspension
-        ends, their attempts unchanged (KumoMTA issue 322 is what this avoids)."""
-        updates = [RecipientUpdate(r.queue_id, r.index, RecipientState.DEFERRED, r.attempts, until,
+        ends, their attempts unchanged (KumoMTA issue 322 is what this avoids);
+        ``until`` None: held until the operator resumes their domain."""
+        state = RecipientState.HELD if until is None else RecipientState.DEFERRED
+        updates = [RecipientUpdate(r.queue_id, r.index, state, r.attempts, until or time.time(),
                                    f"{HELD_PREFIX}{reason}"[:500])
                    for job in jobs for r in job.recipients]
         try:
@@ -489,7 +495,8 @@ class Dispatcher:
             if held is not None:  # a sibling job's bounces waited for this one
                 await self._settle_bounces(job, held)
         log.info("%d recipient(s) held until %s: %s", len(updates),
-                 time.strftime("%H:%M:%S", time.localtime(until)), reason)
+                 "resumed" if until is None else time.strftime("%H:%M:%S", time.localtime(until)),
+                 reason)
 
     async def _transact(self, job: Job, session: SmtpSession):
         """One transaction: (outcomes, site failure or None, latency, body),
@@ -743,9 +750,29 @@ class Dispatcher:
         return sorted(found)
 
     async def suspend(self, domain: str, suspended: bool) -> None:
-        """Hold (or release) a domain's mail in the queue; kept across restarts."""
+        """Hold (or release) a domain's mail; kept across restarts.
+
+        Claims do not look at suspensions: a suspended domain's mail is put
+        in the held state when it is claimed (``_route``), jobs waiting in
+        memory at once, and resuming makes the held recipients due — so a
+        suspended backlog costs nothing while it waits."""
         domains = set(self.suspended)
         (domains.add if suspended else domains.discard)(domain)
         await self.spool.set_meta("suspended", orjson.dumps(sorted(domains)).decode())
         self.suspended = frozenset(domains)
+        if suspended:
+            now, held = time.time(), []
+            for job in self.scheduler.take_domain(domain):  # whole sites: put the others back
+                mine = [r for r in job.recipients if r.domain == domain]
+                job.recipients = [r for r in job.recipients if r.domain != domain]
+                if mine:
+                    held.append(dataclasses.replace(job, recipients=mine))
+                if job.recipients:
+                    self.scheduler.push(job.site_key, job.destination, job.domain, job, now)
+            if held:
+                await self._hold(held, None, SUSPENDED_TEXT)
+        else:
+            released = await self.spool.release_suspended(domain, time.time())
+            log.info("%s resumed: %d held recipient(s) due now", domain, released)
         self.wake()
+        self._poke.set()

@@ -523,6 +523,13 @@ class Scheduler:
 
     # -- the driver's questions ---------------------------------------------------
 
+    def take_domain(self, domain: str) -> list:
+        """Every job not started at the sites that serve ``domain`` (the
+        operator suspends it; jobs of the sites' other domains are pushed
+        back)."""
+        return [job for site in self.sites.values() if domain in site.domains
+                for job in self._take_jobs(site)]
+
     def take_all(self) -> list:
         """Every job not started (the worker stops)."""
         return [job for site in self.sites.values() for job in self._take_jobs(site)]

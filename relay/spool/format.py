@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 
 # Recorded in every spool file; relay.spool.schema migrates older files.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 class MessageState(enum.IntEnum):
@@ -21,3 +21,6 @@ class RecipientState(enum.IntEnum):
     BOUNCED = 3
     SENDING = 4  # claimed by the delivery loop; back to QUEUED at restart
     QUARANTINED = 5  # its delivery crashed deliver.quarantine_after times: never claimed
+    # Kept by the operator (relayctl suspend DOMAIN): never claimed until
+    # released; its attempts are unchanged.
+    HELD = 6

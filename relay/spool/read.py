@@ -45,10 +45,10 @@ BUSY_FOR = 2.0
 BUSY_TIMEOUT_MS = 250
 
 WAITING_STATES = (int(RecipientState.QUEUED), int(RecipientState.DEFERRED),
-                  int(RecipientState.SENDING))
+                  int(RecipientState.SENDING), int(RecipientState.HELD))
 FINAL_STATES = (int(RecipientState.DELIVERED), int(RecipientState.BOUNCED))
 # States with no next attempt to show.
-UNSCHEDULED_STATES = FINAL_STATES + (int(RecipientState.QUARANTINED),)
+UNSCHEDULED_STATES = FINAL_STATES + (int(RecipientState.QUARANTINED), int(RecipientState.HELD))
 QUARANTINED = int(RecipientState.QUARANTINED)
 MAX_LISTED = 100  # quarantined messages named by `queue`
 FAILURE_OUTCOMES = ("deferred", "bounced", "dropped")

@@ -108,6 +108,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             queue_id TEXT PRIMARY KEY, key TEXT NOT NULL UNIQUE, time REAL NOT NULL,
             queue TEXT NOT NULL, fields BLOB NOT NULL, pid INTEGER NOT NULL)""",
     ),
+    # Recipient state 6, held by the operator (relayctl suspend): no new
+    # column, but a release that does not know the state must not open it.
+    4: (),
 }
 
 # SQLite's codes for a file that is not a database or is malformed.

@@ -278,12 +278,9 @@ class Spool:
             ).rowcount
         return await self._submit(apply)
 
-    async def claim_due(self, now: float, limit: int,
-                        suspended: frozenset[str] = frozenset()) -> list[DueRecipient]:
+    async def claim_due(self, now: float, limit: int) -> list[DueRecipient]:
         """Take up to ``limit`` recipients that are due, oldest first, and
-        mark them as being sent so no later claim returns them again.
-        Recipients at ``suspended`` domains are left where they are."""
-        skip = " AND r.domain NOT IN (%s)" % ",".join("?" * len(suspended)) if suspended else ""
+        mark them as being sent so no later claim returns them again."""
 
         def apply(conn: sqlite3.Connection) -> list[DueRecipient]:
             rows = []
@@ -293,9 +290,9 @@ class Spool:
                     " m.received, m.smtputf8, m.size, s.reply, m.trace FROM recipient r"
                     " JOIN message m ON m.id = r.message_id"
                     " LEFT JOIN suppression s ON s.address = r.address"
-                    " WHERE r.state = ? AND r.next_attempt <= ? AND m.state = ?" + skip +
+                    " WHERE r.state = ? AND r.next_attempt <= ? AND m.state = ?"
                     " ORDER BY r.next_attempt LIMIT ?",
-                    (state, now, int(MessageState.ACTIVE), *suspended, limit - len(rows)),
+                    (state, now, int(MessageState.ACTIVE), limit - len(rows)),
                 ).fetchall()
                 if len(rows) >= limit:
                     break
@@ -308,18 +305,17 @@ class Spool:
 
         return await self._submit(apply)
 
-    async def next_due(self, suspended: frozenset[str] = frozenset()) -> float | None:
+    async def next_due(self) -> float | None:
         """When the earliest waiting recipient becomes due (None: none waits)."""
-        skip = " AND r.domain NOT IN (%s)" % ",".join("?" * len(suspended)) if suspended else ""
 
         def query(conn: sqlite3.Connection) -> float | None:
             times = []
             for state in PENDING_STATES:
                 row = conn.execute(
                     "SELECT r.next_attempt FROM recipient r JOIN message m ON m.id = r.message_id"
-                    " WHERE r.state = ? AND m.state = ?" + skip +
+                    " WHERE r.state = ? AND m.state = ?"
                     " ORDER BY r.next_attempt LIMIT 1",
-                    (state, int(MessageState.ACTIVE), *suspended),
+                    (state, int(MessageState.ACTIVE)),
                 ).fetchone()
                 if row:
                     times.append(row[0])
@@ -456,6 +452,14 @@ class Spool:
         query = (f"UPDATE recipient SET next_attempt = ? WHERE state = ? AND domain IN ({marks})"
                  f" AND last_reply LIKE '{HELD_PREFIX}%'")
         params = (now, int(RecipientState.DEFERRED), *domains)
+        return await self._submit(lambda conn: conn.execute(query, params).rowcount, wakes=True)
+
+    async def release_suspended(self, domain: str, now: float) -> int:
+        """Recipients the operator held at ``domain`` (relayctl resume) are
+        due now, their attempts unchanged.  Found by state: only held rows
+        are read, never the backlog."""
+        query = ("UPDATE recipient SET state = ?, next_attempt = ? WHERE state = ? AND domain = ?")
+        params = (int(RecipientState.DEFERRED), now, int(RecipientState.HELD), domain)
         return await self._submit(lambda conn: conn.execute(query, params).rowcount, wakes=True)
 
     async def requeue(self, *, code: str | None, sender: str | None, recipient: str | None,

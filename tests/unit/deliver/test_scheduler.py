@@ -431,3 +431,17 @@ def test_an_effect_of_a_site_that_left_ends_and_is_not_the_next_wake():
     assert s.next_wake() is None  # not a past time: the driver would spin
     started, ended = s.effects.drain_changes()
     assert len(started) == 1 and ended == started
+
+
+def test_an_operator_suspension_takes_every_waiting_job_of_the_sites_serving_the_domain():
+    clock = Clock()
+    s = scheduler()
+    other = Destination(("mx.other.example",), (Hop("mx.other.example", "192.0.2.9", 25),))
+    s.push(KEY, MX, "example.net", FakeJob("m1"), clock.now)
+    s.push(KEY, MX, "alias.example", FakeJob("m2", domain="alias.example"), clock.now)
+    s.push((other.key, "none"), other, "other.example", FakeJob("m3", domain="other.example"),
+           clock.now)
+    taken = s.take_domain("alias.example")
+    # The whole shared site (the driver pushes back the jobs of its other domains).
+    assert [j.queue_id for j in taken] == ["m1", "m2"]
+    assert s.pending_jobs() == 1 and s.take_domain("alias.example") == []

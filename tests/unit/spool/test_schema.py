@@ -46,7 +46,7 @@ def write_v1(path: str) -> None:
 
 def test_a_new_spool_records_this_format_version(tmp_path):
     conn = connect(str(tmp_path / "worker-0.db"))
-    assert version(conn) == FORMAT_VERSION == 3
+    assert version(conn) == FORMAT_VERSION == 4
     assert columns(conn, "recipient")[-2:] == ["crashes", "error"]
 
 

@@ -50,13 +50,23 @@ def test_claims_are_taken_once_and_only_when_due(tmp_path):
     assert next_due <= time.time()  # b is queued again and due
 
 
-def test_suspended_domains_are_not_claimed(tmp_path):
+def test_held_recipients_are_never_claimed_until_their_domain_is_resumed(tmp_path):
     async def scenario(spool):
-        await spool.store(part("A", "a@x.example", "b@y.example"))
-        held = frozenset({"x.example"})
-        return await spool.claim_due(time.time() + 1, 10, held)
+        await spool.store(part("A", "a@x.example", "b@y.example", "c@x.example"))
+        claimed = await spool.claim_due(time.time() + 1, 10)
+        await spool.complete([update(r, RecipientState.HELD, time.time(), attempts=2)
+                              for r in claimed if r.domain == "x.example"], [])
+        while_held = await spool.claim_due(time.time() + 3600, 10), await spool.next_due()
+        other = await spool.release_suspended("y.example", time.time())
+        released = await spool.release_suspended("x.example", time.time())
+        again = await spool.claim_due(time.time() + 1, 10)
+        return while_held, other, released, again
 
-    assert [r.address for r in run(tmp_path, scenario)] == ["b@y.example"]
+    (held_claims, held_due), other, released, again = run(tmp_path, scenario)
+    assert held_claims == [] and held_due is None  # b is still being sent; a and c held
+    assert other == 0 and released == 2
+    assert sorted(r.address for r in again) == ["a@x.example", "c@x.example"]
+    assert {r.attempts for r in again} == {2}  # being held used no attempt
 
 
 def test_delivered_mail_leaves_bounced_mail_stays_until_pruned(tmp_path):
