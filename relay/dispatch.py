@@ -55,7 +55,7 @@ from relay.deliver.shaping import Effect, Effects
 from relay.deliver.schedule import RetrySchedule
 from relay.deliver.session import SmtpSession, Timeouts, TransactionResult
 from relay.errors import DeliveryError, RelayError, TlsUnavailable
-from relay.model import Event, QueueIds, Reply, Stage, Transaction
+from relay.model import BULK, LANES, TRANSACTIONAL, Event, QueueIds, Reply, Stage, Transaction
 from relay.outcome import transition
 from relay.outcome.bounce import FailedRecipient, build_dsn, should_bounce
 from relay.outcome.events import EventLog
@@ -136,7 +136,8 @@ class Dispatcher:
         self._poke = asyncio.Event()  # the scheduler has news: look at its actions again
         self._sending = 0  # transactions in flight
         self._held_domains: dict[str, set] = {}  # site -> domains whose mail a suspension handed back
-        self.loaded = 0
+        self.loaded = 0  # recipients claimed and not yet done with
+        self.loaded_bulk = 0  # of which bulk
         self.rounds = Rounds()  # one DSN per message per round (outcome.transition)
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -196,15 +197,23 @@ class Dispatcher:
                 await asyncio.sleep(backoff)
 
     async def _once(self) -> None:
-        """Claim what is due, route it, then sleep until more may be due."""
-        limit = self.settings.deliver.max_loaded
+        """Claim what is due, route it, then sleep until more may be due.
+
+        Claims reserve room per lane: bulk mail holds at most
+        ``bulk_loaded_share`` of ``max_loaded``, so a bulk backlog never
+        keeps transactional mail from being loaded."""
+        deliver = self.settings.deliver
+        limit = deliver.max_loaded
         self._wakeup.clear()
         room = limit - self.loaded
-        claimed = await self.spool.claim_due(time.time(), room) if room > 0 else []
+        bulk_room = max(0, int(limit * deliver.bulk_loaded_share) - self.loaded_bulk)
+        claimed = await self.spool.claim_due(time.time(), room, bulk_room) if room > 0 else []
         if self.stopping:
             return  # claimed just now: queued again at the next start
         if claimed:
+            bulk = sum(1 for r in claimed if r.lane == BULK)
             self.loaded += len(claimed)
+            self.loaded_bulk += bulk
             for job in jobs_from(claimed, self.traced):
                 self.rounds.claimed(job.queue_id, len(job.recipients))
                 if job.trace:
@@ -212,10 +221,11 @@ class Dispatcher:
                                 job.recipients[0].attempts + 1,
                                 ", ".join(r.address for r in job.recipients))
                 self._spawn(self._charged(job, self._route(job)))
-            if len(claimed) == room:
+            if len(claimed) == room or (bulk and bulk == bulk_room):
                 await asyncio.sleep(0)  # more may be due: look again soon
                 return
-        due = await self.spool.next_due()
+        lanes = LANES if self.loaded_bulk < int(limit * deliver.bulk_loaded_share) else (TRANSACTIONAL,)
+        due = await self.spool.next_due(lanes)
         wait = MAX_WAIT if due is None else min(max(due - time.time(), 0.01), MAX_WAIT)
         if self.loaded >= limit:
             wait = MAX_WAIT
@@ -223,6 +233,12 @@ class Dispatcher:
             await asyncio.wait_for(self._wakeup.wait(), wait)
         except asyncio.TimeoutError:
             pass
+
+    def _unload(self, recipients) -> None:
+        """Claimed recipients done with (an outcome, held, or dropped): room
+        for the next claims of their lane."""
+        self.loaded -= len(recipients)
+        self.loaded_bulk -= sum(1 for r in recipients if r.lane == BULK)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -245,7 +261,7 @@ class Dispatcher:
         self.stopping = True
         self._wakeup.set()
         for job in self.scheduler.take_all():
-            self.loaded -= len(job.recipients)
+            self._unload(job.recipients)
             self.rounds.done(job.queue_id, len(job.recipients))  # tried after the restart
         deadline = time.monotonic() + timeout
         while self._sending and time.monotonic() < deadline:
@@ -320,7 +336,7 @@ class Dispatcher:
             self._trace(job, "%s -> %s", job.domain,
                         ", ".join(f"{h.host}[{h.ip}]:{h.port}" for h in destination.hops))
         if self.stopping:
-            self.loaded -= len(job.recipients)
+            self._unload(job.recipients)
             self.rounds.done(job.queue_id, len(job.recipients))
             return
         job.destination = destination
@@ -489,7 +505,7 @@ class Dispatcher:
         try:
             await self._complete(updates, [], [], jobs[0].queue_id)
         finally:
-            self.loaded -= len(updates)
+            self._unload([r for job in jobs for r in job.recipients])
         for job in jobs:
             held = self.rounds.done(job.queue_id, len(job.recipients))
             if held is not None:  # a sibling job's bounces waited for this one
@@ -509,7 +525,7 @@ class Dispatcher:
             log.error("%s: body unreadable: %s", job.queue_id, exc)
             body = None
         if body is None:  # removed meanwhile (relayctl delete, say)
-            self.loaded -= len(job.recipients)
+            self._unload(job.recipients)
             self.rounds.done(job.queue_id, len(job.recipients))
             return None
         started = time.monotonic()
@@ -607,14 +623,14 @@ class Dispatcher:
                 held.defer(now + self.schedule.delay(1))
             verdict.add(held)
         if not verdict.updates:
-            self.loaded -= len(job.recipients)
+            self._unload(job.recipients)
             return
         try:
             if not await self._complete(verdict.updates, verdict.events, verdict.suppress,
                                         job.queue_id):
                 return
         finally:
-            self.loaded -= len(job.recipients)
+            self._unload(job.recipients)
         if job.trace:
             for update, event in zip(verdict.updates, verdict.events):
                 self._trace(job, "%s -> %s (%s)%s", event.recipient, event.outcome, event.text,

@@ -131,13 +131,17 @@ class Event(NamedTuple):
     outcome: str  # delivered | deferred | bounced | requeued | dropped | deleted | crashed | quarantined
     failure_class: str | None  # outcome.classify.FailureClass value
     latency: float  # seconds the transaction took
+    # The message's class (named lane: ``class`` is the failure class) and campaign.
+    lane: str = TRANSACTIONAL
+    campaign: str = ""
 
     @classmethod
     def local(cls, now: float, queue_id: str, recipient: str, destination: str | None,
-              text: str, outcome: str, failure_class: str | None = None) -> "Event":
+              text: str, outcome: str, failure_class: str | None = None,
+              lane: str = TRANSACTIONAL, campaign: str = "") -> "Event":
         """An outcome decided here, with no reply from any server."""
         return cls(now, queue_id, recipient, destination, None, None, 0, 0, None, text, outcome,
-                   failure_class, 0.0)
+                   failure_class, 0.0, lane, campaign)
 
 
 # Event's names as stored (the spool's event columns) and logged (JSON).

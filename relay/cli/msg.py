@@ -34,6 +34,7 @@ is an error (exit 1).
     {"queue_id": "0005F...", "in_queue": true, "deleted": null,
      "sender": "app@example.com",  # "" for <>; null once out of the queue
      "received": 1714557000.5, "size": 1234, "smtputf8": false,
+     "class": "bulk", "campaign": "spring", "tenant": "",  # transactional|bulk; "" = none
      "parts": [{"worker": 0, "state": "active", "coordinator": null}],   # held|active
      "recipients": [{"index": 0, "address": "user@example.com",
                      "domain": "example.com", "worker": 0,
@@ -157,6 +158,9 @@ def _show_text(view: MessageView) -> str:
             f"sender:     <{first.sender}>",
             f"received:   {iso_local(first.received)}",
             f"size:       {first.size} bytes" + (" (SMTPUTF8)" if first.smtputf8 else ""),
+            f"class:      {first.lane}"
+            + (f", campaign {first.campaign}" if first.campaign else "")
+            + (f", tenant {first.tenant}" if first.tenant else ""),
             f"spool:      {spools}",
             "",
             table(
