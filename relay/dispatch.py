@@ -62,7 +62,7 @@ from relay.outcome.events import EventLog
 from relay.outcome.transition import Attempt, Rounds, Verdict
 from relay.spool.format import RecipientState
 from relay.stats.ring import Histogram
-from relay.spool.store import HELD_PREFIX, RecipientUpdate, Spool
+from relay.spool.store import CANCELLED_TEXT, DROPPED_OUTCOMES, HELD_PREFIX, RecipientUpdate, Spool
 
 log = logging.getLogger("relay.deliver")
 trace_log = logging.getLogger("relay.trace")
@@ -77,6 +77,9 @@ CRASH_RECORD_TIMEOUT = 10.0  # a crash not committed by then is not counted
 MAX_ERROR = 500  # characters of an exception's text kept in the spool
 TEST_CRASH_ON = "RELAY_TEST_CRASH_ON"  # the test hook's environment variable
 SUSPENDED_TEXT = "suspended by the operator (relayctl suspend)"
+PAUSED_TEXT = "campaign paused by the operator (relayctl campaign pause)"
+PAUSED, CANCELLED = "paused", "cancelled"  # a campaign's state; absent = active
+LANE_OUTCOMES = ("delivered", "deferred", "bounced")  # counted per lane in the stats ring
 INTERNAL_HEADER = re.compile(rb"^X-Relay-[A-Za-z0-9-]*:", re.IGNORECASE)
 
 Submit = Callable[[Transaction], Awaitable[None]]
@@ -150,6 +153,11 @@ class Dispatcher:
         self.traced: frozenset[str] = frozenset()  # addresses relayctl traces
         self.counters: collections.Counter[str] = collections.Counter()  # names of stats.ring
         self.accept_to_delivered = Histogram()
+        self.accept_to_delivered_by_lane = {lane: Histogram() for lane in LANES}
+        # Campaigns the operator paused or cancelled (name -> state), kept in the spool.
+        self.campaigns: dict[str, str] = {}
+        # Per campaign: outcomes since the worker started (the busiest go to /metrics).
+        self.campaign_counts: dict[str, collections.Counter] = {}
         self._crash_on = os.environ.get(TEST_CRASH_ON) or None  # test hook, see the docstring
 
     def reopen_log(self) -> None:
@@ -175,6 +183,8 @@ class Dispatcher:
         self.suspended = frozenset(orjson.loads(suspended)) if suspended else frozenset()
         traced = await self.spool.get_meta("traced")
         self.traced = frozenset(orjson.loads(traced)) if traced else frozenset()
+        campaigns = await self.spool.get_meta("campaigns")  # relayctl campaign pause|cancel
+        self.campaigns = orjson.loads(campaigns) if campaigns else {}
         effects = await self.spool.get_meta("effects")  # throttles and suspensions outlive a restart
         if effects:
             self.effects.restore([Effect.from_json(e) for e in orjson.loads(effects)], time.time())
@@ -306,6 +316,13 @@ class Dispatcher:
         return self.settings.tls_policy.get(domain, self.settings.deliver.tls)
 
     async def _route(self, job: Job) -> None:
+        campaign = self.campaigns.get(job.campaign) if job.campaign else None
+        if campaign == PAUSED:  # claimed before the pause, or due since
+            await self._hold([job], None, PAUSED_TEXT)
+            return
+        if campaign == CANCELLED:  # its mail that came after the cancel
+            await self._cancel_jobs([job])
+            return
         if job.domain in self.suspended:  # claimed before, or due since the suspension
             await self._hold([job], None, SUSPENDED_TEXT)
             return
@@ -644,8 +661,14 @@ class Dispatcher:
             self.counters[event.outcome] += 1
             if event.failure_class and event.outcome in ("deferred", "bounced"):
                 self.counters[f"{event.outcome}_{event.failure_class}"] += 1
+            if event.outcome in LANE_OUTCOMES:
+                self.counters[f"{event.outcome}_{event.lane}"] += 1
+            if event.campaign:
+                self.campaign_counts.setdefault(event.campaign, collections.Counter())[
+                    "dropped" if event.outcome in DROPPED_OUTCOMES else event.outcome] += 1
             if event.outcome == "delivered" and received is not None:
                 self.accept_to_delivered.observe(now - received)
+                self.accept_to_delivered_by_lane[event.lane].observe(now - received)
 
     async def _complete(self, updates, events, suppress, queue_id: str) -> bool:
         """Commit an outcome, trying again while the spool fails (it may be
@@ -792,3 +815,76 @@ class Dispatcher:
             log.info("%s resumed: %d held recipient(s) due now", domain, released)
         self.wake()
         self._poke.set()
+
+    # -- campaigns (relayctl campaign) ------------------------------------------
+
+    async def campaign(self, action: str, name: str | None) -> dict:
+        """``list``/``show`` this worker's figures; ``pause``, ``resume`` and
+        ``cancel`` change the campaign's state here (kept across restarts;
+        every worker is told) and return ``count``: recipients held,
+        released or cancelled.
+
+        A pause takes the campaign's jobs out of the scheduler and holds its
+        claimed mail (held state, attempts unchanged); later claims of it
+        are held as they come (``_route``).  A cancel ends every waiting
+        recipient with a ``cancelled`` event and no DSN; mail of the
+        campaign that comes later is cancelled too, until ``resume``.
+        Transactions already in flight finish."""
+        now = time.time()
+        count = 0
+        if action in ("pause", "cancel", "resume"):
+            states = dict(self.campaigns)
+            if action == "resume":
+                states.pop(name, None)
+            else:
+                states[name] = PAUSED if action == "pause" else CANCELLED
+            await self.spool.set_meta("campaigns", orjson.dumps(states).decode())
+            self.campaigns = states
+            jobs = self.scheduler.take_campaign(name) if action != "resume" else []
+            if action == "pause":
+                count = sum(len(job.recipients) for job in jobs)
+                if jobs:
+                    await self._hold(jobs, None, PAUSED_TEXT)
+            elif action == "cancel":
+                count = await self._cancel_jobs(jobs)
+                events = await self.spool.cancel_campaign(name, now)
+                self._count(events, None, now)
+                self.event_log.write(events)
+                count += len(events)
+            else:
+                count = await self.spool.release_campaign(name, now)
+            log.info("campaign %s: %s (%d recipient(s))", name, action, count)
+            self.wake()
+            self._poke.set()
+        figures = await self.spool.campaign_figures(name if action != "list" else None)
+        for figure in figures:
+            figure["state"] = self.campaigns.get(figure["name"], "active")
+        return {"count": count, "campaigns": figures,
+                "states": ({name: self.campaigns[name]} if name in self.campaigns else {})
+                if name else dict(self.campaigns)}
+
+    async def _cancel_jobs(self, jobs: list[Job]) -> int:
+        """Claimed jobs of a cancelled campaign end: bounced state, a
+        ``cancelled`` event each, no DSN."""
+        if not jobs:
+            return 0
+        now = time.time()
+        updates, events = [], []
+        for job in jobs:
+            for r in job.recipients:
+                updates.append(RecipientUpdate(r.queue_id, r.index, RecipientState.BOUNCED,
+                                               r.attempts, now, CANCELLED_TEXT))
+                events.append(Event.local(now, r.queue_id, r.address, job.domain, CANCELLED_TEXT,
+                                          "cancelled", None, r.lane, r.campaign))
+        try:
+            done = await self._complete(updates, events, [], jobs[0].queue_id)
+        finally:
+            self._unload([r for job in jobs for r in job.recipients])
+        for job in jobs:
+            held = self.rounds.done(job.queue_id, len(job.recipients))
+            if held is not None:  # a sibling job's bounces waited for this one
+                await self._settle_bounces(job, held)
+        if done:
+            self._count(events, None, now)
+            self.event_log.write(events)
+        return len(events)

@@ -188,6 +188,8 @@ class Worker:
         if op in ("suspend", "resume"):
             await self.dispatcher.suspend(request["domain"], op == "suspend")
             return {"suspended": sorted(self.dispatcher.suspended)}
+        if op == "campaign":
+            return await self.dispatcher.campaign(request["action"], request.get("name"))
         if op == "suspensions":
             return {"suspended": sorted(self.dispatcher.suspended)}
         raise RelayError(f"unknown command {op!r}")

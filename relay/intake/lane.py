@@ -71,10 +71,15 @@ def header_fields(content: bytes) -> dict[str, str]:
     return found
 
 
+def valid_name(value: str) -> bool:
+    """A campaign or tenant name the relay takes (1 to MAX_NAME printable ASCII)."""
+    return len(value) <= MAX_NAME and _NAME.fullmatch(value) is not None
+
+
 def _name(value: str | None) -> str:
     if value is None or value == "":
         return ""
-    if len(value) > MAX_NAME or not _NAME.fullmatch(value):
+    if not valid_name(value):
         raise BadLabel(S550_BAD_CAMPAIGN)
     return value
 
