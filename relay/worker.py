@@ -230,8 +230,11 @@ class Worker:
         histograms = {
             "data_to_250": self.intake.data_to_250.value(),
             "accept_to_delivered": self.dispatcher.accept_to_delivered.value(),
+            **{f"accept_to_delivered_{lane}": histogram.value()
+               for lane, histogram in self.dispatcher.accept_to_delivered_by_lane.items()},
         }
-        self.ring.publish(counters, gauges, histograms, self.dispatcher.busiest(ring.TOP))
+        self.ring.publish(counters, gauges, histograms, self.dispatcher.busiest(ring.TOP),
+                          self.dispatcher.campaign_counts)
 
     def _reload(self) -> None:
         try:

@@ -344,6 +344,7 @@ class Consumer:
             raise
         state.counters["accepted_messages"] += 1
         state.counters["accepted_recipients"] += len(txn.recipients)
+        state.counters[f"accepted_{txn.lane}"] += len(txn.recipients)
         state.counters["accepted_bytes"] += len(txn.body)
         log.info("%s: accepted from=<%s> nrcpt=%d size=%d amqp=%s%s", queue_id, txn.sender,
                  len(txn.recipients), len(txn.body), consumer.queue, " trace" if txn.trace else "")

@@ -281,6 +281,7 @@ class Handler:
             return replies.S451_TRY_AGAIN
         state.counters["accepted_messages"] += 1
         state.counters["accepted_recipients"] += len(envelope.rcpt_tos)
+        state.counters[f"accepted_{labels.lane}"] += len(envelope.rcpt_tos)
         state.counters["accepted_bytes"] += len(transaction.body)
         log.info(
             "%s: accepted from=<%s> nrcpt=%d size=%d client=[%s] class=%s%s%s",

@@ -214,6 +214,7 @@ class HttpIntake:
                     return None
             state.counters["accepted_messages"] += 1
             state.counters["accepted_recipients"] += len(message.recipients)
+            state.counters[f"accepted_{labels.lane}"] += len(message.recipients)
             state.counters["accepted_bytes"] += len(txn.body)
             log.info("%s: accepted from=<%s> nrcpt=%d size=%d client=[%s] http token=%s%s",
                      queue_id, message.sender, len(message.recipients), len(txn.body), ip,
