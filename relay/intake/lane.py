@@ -2,7 +2,7 @@
 
 Input: the message's header section, and the class its way in gives: the
 listener (``[[listen]] class``), the AUTH user (``[[intake.users]]
-class``), the AMQP consumer (``[[amqp.consumers]] class``).  Output:
+class``), the AMQP consumer (``[[amqp.consumer]] class``).  Output:
 ``Labels(lane, campaign, tenant)``, or ``BadLabel`` with the reply for a
 value the relay cannot use.
 

@@ -434,6 +434,13 @@ class SpoolReader:
             for row in self.query(sql, (lo, hi, *params)):
                 yield Event.from_row(self.worker, row)
 
+    def daily(self, since_day: str) -> list[tuple]:
+        """The daily roll-up from ``since_day`` (YYYY-MM-DD, UTC) on:
+        (day, lane, campaign, domain, outcome, count) rows (a small table:
+        one row per day and combination, never the events)."""
+        return self.query("SELECT day, lane, campaign, domain, outcome, count FROM daily"
+                          " WHERE day >= ?", (since_day,))
+
     def failures(self, since: float) -> Iterator[FailureRow]:
         """Failures since ``since`` grouped per chunk of events: a group may
         come once per chunk (relay.cli.spoolread.failure_report merges them)."""

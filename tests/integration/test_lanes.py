@@ -151,6 +151,18 @@ def test_pause_holds_a_campaign_at_the_sink_while_other_mail_flows_then_resume_a
     assert len(sink.received) == 15
     assert relayctl(relay, "campaign", "show", "nothing").returncode == 1
 
+    # The daily roll-up agrees with the events.
+    daily = json.loads(relayctl(relay, "report", "--daily", "--by", "campaign", "--json").stdout)
+    rows = {r["campaign"]: r for r in daily["rows"]}
+    logged = events(relay)
+    for name in ("spring", "autumn", ""):
+        mine = [e for e in logged if e.get("recipient") and (e.get("campaign") or "") == name]
+        assert rows[name]["sent"] == sum(e["outcome"] == "delivered" for e in mine)
+        assert rows[name]["dropped"] == sum(e["outcome"] == "cancelled" for e in mine)
+    assert (rows["spring"]["sent"], rows["autumn"]["dropped"], rows[""]["sent"]) == (10, 6, 5)
+    by_class = json.loads(relayctl(relay, "report", "--daily", "--by", "class", "--json").stdout)
+    assert {r["class"]: r["sent"] for r in by_class["rows"]} == {"bulk": 10, "transactional": 5}
+
 
 def test_classes_and_campaign_states_survive_a_restart(relay_factory):
     relay = relay_factory(workers=2).start()  # no DNS: mail waits in the spool
