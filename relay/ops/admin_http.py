@@ -20,6 +20,8 @@ for relayctl.
     POST /api/admin/suspend  {"domain"}         (and resume)
     GET  /api/admin/trace                       relayctl trace list --json
     POST /api/admin/trace    {"add"?: [...], "remove"?: [...]}
+    GET  /api/admin/shaping                     relayctl shaping --json
+    POST /api/admin/shaping/cancel {"id": N}    relayctl shaping cancel N --json
 
 Statuses: 200; 400 a body that is not a JSON object; 422 a bad field or
 a command the relay refused (``{"error"}``, as relayctl's exit 1); 503 the
@@ -175,6 +177,32 @@ async def get_trace(request: web.Request, settings: Settings) -> tuple[int, dict
         return _failure(exc)
 
 
+async def get_shaping(request: web.Request, settings: Settings) -> tuple[int, dict]:
+    try:
+        return 200, await _blocking(verbs.shaping, settings.relay.run_dir)
+    except (control.ControlError, control.NotRunning) as exc:
+        return _failure(exc)
+
+
+async def cancel_effect(request: web.Request, settings: Settings) -> tuple[int, dict]:
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError as exc:
+        return 400, {"error": f"malformed JSON: {exc}"}
+    if not isinstance(body, dict):
+        return 400, {"error": "the request body must be a JSON object"}
+    unknown = sorted(set(body) - {"id"})
+    if unknown:
+        return 422, {"error": f"{unknown[0]}: unknown field"}
+    effect_id = body.get("id")
+    if not isinstance(effect_id, int) or isinstance(effect_id, bool) or effect_id < 0:
+        return 422, {"error": "id: required, the effect's id (a whole number, from GET shaping)"}
+    try:
+        return 200, await _blocking(verbs.shaping_cancel, settings.relay.run_dir, effect_id)
+    except (control.ControlError, control.NotRunning) as exc:
+        return _failure(exc)
+
+
 async def get_openapi(request: web.Request, settings: Settings) -> tuple[int, dict]:
     return 200, openapi.document()
 
@@ -188,6 +216,8 @@ def routes() -> tuple[Route, ...]:
         Route("GET", "/api/admin/show/{queue_id}", get_show, READ),
         Route("GET", "/api/admin/grep", get_grep, READ),
         Route("GET", "/api/admin/report", get_report, READ),
+        Route("GET", "/api/admin/shaping", get_shaping, READ),
+        Route("POST", "/api/admin/shaping/cancel", cancel_effect, ADMIN),
         Route("GET", "/api/openapi.json", get_openapi),
     ]
     found += [Route("POST", f"/api/admin/{op}", _command_route(op), ADMIN) for op in COMMAND_FIELDS]

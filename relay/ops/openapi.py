@@ -135,6 +135,16 @@ def document() -> dict:
             {"name": "since", "in": "query", "schema": {"type": "string", "example": "1h"}},
         ]),
     }
+    paths["/api/admin/shaping"] = _read("relayctl shaping --json")
+    paths["/api/admin/shaping/cancel"] = {"post": {
+        "summary": "relayctl shaping cancel ID --json",
+        "security": [{"bearer": []}],
+        "requestBody": {"required": True, **_json({
+            "type": "object", "additionalProperties": False, "required": ["id"],
+            "properties": {"id": {"type": "integer", "minimum": 0}}})},
+        "responses": {"200": {"description": "the effect cancelled", **_json({"type": "object"})},
+                      **_errors(400, 401, 403, 422, 429, 503)},
+    }}
     for op in ("flush", "requeue", "delete", "suspend", "resume"):
         paths[f"/api/admin/{op}"] = _command(op)
     return {

@@ -78,6 +78,17 @@ def command(run_dir: str, request: dict) -> dict:
     return control.request(run_dir, request)
 
 
+def shaping(run_dir: str) -> dict:
+    """``relayctl shaping --json``: effects in force and each site's limits,
+    from every worker."""
+    return control.request(run_dir, {"op": "shaping"})
+
+
+def shaping_cancel(run_dir: str, effect_id: int) -> dict:
+    """``relayctl shaping cancel ID --json``; ControlError for an unknown id."""
+    return control.request(run_dir, {"op": "shaping_cancel", "id": effect_id})
+
+
 class NotFound(Exception):
     """``show`` of a queue id no spool knows, or whose body is gone."""
 

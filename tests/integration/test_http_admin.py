@@ -103,6 +103,17 @@ def test_commands_answer_as_relayctl_does(relay):
     assert set(ctl_json(relay, "flush")) == set(flushed)
 
 
+def test_shaping_is_what_relayctl_prints_and_cancel_checks_its_id(relay):
+    status, answer = request(relay.http_port, "GET", "/api/admin/shaping", token="read")
+    assert status == 200 and answer["effects"] == ctl_json(relay, "shaping")["effects"] == []
+    assert request(relay.http_port, "POST", "/api/admin/shaping/cancel", {"id": 1}, token="read")[0] == 403
+    status, refused = request(relay.http_port, "POST", "/api/admin/shaping/cancel", {"id": 256})
+    assert status == 422 and "no effect 256" in refused["error"]
+    for bad in ({}, {"id": "1"}, {"id": True}, {"id": -1}, {"id": 1, "why": "x"}):
+        status, answer = request(relay.http_port, "POST", "/api/admin/shaping/cancel", bad)
+        assert status == 422, bad
+
+
 def test_stats_is_what_relayctl_prints(relay):
     status, answer = request(relay.http_port, "GET", "/api/admin/stats", token="read")
     assert status == 200
