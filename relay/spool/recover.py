@@ -7,8 +7,10 @@ every spool database holding exactly the mail of its worker's slots.
    settled: if any spool holds the coordinator's decision the part is
    released, otherwise the client never got a 250 and the part is dropped.
 2. Mail whose slot now belongs to another worker (the worker count changed)
-   moves to its new owner, with the suppression list entries and delivery
-   events of its domains: copied and committed there first, then deleted
+   moves to its new owner, with the suppression list entries, delivery
+   events and daily roll-up rows of its domains (campaign rows are copied
+   to every owner, and the campaign states the operator set are merged
+   into every spool: they apply in every worker): copied and committed there first, then deleted
    at the source.  A crash in between leaves a copy on both sides, and the
    next run's INSERT OR IGNORE makes the copy a no-op before the delete.
 3. Databases of workers that no longer exist are removed once empty.
@@ -20,6 +22,8 @@ import glob
 import logging
 import os
 import re
+
+import orjson
 
 from relay.intake.policy import BadDomain, routing_domain
 from relay.route.shard import slot_of
@@ -53,6 +57,7 @@ def recover(spool_dir: str, workers: int) -> dict[str, int]:
         for worker, path in sorted(paths.items()):
             conns[worker] = connect(path)  # a damaged or newer file: SpoolError naming it
             conns[worker].create_function("address_slot", 1, _address_slot, deterministic=True)
+            conns[worker].create_function("domain_slot", 1, _domain_slot, deterministic=True)
         _settle_held(conns, paths, counts)
         # Re-homing reads every row: only when the worker count changed.
         recorded = {}
@@ -63,6 +68,7 @@ def recover(spool_dir: str, workers: int) -> dict[str, int]:
             for source, conn in conns.items():
                 with reporting(paths[source]):  # targets were checked by connect() above
                     _rehome(source, conn, conns, workers, counts)
+            _merge_campaign_states(conns)
             for conn in conns.values():
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('workers', ?)", (str(workers),))
     finally:
@@ -125,6 +131,24 @@ def _address_slot(address: str) -> int:
         return 0
 
 
+def _domain_slot(domain: str) -> int:
+    return _address_slot("@" + domain)
+
+
+def _merge_campaign_states(conns: dict) -> None:
+    """relayctl campaign pause|cancel, as every spool recorded it, into every
+    spool: a worker new after a worker-count change applies them too."""
+    states: dict[str, str] = {}
+    for conn in conns.values():
+        row = conn.execute("SELECT value FROM meta WHERE key = 'campaigns'").fetchone()
+        if row:
+            states.update(orjson.loads(row[0]))
+    if states:
+        for conn in conns.values():
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('campaigns', ?)",
+                         (orjson.dumps(states).decode(),))
+
+
 def _rehome(source: int, conn, conns: dict, workers: int, counts: dict[str, int]) -> None:
     # "slot % workers" in SQL is route.shard.owner_of(slot, workers).
     targets = {
@@ -133,6 +157,7 @@ def _rehome(source: int, conn, conns: dict, workers: int, counts: dict[str, int]
             "SELECT DISTINCT slot % ? FROM recipient",
             "SELECT DISTINCT address_slot(address) % ? FROM suppression",
             "SELECT DISTINCT address_slot(recipient) % ? FROM event",
+            "SELECT DISTINCT domain_slot(domain) % ? FROM daily",
         )
         for row in conn.execute(query, (workers,))
     }
@@ -164,11 +189,24 @@ def _rehome(source: int, conn, conns: dict, workers: int, counts: dict[str, int]
             )
             dest.execute(
                 "INSERT INTO main.event (time, queue_id, recipient, destination, mx, source_ip,"
-                " tls, code, enhanced, text, outcome, class, latency)"
+                " tls, code, enhanced, text, outcome, class, latency, lane, campaign)"
                 " SELECT time, queue_id, recipient, destination, mx, source_ip, tls, code,"
-                " enhanced, text, outcome, class, latency FROM src.event"
+                " enhanced, text, outcome, class, latency, lane, campaign FROM src.event"
                 " WHERE address_slot(recipient) % ? = ?",
                 (workers, target),
+            )
+            # Counts add up: unlike the rows above, a crash between this commit
+            # and the source's delete would count these twice (a known gap).
+            dest.execute(
+                "INSERT INTO main.daily SELECT * FROM src.daily WHERE domain_slot(domain) % ? = ?"
+                " ON CONFLICT (day, lane, campaign, domain, outcome)"
+                " DO UPDATE SET count = count + excluded.count",
+                (workers, target),
+            )
+            dest.execute(
+                "INSERT INTO main.campaign SELECT * FROM src.campaign WHERE true"
+                " ON CONFLICT (name) DO UPDATE SET first = min(first, excluded.first),"
+                " last = max(last, excluded.last)"
             )
             dest.execute("COMMIT")
         finally:
@@ -178,6 +216,7 @@ def _rehome(source: int, conn, conns: dict, workers: int, counts: dict[str, int]
         conn.execute("DELETE FROM recipient WHERE slot % ? = ?", (workers, target))
         conn.execute("DELETE FROM suppression WHERE address_slot(address) % ? = ?", (workers, target))
         conn.execute("DELETE FROM event WHERE address_slot(recipient) % ? = ?", (workers, target))
+        conn.execute("DELETE FROM daily WHERE domain_slot(domain) % ? = ?", (workers, target))
         conn.execute(
             "DELETE FROM body WHERE id NOT IN (SELECT message_id FROM recipient)"
         )
@@ -198,7 +237,7 @@ def _remove_if_empty(path: str) -> None:
     try:
         left = sum(
             conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-            for table in ("message", "suppression", "event")
+            for table in ("message", "suppression", "event", "daily")
         )
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:

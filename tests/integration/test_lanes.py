@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from relay.route.shard import owner_of, slot_of
+
 from support import deliver_relay, events, free_port, inject, relayctl, wait_events, wait_for
 from test_shaping import domains_of_both_workers
 
@@ -175,3 +177,15 @@ def test_classes_and_campaign_states_survive_a_restart(relay_factory):
     assert shown(relay, bulk)["class"] == "bulk" and shown(relay, bulk)["campaign"] == "winter"
     assert shown(relay, plain)["class"] == "transactional"
     assert campaigns(relay)["winter"]["state"] == "paused"
+    # Three workers: parts are re-homed with their class; the pause applies in the new worker too.
+    relay.stop()
+    relay.workers = 3
+    relay.write_config()
+    relay.start()
+    view = shown(relay, bulk)
+    assert view["class"] == "bulk" and view["campaign"] == "winter"
+    assert {r["worker"] for r in view["recipients"]} == {owner_of(slot_of(d), 3)
+                                                         for d in ("one.example", "two.example")}
+    assert shown(relay, plain)["class"] == "transactional"
+    listed = campaigns(relay)["winter"]
+    assert listed["state"] == "paused" and listed["queued"] + listed["held"] == 2
