@@ -189,3 +189,29 @@ def test_classes_and_campaign_states_survive_a_restart(relay_factory):
     assert shown(relay, plain)["class"] == "transactional"
     listed = campaigns(relay)["winter"]
     assert listed["state"] == "paused" and listed["queued"] + listed["held"] == 2
+
+
+def test_a_transactional_message_overtakes_a_bulk_backlog_to_the_same_site(relay_factory, net):
+    from relay.testing.fakenet import Behaviour
+
+    [sink] = net.add_domain("busy.example", ["127.0.0.31"], behaviour=Behaviour(data_delay=0.3))
+    relay = deliver_relay(relay_factory, net, workers=1,
+                          deliver={"max_loaded": 20, "bulk_loaded_share": 0.5},
+                          shaping={"busy.example": {"connection_limit": 2,
+                                                    "transactional_share": 0.5}})
+    with smtplib.SMTP("127.0.0.1", relay.port) as smtp:
+        for i in range(100):
+            smtp.sendmail(SENDER, [f"b{i}@busy.example"], message("X-Relay-Campaign: backlog"))
+    time.sleep(0.5)  # the backlog fills the bulk room and both connections
+    sent = time.time()
+    inject(relay, SENDER, ["signup@busy.example"], message())
+    wait_for(lambda: any(r.rcpt_tos == ("signup@busy.example",) for r in sink.received),
+             timeout=10, what="the transactional message at the sink")
+    waited = time.time() - sent
+    bulk_done = sum(1 for r in sink.received if r.rcpt_tos[0].startswith("b"))
+    print(f"\ntransactional delivered {waited:.2f}s after injection, {bulk_done}/100 bulk done")
+    assert waited < 2.0 and bulk_done < 60  # FIFO would have put it behind ~15 s of bulk
+    stats = json.loads(relayctl(relay, "stats", "--json").stdout)
+    assert stats["counters"]["accepted_bulk"] == 100 and stats["counters"]["accepted_transactional"] == 1
+    wait_for(lambda: json.loads(relayctl(relay, "stats", "--json").stdout)["counters"][
+        "delivered_transactional"] == 1, timeout=5, what="delivered_transactional in the ring")
