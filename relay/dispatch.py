@@ -9,8 +9,11 @@ also go to ``event_log_dir/delivery-N.jsonl`` as JSON lines.
 
 Theory of operation.  Only mail that is due is loaded: ``claim_due`` takes
 up to ``deliver.max_loaded`` recipients (metadata only; a body is read when
-its transaction starts) and marks them as being sent.  Claimed recipients
-become jobs in their destination's queue (deliver.queue).  A sender task
+its transaction starts), transactional ones first and bulk ones within
+``bulk_loaded_share`` of it, and marks them as being sent.  Claimed
+recipients become jobs in their destination's queue (deliver.queue,
+deliver.lanes); a paused campaign's (or a suspended domain's) are held
+instead, a cancelled campaign's end with a ``cancelled`` event.  A sender task
 takes a pooled connection or opens one from the next of this worker's
 source IPs (round robin), then sends job after job until the queue is
 empty or the connection has carried ``max_messages_per_connection``.
