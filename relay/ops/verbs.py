@@ -89,6 +89,16 @@ def shaping_cancel(run_dir: str, effect_id: int) -> dict:
     return control.request(run_dir, {"op": "shaping_cancel", "id": effect_id})
 
 
+def campaign(run_dir: str, action: str, name: str | None = None) -> dict:
+    """``relayctl campaign ACTION [NAME] --json``: every worker's figures
+    summed; pause/resume/cancel applied in every worker.  ControlError for
+    an unknown campaign (show) or a bad name."""
+    request = {"op": "campaign", "action": action}
+    if name:
+        request["name"] = name
+    return control.request(run_dir, request)
+
+
 class NotFound(Exception):
     """``show`` of a queue id no spool knows, or whose body is gone."""
 
