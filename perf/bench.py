@@ -50,7 +50,7 @@ from perf import deferred as deferred_spool
 from perf.http_load import HttpGenerator
 from perf.farm import Farm
 from perf.loadgen import Generator, sources
-from perf.mta import Postfix, Relay, free_port, postfix_path
+from perf.mta import Cluster, Postfix, Relay, free_port, postfix_path
 from perf.scenarios import Scenario
 
 GENERATOR_SOURCES = 8  # 127.0.1.1 .. 127.0.1.8
@@ -146,7 +146,7 @@ async def drive(scenario: Scenario, server, farm: Farm, label: str, run_tag: str
     for the deliveries, and measure; returns the run's figures."""
     if http is None:
         generator = Generator("127.0.0.1", server.port, sources=sources(GENERATOR_SOURCES),
-                              run_tag=run_tag)
+                              run_tag=run_tag, ports=getattr(server, "ports", ()))
     else:
         generator = HttpGenerator("127.0.0.1", http[0], http[1], run_tag=run_tag)
     total_messages = sum(s.messages for s in scenario.streams)
@@ -197,8 +197,9 @@ async def drive(scenario: Scenario, server, farm: Farm, label: str, run_tag: str
             "sinks": round(procstat.cpu_seconds(farm.pid) - cpu_sinks, 2),
         },
         "sampled_peak_pss_bytes": peak_pss,
-        "peak_rss_bytes": sum(server.peak_rss()) if isinstance(server, Relay) else None,
-        "peak_rss_per_worker_bytes": server.peak_rss() if isinstance(server, Relay) else None,
+        "peak_rss_bytes": sum(server.peak_rss()) if isinstance(server, (Relay, Cluster)) else None,
+        "peak_rss_per_worker_bytes": (server.peak_rss() if isinstance(server, (Relay, Cluster))
+                                      else None),
         "outbound_connections": sinks.connections_opened,
         "outbound_transactions": sinks.transactions,
         "errors": dict(generator.errors.most_common(10)),
@@ -324,7 +325,11 @@ def run_once(scenario: Scenario, kind: str, args, workdir: str, index: int,
     with Farm(scenario.layout) as farm:
         routes = scenario.layout.routes(farm.mx_port) if args.vs_postfix else None
         http = None
-        if kind == "postfix":
+        if kind.startswith("hosts-"):
+            server = Cluster(workdir, hosts=int(kind.split("-")[1]), workers=scenario.workers or 1,
+                             deliver_to=farm.config_overrides(), amqp_url=amqp_load.URL,
+                             overrides=dict(scenario.relay_overrides), tree=args.relay_tree)
+        elif kind == "postfix":
             server = Postfix(workdir, routes=routes,
                              concurrency=RELAY_CONNECTIONS_PER_DESTINATION * args.workers,
                              messages_per_connection=100)
@@ -415,6 +420,10 @@ def variants(scenario: Scenario, args) -> list[tuple[str, str, bool]]:
                   file=sys.stderr)
         return [(f"{intake}/{stream.name}", "relay", False)
                 for stream in scenario.streams for intake in ("smtp", scenario.intake)]
+    if scenario.cluster:
+        if args.vs_postfix:
+            print("--vs-postfix: not for cluster (it compares cluster sizes)", file=sys.stderr)
+        return [(f"hosts-{n}", f"hosts-{n}", False) for n in range(1, scenario.cluster + 1)]
     if scenario.deferred:
         if args.vs_postfix:
             print("--vs-postfix: not for deferred-1m (it compares the relay with itself)", file=sys.stderr)
@@ -482,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         return idle.main(args)
     scenario = scenarios.build(args.scenario, args.quick)
     sides = variants(scenario, args)
-    if scenario.intake == "amqp":
+    if scenario.intake == "amqp" or scenario.cluster:
         try:
             asyncio.run(_check_broker())
         except amqp_load.Unreachable as exc:
@@ -542,6 +551,13 @@ def main(argv: list[str] | None = None) -> int:
         result["ratios"] = found
     print(f"\n{scenario.name}{' (quick)' if args.quick else ''}: median of {args.runs} run(s)")
     print(report.table(columns))
+    if scenario.cluster:
+        print("\ncluster: CPU per delivered message (every instance's process tree):")
+        for label, figures in medians.items():
+            delivered = figures.get("delivered") or 0
+            cpu = (figures.get("cpu_seconds") or {}).get("server")
+            if delivered and cpu is not None:
+                print(f"  {label}: {cpu / delivered * 1000:.2f} ms")
     if scenario.intake == "amqp":
         print("\namqp: injected/s is consumed->spooled (first consumption to every message acked,"
               " ring read every 0.25 s), delivered/s consumed->delivered; no per-message latencies")

@@ -245,12 +245,14 @@ class Generator:
     port: int
     sources: tuple[str, ...] = ("127.0.0.1",)
     seed: int = 1
+    ports: tuple[int, ...] = ()  # several servers (a cluster): connections go round robin
     run_tag: str = "run"
     injections: list[Injection] = field(default_factory=list)
     errors: collections.Counter = field(default_factory=collections.Counter)
 
     def __post_init__(self) -> None:
         self._next_source = itertools.count()
+        self._next_port = itertools.count()
 
     def _source(self) -> str:
         return self.sources[next(self._next_source) % len(self.sources)]
@@ -303,7 +305,8 @@ class Generator:
 
     async def _open(self) -> Client | None:
         try:
-            return await connect(self.host, self.port, self._source())
+            port = self.ports[next(self._next_port) % len(self.ports)] if self.ports else self.port
+            return await connect(self.host, port, self._source())
         except (ConnectionError, OSError, asyncio.TimeoutError, ReplyError) as exc:
             self.errors[f"connect: {exc}"[:60]] += 1
             await asyncio.sleep(0.1)

@@ -316,3 +316,87 @@ class Postfix:
         if os.path.exists(f"/proc/{master}"):
             self._postfix("abort", check=False)
         return 0
+
+
+# -- a cluster of relays ----------------------------------------------------------
+
+
+class Cluster:
+    """``hosts`` relay instances on this machine sharing the local RabbitMQ
+    ([cluster]): each with its own port, spool, run dir and source IP
+    (127.0.3.<index+1>), its shard queues named for this run and deleted
+    at the end.  The generator spreads its connections over every
+    instance's port; figures are the sum over the instances."""
+
+    name = "relay"
+
+    def __init__(self, directory: str, *, hosts: int, workers: int, deliver_to: dict,
+                 amqp_url: str, overrides: dict | None = None, tree: str | None = None) -> None:
+        self.prefix = f"relay-bench-{os.path.basename(directory)}-shard"
+        self.amqp_url = amqp_url
+        self.hosts = hosts
+        self.relays = []
+        for index in range(hosts):
+            sub = os.path.join(directory, f"host{index}")
+            os.makedirs(sub)
+            cluster = {"hosts": hosts, "index": index, "amqp_url": amqp_url,
+                       "queue_prefix": self.prefix}
+            extra = {**(overrides or {}), "relay": {"source_ips": [f"127.0.3.{index + 1}"]}}
+            if hosts > 1:
+                extra["cluster"] = cluster
+            self.relays.append(Relay(sub, workers=workers, deliver_to=deliver_to, overrides=extra,
+                                     tree=tree))
+        self.port = self.relays[0].port
+        self.ports = tuple(relay.port for relay in self.relays)
+
+    @property
+    def spool_dir(self) -> str:
+        return self.relays[0].spool_dir
+
+    @property
+    def root_pid(self) -> int:
+        return self.relays[0].root_pid
+
+    def start(self) -> "Cluster":
+        for relay in self.relays:
+            relay.start()
+        return self
+
+    def cpu_seconds(self) -> float:
+        return sum(relay.cpu_seconds() for relay in self.relays)
+
+    def rss_bytes(self) -> int:
+        return sum(relay.rss_bytes() for relay in self.relays)
+
+    def pss_bytes(self) -> int:
+        return sum(relay.pss_bytes() for relay in self.relays)
+
+    def peak_rss(self) -> list[int]:
+        return [rss for relay in self.relays for rss in relay.peak_rss()]
+
+    def stop(self, timeout: float = 60.0) -> int:
+        codes = [relay.stop(timeout) for relay in self.relays]
+        if self.hosts > 1:
+            _delete_queues(self.amqp_url, [f"{self.prefix}.{i}{bad}" for i in range(self.hosts)
+                                           for bad in ("", ".bad")])
+        return max(codes)
+
+
+def _delete_queues(url: str, names: list[str]) -> None:
+    import asyncio
+
+    import aio_pika
+
+    async def go():
+        connection = await aio_pika.connect(url, timeout=10)
+        try:
+            for name in names:
+                channel = await connection.channel()
+                try:
+                    await channel.queue_delete(name)
+                except Exception:  # not declared (a host that never started): nothing to delete
+                    pass
+        finally:
+            await connection.close()
+
+    asyncio.run(go())

@@ -31,6 +31,7 @@ class Scenario:
     deferred: int = 0  # deferred-1m: messages already deferred in the spool
     intake: str = ""  # http or amqp: run that intake against SMTP with the same messages
     workers: int = 0  # relay workers when the scenario fixes them; 0 = --workers
+    cluster: int = 0  # cluster: run 1, 2, ... this many relay instances sharing the broker
 
 
 def _domains(farm: Layout) -> tuple[str, ...]:
@@ -174,6 +175,19 @@ def amqp_intake(quick: bool) -> Scenario:
     )
 
 
+def cluster(quick: bool) -> Scenario:
+    farm = layout(domains=100, sites=20)
+    messages = 1_500 if quick else 12_000
+    return Scenario(
+        "cluster", "1 recipient, 2 KB, 100 domains on 20 MX hosts, 60 connections spread over"
+        " 1, 2 and 3 relay instances ([cluster] on the local RabbitMQ, 1 worker each)",
+        farm,
+        (Stream("transactional", messages, _domains(farm), concurrency=60),),
+        time_limit=60 if quick else 600, drain_limit=60 if quick else 180,
+        cluster=3, workers=1,
+    )
+
+
 SCENARIOS = {
     "transactional": transactional,
     "bulk": bulk,
@@ -185,6 +199,7 @@ SCENARIOS = {
     "deferred-1m": deferred_1m,
     "http-inject": http_inject,
     "amqp-intake": amqp_intake,
+    "cluster": cluster,
 }
 
 # Not a Scenario: a flow of its own (perf.idle).

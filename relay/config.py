@@ -322,6 +322,19 @@ STATS_KEYS = _keys(
     Key("metrics_address", _str, "", '"127.0.0.1:9425" to serve /metrics; empty = off', reload=False),
 )
 
+CLUSTER_KEYS = _keys(
+    Key("hosts", _int(1, 64), 1, "relay hosts sharing the slots (1 = no cluster)", reload=False),
+    Key("index", _int(0, 63), 0, "this host, 0-based: it owns the slots s with s % hosts == index",
+        reload=False),
+    Key("amqp_url", _str, "", "broker of the shard queues relay.shard.<index> (amqp:// or amqps://)",
+        reload=False),
+    Key("queue_prefix", _str, "relay.shard", "shard queues are <queue_prefix>.<index>", reload=False),
+    Key("queue_type", _choice("classic", "quorum"), "quorum", "x-queue-type of the shard queues",
+        reload=False),
+    Key("prefetch", _int(1, 65535), 64, "unacked shard messages this host takes at once",
+        reload=False),
+)
+
 UNLIMITED = ""  # a rate key's default: no limit
 
 _RATE = re.compile(r"^\s*([0-9][0-9_,]*)\s*/\s*(s|sec|second|m|min|minute|h|hr|hour|d|day)\s*$")
@@ -473,6 +486,7 @@ Token = _section_class("Token", TOKEN_KEYS)
 DnsSettings = _section_class("DnsSettings", DNS_KEYS)
 DeliverSettings = _section_class("DeliverSettings", DELIVER_KEYS)
 StatsSettings = _section_class("StatsSettings", STATS_KEYS)
+ClusterSettings = _section_class("ClusterSettings", CLUSTER_KEYS)
 
 
 DkimIdentity = _section_class("DkimIdentity", DKIM_KEYS)
@@ -578,6 +592,7 @@ class Settings:
     dns: Any  # DnsSettings
     deliver: Any  # DeliverSettings
     stats: Any  # StatsSettings
+    cluster: Any = field(default_factory=ClusterSettings)  # [cluster]
     routes: dict = field(default_factory=dict)  # domain -> (host, port)
     tls_policy: dict = field(default_factory=dict)  # domain -> none|opportunistic|required|verify
     dkim: tuple = ()  # of DkimIdentity
@@ -634,7 +649,7 @@ TOP_LEVEL = (
     "relay", "listen", "tls", "intake", "dns", "deliver", "routes", "tls_policy", "stats", "dkim",
     "shaping",
     "http",
-    "amqp", "webhook",
+    "amqp", "webhook", "cluster",
 )
 # Old [deliver] keys that are now defaults of [shaping.default].
 DEPRECATED_DELIVER_KEYS = {
@@ -731,6 +746,13 @@ def from_dict(raw: dict, source: str = "", base_dir: str | None = None) -> Setti
         if len(set(names)) != len(names):
             raise ConfigError("[[http.tokens]] name: every token needs a name of its own")
     amqp = _amqp(raw.get("amqp", {}))
+    cluster = ClusterSettings(**_section("[cluster]", raw.get("cluster", {}), CLUSTER_KEYS, None))
+    if cluster.index >= cluster.hosts:
+        raise ConfigError(f"[cluster] index: expected 0 to {cluster.hosts - 1} (hosts = {cluster.hosts}),"
+                          f" got {cluster.index}")
+    if cluster.hosts > 1 and not cluster.amqp_url.startswith(("amqp://", "amqps://")):
+        raise ConfigError("[cluster] amqp_url: a cluster (hosts > 1) needs an amqp:// or amqps:// URL,"
+                          f" got {cluster.amqp_url!r}")
     webhooks = tuple(
         Webhook(**_section("[[webhook]]", item, WEBHOOK_KEYS, base_dir))
         for item in _array("[[webhook]]", raw.get("webhook", []))
@@ -745,6 +767,7 @@ def from_dict(raw: dict, source: str = "", base_dir: str | None = None) -> Setti
     if len({hook.url for hook in webhooks}) != len(webhooks):
         raise ConfigError("[[webhook]] url: the same url twice")
     return Settings(
+        cluster=cluster,
         amqp=amqp,
         webhooks=webhooks,
         relay=relay,
@@ -813,6 +836,7 @@ SECTIONS = {
     "dns": DNS_KEYS,
     "deliver": DELIVER_KEYS,
     "stats": STATS_KEYS,
+    "cluster": CLUSTER_KEYS,
 }
 
 
@@ -937,6 +961,7 @@ def to_document(settings: Settings) -> dict[str, Any]:
     doc["routes"] = {domain: format_hostport(hop) for domain, hop in settings.routes.items()}
     doc["tls_policy"] = dict(settings.tls_policy)
     doc["stats"] = _table(settings.stats, STATS_KEYS)
+    doc["cluster"] = _table(settings.cluster, CLUSTER_KEYS)
     if settings.dkim:
         doc["dkim"] = [_table(identity, DKIM_KEYS) for identity in settings.dkim]
     shaping = settings.shaping

@@ -113,10 +113,32 @@ class ControlPlane:
                 return self._shaping(request)
             if op == "campaign":
                 return self._campaign(request)
+            if op == "cluster":
+                return self._cluster()
         except (OSError, ValueError) as exc:
             log.warning("relayctl %s failed: %s", op, exc)
             return {"ok": False, "error": f"{op} failed: {exc}"}
         return {"ok": False, "error": f"unknown request {op!r}"}
+
+    def _cluster(self) -> dict:
+        """This host's place in the cluster, each worker's link, and every
+        shard queue's depth (worker 0 asks the broker)."""
+        cluster = self.settings.cluster
+        if cluster.hosts == 1:
+            return {"ok": False, "error": "this relay is not in a cluster ([cluster] hosts = 1)"}
+        links, queues = [], []
+        for worker in range(self.workers):
+            answer = request_blocking(socket_path(self.settings.relay.run_dir, worker),
+                                      {"op": "cluster", "queues": worker == 0}, WORKER_TIMEOUT)
+            if not answer.get("ok"):
+                return {"ok": False, "error": answer.get("error") or f"worker {worker} refused cluster"}
+            links.append(answer["cluster"])
+            queues = answer.get("queues", queues)
+        totals = {name: sum(link[name] for link in links)
+                  for name in ("published", "publish_failed", "consumed", "duplicates", "nacked", "bad")}
+        return {"ok": True, "host": cluster.index, "hosts": cluster.hosts, **totals,
+                "last_error": next((link["last_error"] for link in links if link["last_error"]), ""),
+                "workers": links, "queues": queues}
 
     def _shaping(self, request: dict) -> dict:
         """Every worker's effects and sites; a cancel goes to the effect's
@@ -185,7 +207,7 @@ class ControlPlane:
                 domain = request["domain"] = routing_domain(domain)
             except BadDomain:
                 return {"ok": False, "error": f"not a valid domain: {domain!r}"}
-            targets = [owner_of(slot_of(domain), self.workers)]
+            targets = [owner_of(slot_of(domain), self.workers, self.settings.cluster.hosts)]
         else:
             targets = list(range(self.workers))
         answers = {}

@@ -133,7 +133,9 @@ class Dispatcher:
         self.source_ips = worker_source_ips(settings.relay.source_ips, worker, workers)
         self._next_source = itertools.count()
         self.effects = Effects(settings.shaping.rules, worker)
-        self.scheduler = Scheduler(settings.shaping, workers, self.effects,
+        # A site's shared limits are split between every worker of every
+        # host that may send to it (a cluster's hosts each own some domains).
+        self.scheduler = Scheduler(settings.shaping, workers * settings.cluster.hosts, self.effects,
                                    idle_timeout=deliver.connection_idle_timeout,
                                    spawn_after=deliver.spawn_after,
                                    max_sessions=deliver.max_sessions,

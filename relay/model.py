@@ -67,7 +67,8 @@ class Transaction:
 
 class QueueIds:
     """Unique, time-ordered queue ids: 13 hex digits of microseconds,
-    2 of worker id, 3 of a counter that starts at a random point."""
+    2 of the generator (worker, or host and worker in a cluster), 3 of a
+    counter that starts at a random point."""
 
     def __init__(self, worker: int) -> None:
         self._worker = worker & 0xFF

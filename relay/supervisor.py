@@ -319,7 +319,8 @@ def prepare(settings: config.Settings):
     metrics_sock = preflight.open_metrics_socket(settings.stats.metrics_address)
     try:
         os.makedirs(settings.relay.run_dir, exist_ok=True)
-        recover(settings.relay.spool_dir, settings.worker_count)
+        recover(settings.relay.spool_dir, settings.worker_count, settings.cluster.hosts,
+                settings.cluster.index)
     except BaseException:
         if metrics_sock is not None:
             metrics_sock.close()

@@ -36,7 +36,9 @@ from relay.intake.http.server import HttpIntake
 from relay.intake.listener import open_listen_sockets, server_tls_context
 from relay.model import Transaction
 from relay.ops import admin_http
+from relay.route.cluster import ClusterLink
 from relay.route.forward import Router
+from relay.spool.known import Parts
 from relay.spool.seen import IntakeIndex
 from relay.spool.store import Spool
 from relay.stats import ring
@@ -77,7 +79,8 @@ class Worker:
         self.signer = Signer.from_identities(settings.dkim)
         self.spool = Spool(settings.relay.spool_dir, self.index)
         await self.spool.open()
-        self.router = Router(self.index, self.workers, self.spool, settings.relay.run_dir)
+        self.router = Router(self.index, self.workers, self.spool, settings.relay.run_dir,
+                             settings.cluster.hosts, settings.cluster.index)
         await self.router.serve()
         clients = None
         if self.clients is not None:
@@ -85,6 +88,13 @@ class Worker:
         self.intake = IntakeState(
             settings, self.index, self.accept, server_tls_context(settings.tls), clients
         )
+        self.cluster = self.known = None
+        if settings.cluster.hosts > 1:  # [cluster]: other hosts' parts through the broker
+            self.known = Parts(settings.relay.spool_dir)
+            self.cluster = ClusterLink(settings, self.index, self.router.submit_here,
+                                       self.known.committed, self.intake.counters)
+            self.router.publish = self.cluster.publish
+            self.cluster.start()
         self.seen = IntakeIndex(settings.relay.spool_dir)  # AMQP redeliveries, in every spool
         self.amqp = AmqpIntake(settings, self.intake, self.spool, self.seen.find)
         self.amqp.start()
@@ -121,6 +131,9 @@ class Worker:
         self._publish_once()
         await self.dispatcher.close()
         await self.router.close()
+        if self.cluster is not None:
+            await self.cluster.close()
+            self.known.close()
         self.seen.close()
         await self.spool.close()
         log.info("worker %d stopped", self.index)
@@ -132,6 +145,8 @@ class Worker:
         deadline = self._deadline = time.monotonic() + self.settings.relay.shutdown_timeout
         self.intake.drain()
         await self.amqp.stop(max(deadline - time.monotonic(), 0.1))
+        if self.cluster is not None:
+            await self.cluster.stop_consuming(max(deadline - time.monotonic(), 0.1))
         log.info("worker %d draining %d sessions", self.index, len(self.intake.sessions))
         while self.intake.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -183,6 +198,13 @@ class Worker:
             if cancelled is None:
                 raise RelayError(f"no effect {request['id']} in force")
             return {"cancelled": cancelled}
+        if op == "cluster":
+            if self.cluster is None:
+                raise RelayError("this relay is not in a cluster ([cluster] hosts = 1)")
+            answer = {"cluster": self.cluster.status()}
+            if request.get("queues") and self.cluster.connected:
+                answer["queues"] = await self.cluster.queues()
+            return answer
         if op == "amqp":
             return {"amqp": {"consumers": self.amqp.status(), "feeds": self.feeds.status()}}
         if op in ("suspend", "resume"):
@@ -226,6 +248,7 @@ class Worker:
             "outbound_connections": self.dispatcher.outbound_connections(),
             **self.feeds.gauges(),
             **self.amqp.gauges(),
+            **(self.cluster.gauges() if self.cluster is not None else {}),
         }
         histograms = {
             "data_to_250": self.intake.data_to_250.value(),

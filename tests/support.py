@@ -434,10 +434,11 @@ class Injector:
     ``per_thread`` messages), recording each 250 and each refusal."""
 
     def __init__(self, port: int, domains: list[str], threads: int = 4, per_thread: int = 300,
-                 timeout: float = 10.0, pause: float = 0.0) -> None:
+                 timeout: float = 10.0, pause: float = 0.0, tag: str = "") -> None:
         import random
         import threading
 
+        self.tag = tag  # makes Message-IDs and recipients differ between injectors
         self.port = port
         self.domains = domains
         self.timeout = timeout
@@ -470,8 +471,9 @@ class Injector:
         for i in range(limit):
             if self._stop.is_set():
                 break
-            message_id = f"<{n}-{i}@injector.test>"
-            rcpts = {f"u{n}-{i}-{k}@{rng.choice(self.domains)}" for k in range(rng.randint(1, 2))}
+            message_id = f"<{self.tag}{n}-{i}@injector.test>"
+            rcpts = {f"u{self.tag}{n}-{i}-{k}@{rng.choice(self.domains)}"
+                     for k in range(rng.randint(1, 2))}
             body = (f"Message-ID: {message_id}\r\nSubject: {n}-{i}\r\n\r\nbody {n}-{i}\r\n").encode()
             try:
                 if smtp is None:

@@ -61,7 +61,12 @@ class IntakeState:
     ) -> None:
         self.worker = worker
         self.accept = accept
-        self.queue_ids = QueueIds(worker)
+        # Ids must differ across a cluster's hosts too: a part from another
+        # host is stored under the id its intake gave it.  The generator
+        # byte is host * 16 + worker: distinct for up to 16 hosts of up to
+        # 16 workers (beyond, ids still differ by time and counter).
+        cluster = settings.cluster
+        self.queue_ids = QueueIds(cluster.index * 16 + worker % 16 if cluster.hosts > 1 else worker)
         self.sessions: set[RelaySMTP] = set()
         self.connections: collections.Counter[str] = collections.Counter()
         # The other workers' counts per client IP (None: this worker alone).

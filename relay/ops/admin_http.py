@@ -137,14 +137,26 @@ async def get_report(request: web.Request, settings: Settings) -> tuple[int, dic
         return 503, {"error": str(exc)}
 
 
+class _BadBody(Exception):
+    """A POST body that is not a JSON object: 400 with this text."""
+
+
+async def _json_object(request: web.Request) -> dict:
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise _BadBody(f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise _BadBody("the request body must be a JSON object")
+    return body
+
+
 def _command_route(op: str):
     async def handle(request: web.Request, settings: Settings) -> tuple[int, dict]:
         try:
-            body = orjson.loads(await request.read() or b"{}")
-        except orjson.JSONDecodeError as exc:
-            return 400, {"error": f"malformed JSON: {exc}"}
-        if not isinstance(body, dict):
-            return 400, {"error": "the request body must be a JSON object"}
+            body = await _json_object(request)
+        except _BadBody as exc:
+            return 400, {"error": str(exc)}
         message: dict = {"op": op}
         fields = COMMAND_FIELDS[op]
         for name, value in body.items():
@@ -189,11 +201,9 @@ async def get_shaping(request: web.Request, settings: Settings) -> tuple[int, di
 
 async def cancel_effect(request: web.Request, settings: Settings) -> tuple[int, dict]:
     try:
-        body = orjson.loads(await request.read() or b"{}")
-    except orjson.JSONDecodeError as exc:
-        return 400, {"error": f"malformed JSON: {exc}"}
-    if not isinstance(body, dict):
-        return 400, {"error": "the request body must be a JSON object"}
+        body = await _json_object(request)
+    except _BadBody as exc:
+        return 400, {"error": str(exc)}
     unknown = sorted(set(body) - {"id"})
     if unknown:
         return 422, {"error": f"{unknown[0]}: unknown field"}

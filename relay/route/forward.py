@@ -241,9 +241,15 @@ class PeerClient:
 class Router:
     """The worker's side of routing: submit transactions, serve peers."""
 
-    def __init__(self, worker: int, workers: int, spool: Store, run_dir: str) -> None:
+    def __init__(self, worker: int, workers: int, spool: Store, run_dir: str,
+                 hosts: int = 1, host: int = 0) -> None:
         self.worker = worker
         self.workers = workers
+        self.hosts = hosts  # [cluster]: the slots of other hosts go through the broker
+        self.host = host
+        # async (host, Part) -> None, raising OwnerUnavailable when the broker
+        # did not confirm (route.cluster.ClusterLink.publish); set by the worker.
+        self.publish: Callable[[int, Part], Awaitable[None]] | None = None
         self.spool = spool
         self.run_dir = run_dir
         self.peers = {
@@ -262,9 +268,36 @@ class Router:
     # -- intake side ------------------------------------------------------
 
     async def submit(self, txn: Transaction) -> None:
-        """Store every part durably; raises RelayError if any owner fails."""
+        """Store every part durably; raises RelayError if any owner fails.
+
+        In a cluster, the parts of other hosts are published first (each
+        confirmed by the broker), then this host's are stored: when the
+        broker is down nothing is stored here, so the client's retry after
+        the 451 makes no duplicate.  (A local store failing after the
+        publishes leaves the other hosts' parts on their way: the retry
+        sends those twice.)"""
         recipients = [shard.recipient(address, i) for i, address in enumerate(txn.recipients)]
-        groups = shard.split(recipients, self.workers)
+        if self.hosts > 1:
+            by_host = shard.split_hosts(recipients, self.hosts)
+            here = by_host.pop(self.host, [])
+            if by_host:
+                if self.publish is None:
+                    raise OwnerUnavailable("the cluster's broker is not connected yet")
+                results = await asyncio.gather(
+                    *(self.publish(host, self._part(txn, tuple(rcpts), None))
+                      for host, rcpts in by_host.items()),
+                    return_exceptions=True)
+                failed = [r for r in results if isinstance(r, BaseException)]
+                if failed:
+                    raise next((f for f in failed if not isinstance(f, RelayError)), failed[0])
+            if here:
+                await self.submit_here(txn, here)
+            return
+        await self.submit_here(txn, recipients)
+
+    async def submit_here(self, txn: Transaction, recipients: list[Recipient]) -> None:
+        """Store the parts of this host's recipients in their owners' spools."""
+        groups = shard.split(recipients, self.workers, self.hosts)
         if list(groups) == [self.worker]:
             # Only this worker's own spool: its commit is the whole answer.
             await self._store(self.worker, self._part(txn, groups[self.worker], coordinator=None))

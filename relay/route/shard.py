@@ -2,8 +2,12 @@
 
 The slot is a stable hash (CRC-32, never Python's per-process ``hash()``)
 of the lower-cased A-label domain, modulo a fixed slot count that is
-recorded in every spool.  ``owner(slot) = slot % workers``, so one domain's
-mail, queues and limits live in exactly one worker.
+recorded in every spool.  In a cluster of ``hosts`` relay hosts
+(``[cluster]``), ``host_of(slot) = slot % hosts`` and, on that host,
+``owner_of(slot) = (slot // hosts) % workers``; with one host that is
+``slot % workers``.  So one domain's mail, queues and limits live in
+exactly one worker of one host, and the slots of a host still spread over
+all its workers whatever the two counts are.
 """
 
 from __future__ import annotations
@@ -21,8 +25,13 @@ def slot_of(domain: str) -> int:
     return zlib.crc32(domain.encode("ascii")) % SLOT_COUNT
 
 
-def owner_of(slot: int, workers: int) -> int:
-    return slot % workers
+def host_of(slot: int, hosts: int) -> int:
+    return slot % hosts
+
+
+def owner_of(slot: int, workers: int, hosts: int = 1) -> int:
+    """The worker (on the slot's host) that owns it."""
+    return (slot // hosts) % workers
 
 
 def recipient(address: str, index: int) -> Recipient:
@@ -31,9 +40,17 @@ def recipient(address: str, index: int) -> Recipient:
     return Recipient(address=address, domain=domain, slot=slot_of(domain), index=index)
 
 
-def split(recipients: list[Recipient], workers: int) -> dict[int, tuple[Recipient, ...]]:
-    """Group recipients by owner worker, keeping their order."""
+def split(recipients: list[Recipient], workers: int, hosts: int = 1) -> dict[int, tuple[Recipient, ...]]:
+    """Group recipients (all of this host's slots) by owner worker, keeping their order."""
     parts: dict[int, list[Recipient]] = {}
     for rcpt in recipients:
-        parts.setdefault(owner_of(rcpt.slot, workers), []).append(rcpt)
+        parts.setdefault(owner_of(rcpt.slot, workers, hosts), []).append(rcpt)
     return {owner: tuple(rcpts) for owner, rcpts in parts.items()}
+
+
+def split_hosts(recipients: list[Recipient], hosts: int) -> dict[int, list[Recipient]]:
+    """Group recipients by the host that owns their slot, keeping their order."""
+    groups: dict[int, list[Recipient]] = {}
+    for rcpt in recipients:
+        groups.setdefault(host_of(rcpt.slot, hosts), []).append(rcpt)
+    return groups

@@ -6,14 +6,17 @@ every spool database holding exactly the mail of its worker's slots.
 1. Held parts (multi-owner transactions caught mid-way by a crash) are
    settled: if any spool holds the coordinator's decision the part is
    released, otherwise the client never got a 250 and the part is dropped.
-2. Mail whose slot now belongs to another worker (the worker count changed)
+2. A host of a cluster whose spool holds mail for slots another host owns
+   now (``[cluster] hosts`` or ``index`` changed without draining first)
+   refuses to start: that mail would never be sent (ClusterMismatch).
+3. Mail whose slot now belongs to another worker (the worker count changed)
    moves to its new owner, with the suppression list entries, delivery
    events and daily roll-up rows of its domains (campaign rows are copied
    to every owner, and the campaign states the operator set are merged
    into every spool: they apply in every worker): copied and committed there first, then deleted
    at the source.  A crash in between leaves a copy on both sides, and the
    next run's INSERT OR IGNORE makes the copy a no-op before the delete.
-3. Databases of workers that no longer exist are removed once empty.
+4. Databases of workers that no longer exist are removed once empty.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import orjson
 
 from relay.intake.policy import BadDomain, routing_domain
 from relay.route.shard import slot_of
-from relay.spool.format import MessageState
+from relay.errors import SpoolError
+from relay.spool.format import MessageState, RecipientState
 from relay.spool.schema import reporting
 from relay.spool.store import connect, spool_path
 
@@ -45,8 +49,19 @@ def existing_spools(spool_dir: str) -> dict[int, str]:
     return found
 
 
-def recover(spool_dir: str, workers: int) -> dict[str, int]:
-    """Settle held parts and re-home slots; returns counts for the log."""
+# Recipients still to be sent (a final one may stay where it is).
+UNSENT = tuple(int(s) for s in (RecipientState.QUEUED, RecipientState.DEFERRED,
+                                RecipientState.SENDING, RecipientState.QUARANTINED,
+                                RecipientState.HELD))
+
+
+class ClusterMismatch(SpoolError):
+    """The spool holds mail for slots this host no longer owns."""
+
+
+def recover(spool_dir: str, workers: int, hosts: int = 1, index: int = 0) -> dict[str, int]:
+    """Settle held parts, check the cluster's slots and re-home slots
+    between workers; returns counts for the log."""
     os.makedirs(spool_dir, exist_ok=True)
     paths = existing_spools(spool_dir)
     for worker in range(workers):
@@ -59,6 +74,7 @@ def recover(spool_dir: str, workers: int) -> dict[str, int]:
             conns[worker].create_function("address_slot", 1, _address_slot, deterministic=True)
             conns[worker].create_function("domain_slot", 1, _domain_slot, deterministic=True)
         _settle_held(conns, paths, counts)
+        _check_cluster(conns, paths, hosts, index)
         # Re-homing reads every row: only when the worker count changed.
         recorded = {}
         for worker, conn in conns.items():
@@ -67,7 +83,7 @@ def recover(spool_dir: str, workers: int) -> dict[str, int]:
         if any(count != workers for count in recorded.values()):
             for source, conn in conns.items():
                 with reporting(paths[source]):  # targets were checked by connect() above
-                    _rehome(source, conn, conns, workers, counts)
+                    _rehome(source, conn, conns, workers, hosts, counts)
             _merge_campaign_states(conns)
             for conn in conns.values():
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('workers', ?)", (str(workers),))
@@ -84,6 +100,31 @@ def recover(spool_dir: str, workers: int) -> dict[str, int]:
             counts,
         )
     return counts
+
+
+def _check_cluster(conns: dict, paths: dict[int, str], hosts: int, index: int) -> None:
+    """Refuse a spool with unsent mail of other hosts' slots; record the
+    cluster's shape (the scan runs only when it changed)."""
+    shape = f"{hosts}:{index}"
+    for worker, conn in conns.items():
+        with reporting(paths[worker]):
+            row = conn.execute("SELECT value FROM meta WHERE key = 'cluster'").fetchone()
+            recorded = row[0] if row else "1:0"
+            if recorded == shape:
+                continue
+            marks = ",".join("?" * len(UNSENT))
+            stray = conn.execute(
+                f"SELECT count(*) FROM recipient WHERE state IN ({marks}) AND slot % ? != ?",
+                (*UNSENT, hosts, index)).fetchone()[0]
+            if stray:
+                raise ClusterMismatch(
+                    f"spool file {paths[worker]} holds {stray} unsent recipient(s) of slots this host"
+                    f" no longer owns (it was host {recorded.replace(':', ' of ')} counting from 0,"
+                    f" now {index} of {hosts}): drain it with the old [cluster] settings first"
+                    " (README: changing hosts)")
+    for worker, conn in conns.items():
+        with reporting(paths[worker]):
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('cluster', ?)", (shape,))
 
 
 def _recorded_workers(conn) -> int | None:
@@ -149,17 +190,19 @@ def _merge_campaign_states(conns: dict) -> None:
                          (orjson.dumps(states).decode(),))
 
 
-def _rehome(source: int, conn, conns: dict, workers: int, counts: dict[str, int]) -> None:
-    # "slot % workers" in SQL is route.shard.owner_of(slot, workers).
+def _rehome(source: int, conn, conns: dict, workers: int, hosts: int,
+            counts: dict[str, int]) -> None:
+    # "(slot / hosts) % workers" in SQL (integer division) is
+    # route.shard.owner_of(slot, workers, hosts).
     targets = {
         row[0]
         for query in (
-            "SELECT DISTINCT slot % ? FROM recipient",
-            "SELECT DISTINCT address_slot(address) % ? FROM suppression",
-            "SELECT DISTINCT address_slot(recipient) % ? FROM event",
-            "SELECT DISTINCT domain_slot(domain) % ? FROM daily",
+            "SELECT DISTINCT (slot / ?) % ? FROM recipient",
+            "SELECT DISTINCT (address_slot(address) / ?) % ? FROM suppression",
+            "SELECT DISTINCT (address_slot(recipient) / ?) % ? FROM event",
+            "SELECT DISTINCT (domain_slot(domain) / ?) % ? FROM daily",
         )
-        for row in conn.execute(query, (workers,))
+        for row in conn.execute(query, (hosts, workers))
     }
     for target in targets:
         if target == source:
@@ -168,40 +211,41 @@ def _rehome(source: int, conn, conns: dict, workers: int, counts: dict[str, int]
         dest.execute("ATTACH DATABASE ? AS src", (conn_path(conn),))
         try:
             dest.execute("BEGIN IMMEDIATE")
-            moving = "SELECT message_id FROM src.recipient WHERE slot % ? = ?"
+            moving = "SELECT message_id FROM src.recipient WHERE (slot / ?) % ? = ?"
             dest.execute(
                 f"INSERT OR IGNORE INTO main.message SELECT * FROM src.message WHERE id IN ({moving})",
-                (workers, target),
+                (hosts, workers, target),
             )
             dest.execute(
                 f"INSERT OR IGNORE INTO main.body SELECT * FROM src.body WHERE id IN ({moving})",
-                (workers, target),
+                (hosts, workers, target),
             )
             moved = dest.execute(
                 "INSERT OR IGNORE INTO main.recipient SELECT * FROM src.recipient"
-                " WHERE slot % ? = ?",
-                (workers, target),
+                " WHERE (slot / ?) % ? = ?",
+                (hosts, workers, target),
             ).rowcount
             dest.execute(
                 "INSERT OR IGNORE INTO main.suppression SELECT * FROM src.suppression"
-                " WHERE address_slot(address) % ? = ?",
-                (workers, target),
+                " WHERE (address_slot(address) / ?) % ? = ?",
+                (hosts, workers, target),
             )
             dest.execute(
                 "INSERT INTO main.event (time, queue_id, recipient, destination, mx, source_ip,"
                 " tls, code, enhanced, text, outcome, class, latency, lane, campaign)"
                 " SELECT time, queue_id, recipient, destination, mx, source_ip, tls, code,"
                 " enhanced, text, outcome, class, latency, lane, campaign FROM src.event"
-                " WHERE address_slot(recipient) % ? = ?",
-                (workers, target),
+                " WHERE (address_slot(recipient) / ?) % ? = ?",
+                (hosts, workers, target),
             )
             # Counts add up: unlike the rows above, a crash between this commit
             # and the source's delete would count these twice (a known gap).
             dest.execute(
-                "INSERT INTO main.daily SELECT * FROM src.daily WHERE domain_slot(domain) % ? = ?"
+                "INSERT INTO main.daily SELECT * FROM src.daily"
+                " WHERE (domain_slot(domain) / ?) % ? = ?"
                 " ON CONFLICT (day, lane, campaign, domain, outcome)"
                 " DO UPDATE SET count = count + excluded.count",
-                (workers, target),
+                (hosts, workers, target),
             )
             dest.execute(
                 "INSERT INTO main.campaign SELECT * FROM src.campaign WHERE true"
@@ -213,10 +257,13 @@ def _rehome(source: int, conn, conns: dict, workers: int, counts: dict[str, int]
             dest.execute("DETACH DATABASE src")
         # Only now that the copy is durable at its owner does the source let go.
         conn.execute("BEGIN IMMEDIATE")
-        conn.execute("DELETE FROM recipient WHERE slot % ? = ?", (workers, target))
-        conn.execute("DELETE FROM suppression WHERE address_slot(address) % ? = ?", (workers, target))
-        conn.execute("DELETE FROM event WHERE address_slot(recipient) % ? = ?", (workers, target))
-        conn.execute("DELETE FROM daily WHERE domain_slot(domain) % ? = ?", (workers, target))
+        conn.execute("DELETE FROM recipient WHERE (slot / ?) % ? = ?", (hosts, workers, target))
+        conn.execute("DELETE FROM suppression WHERE (address_slot(address) / ?) % ? = ?",
+                     (hosts, workers, target))
+        conn.execute("DELETE FROM event WHERE (address_slot(recipient) / ?) % ? = ?",
+                     (hosts, workers, target))
+        conn.execute("DELETE FROM daily WHERE (domain_slot(domain) / ?) % ? = ?",
+                     (hosts, workers, target))
         conn.execute(
             "DELETE FROM body WHERE id NOT IN (SELECT message_id FROM recipient)"
         )

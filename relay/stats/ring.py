@@ -66,6 +66,12 @@ COUNTERS = (
     "amqp_nacked",  # ... handed back to the broker (spool failure, owner down)
     "amqp_failed",  # bad input published to <queue>.failure.technical
     "amqp_duplicates",  # redeliveries of messages already spooled, acked
+    "cluster_published",  # parts for other hosts confirmed in their shard queue
+    "cluster_publish_failed",  # ... not confirmed (the transaction got 451 or a nack)
+    "cluster_consumed",  # parts from this host's shard queue stored and acked
+    "cluster_duplicates",  # redelivered parts already stored here, acked
+    "cluster_nacked",  # parts handed back to the shard queue (a spool or owner failure)
+    "cluster_bad",  # shard messages that did not decode, set aside in relay.shard.<i>.bad
     "feed_published",  # events the feeds published (confirmed by the broker)
     "feed_errors",  # failed publishes (retried: the cursor waits)
     # Per lane (the message's class): recipients accepted, and outcomes.
@@ -97,6 +103,8 @@ GAUGES = (
     "feed_lag_webhooks",  # events not yet accepted by every [[webhook]] (summed)
     "amqp_connected",  # [[amqp.consumer]] connections up (one per consumer and worker)
     "amqp_unacked",  # AMQP messages being taken (consumed, not yet settled)
+    "cluster_connected",  # workers connected to the cluster's broker
+    "cluster_queue_depth",  # messages in this host's shard queue (read every 5 s)
 )
 HISTOGRAMS = ("data_to_250", "accept_to_delivered", "accept_to_delivered_transactional",
               "accept_to_delivered_bulk")
