@@ -361,6 +361,12 @@ class Dispatcher:
             self._unload(job.recipients)
             self.rounds.done(job.queue_id, len(job.recipients))
             return
+        if job.campaign and job.campaign in self.campaigns:
+            # Paused or cancelled while its MX was looked up: not in the
+            # scheduler yet, so take_campaign did not see it.
+            await (self._hold([job], None, PAUSED_TEXT) if self.campaigns[job.campaign] == PAUSED
+                   else self._cancel_jobs([job]))
+            return
         job.destination = destination
         job.site_key = (destination.key, self.tls_mode(job.domain))
         self.scheduler.push(job.site_key, destination, job.domain, job, time.time())
