@@ -146,6 +146,7 @@ class Dispatcher:
         self._held_domains: dict[str, set] = {}  # site -> domains whose mail a suspension handed back
         self.loaded = 0  # recipients claimed and not yet done with
         self.loaded_bulk = 0  # of which bulk
+        self._full = False  # the last claim found no room (see _once)
         self.rounds = Rounds()  # one DSN per message per round (outcome.transition)
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -239,7 +240,11 @@ class Dispatcher:
             if len(claimed) == room or (bulk and bulk == bulk_room):
                 await asyncio.sleep(0)  # more may be due: look again soon
                 return
-        lanes = LANES if self.loaded_bulk < int(limit * deliver.bulk_loaded_share) else (TRANSACTIONAL,)
+        bulk_full = self.loaded_bulk >= int(limit * deliver.bulk_loaded_share)
+        # Full: _unload wakes the loop once a tenth of the room is free again
+        # (finished deliveries commit nothing that would wake it).
+        self._full = bulk_full or self.loaded >= limit
+        lanes = (TRANSACTIONAL,) if bulk_full else LANES
         due = await self.spool.next_due(lanes)
         wait = MAX_WAIT if due is None else min(max(due - time.time(), 0.01), MAX_WAIT)
         if self.loaded >= limit:
@@ -254,6 +259,12 @@ class Dispatcher:
         for the next claims of their lane."""
         self.loaded -= len(recipients)
         self.loaded_bulk -= sum(1 for r in recipients if r.lane == BULK)
+        if self._full:
+            limit = self.settings.deliver.max_loaded
+            if (self.loaded <= 0.9 * limit
+                    and self.loaded_bulk <= 0.9 * limit * self.settings.deliver.bulk_loaded_share):
+                self._full = False
+                self.wake()
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
