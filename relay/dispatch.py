@@ -226,10 +226,14 @@ class Dispatcher:
         claimed = await self.spool.claim_due(time.time(), room, bulk_room) if room > 0 else []
         if self.stopping:
             return  # claimed just now: queued again at the next start
+        bulk = sum(1 for r in claimed if r.lane == BULK)
+        self.loaded += len(claimed)
+        self.loaded_bulk += bulk
+        bulk_full = self.loaded_bulk >= int(limit * deliver.bulk_loaded_share)
+        # Full: _unload wakes the loop once a tenth of the room is free again
+        # (finished deliveries commit nothing that would wake it).
+        self._full = bulk_full or self.loaded >= limit
         if claimed:
-            bulk = sum(1 for r in claimed if r.lane == BULK)
-            self.loaded += len(claimed)
-            self.loaded_bulk += bulk
             for job in jobs_from(claimed, self.traced):
                 self.rounds.claimed(job.queue_id, len(job.recipients))
                 if job.trace:
@@ -240,10 +244,6 @@ class Dispatcher:
             if len(claimed) == room or (bulk and bulk == bulk_room):
                 await asyncio.sleep(0)  # more may be due: look again soon
                 return
-        bulk_full = self.loaded_bulk >= int(limit * deliver.bulk_loaded_share)
-        # Full: _unload wakes the loop once a tenth of the room is free again
-        # (finished deliveries commit nothing that would wake it).
-        self._full = bulk_full or self.loaded >= limit
         lanes = (TRANSACTIONAL,) if bulk_full else LANES
         due = await self.spool.next_due(lanes)
         wait = MAX_WAIT if due is None else min(max(due - time.time(), 0.01), MAX_WAIT)
