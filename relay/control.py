@@ -26,7 +26,7 @@ from relay.config import Settings
 from relay.intake.lane import valid_name as campaign_name_ok
 from relay.intake.policy import BadDomain, routing_domain
 from relay.route.forward import request_blocking, socket_path
-from relay.route.shard import owner_of, slot_of
+from relay.route.shard import host_of, owner_of, slot_of
 from relay.stats import prometheus, ring
 
 log = logging.getLogger("relay.control")
@@ -207,7 +207,12 @@ class ControlPlane:
                 domain = request["domain"] = routing_domain(domain)
             except BadDomain:
                 return {"ok": False, "error": f"not a valid domain: {domain!r}"}
-            targets = [owner_of(slot_of(domain), self.workers, self.settings.cluster.hosts)]
+            cluster = self.settings.cluster
+            host = host_of(slot_of(domain), cluster.hosts)
+            if host != cluster.index:
+                return {"ok": False, "error": f"{domain} belongs to host {host} of the cluster,"
+                                              f" not this one ({cluster.index}): run relayctl there"}
+            targets = [owner_of(slot_of(domain), self.workers, cluster.hosts)]
         else:
             targets = list(range(self.workers))
         answers = {}

@@ -27,10 +27,13 @@ transaction) and its connections, each opening, busy or idle.
   (``max_message_rate``), the job is sent (``Send``): a transactional job
   before a bulk one, and within a lane campaigns in turn (deliver.lanes);
 * a connection opens (``Open``) when jobs wait that the connections in use
-  will not carry soon — more jobs than they carry per connection, or the
-  oldest has waited ``spawn_after``, or a transactional job finds every
-  connection busy with bulk mail — within the site's connection limit,
-  its adaptive concurrency and ``max_connection_rate``.
+  will not carry soon — more jobs than they carry per connection, or more
+  than they finish within ``DRAIN_HORIZON`` at the site's measured
+  transaction time (Little's law: a fast receiver behind a busy worker
+  needs few connections, a slow one many), or, before any transaction
+  was timed, the oldest has waited ``spawn_after``, or a transactional job
+  finds every connection busy with bulk mail — within the site's
+  connection limit, its adaptive concurrency and ``max_connection_rate``.
 
 Lanes.  ``transactional_share`` of the connections a site allows (at least
 one) is kept for transactional mail while some of it waits or is in
@@ -52,6 +55,7 @@ host (``RETRY``) once per host; every reply is matched against the rules.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 from relay.deliver.lanes import SiteQueue, campaign_of
@@ -62,6 +66,9 @@ INITIAL_CONCURRENCY = 5  # a new site starts here and grows with successes (Post
 HOP_REST = 30.0  # a host that answered 421 gets no new connection for this long
 MAX_RECIPIENTS_PER_TRANSACTION = 100  # RFC 5321 4.5.3.1.8: servers take at least 100
 HOLD_IN_MEMORY = 60.0  # a suspension longer than this hands its jobs back to the spool
+# Connections are opened to carry the waiting jobs within this many seconds.
+DRAIN_HORIZON = 1.0
+TIMING_WEIGHT = 0.2  # of the newest transaction in the site's moving average
 
 
 # -- actions -----------------------------------------------------------------
@@ -142,6 +149,7 @@ class Site:
     # at MAIL on a connection after that many): connections close there.
     learned_deliveries: int | None = None
     resting: dict = field(default_factory=dict)  # host -> until (after a 421)
+    transaction_time: float | None = None  # seconds per transaction, moving average
 
     def count(self, state: str) -> int:
         return sum(1 for c in self.connections.values() if c.state == state)
@@ -300,6 +308,10 @@ class Scheduler:
         for reply in replies:
             fired = self.effects.on_reply(site.name, reply, now) or fired
         conn.deliveries += 1
+        if site_failure is None and conn.state == "busy":
+            took = max(now - conn.since, 0.0)
+            site.transaction_time = took if site.transaction_time is None else (
+                (1 - TIMING_WEIGHT) * site.transaction_time + TIMING_WEIGHT * took)
         if site_failure is not None:
             self._drop(conn)
             site.concurrency.decrease()
@@ -489,6 +501,8 @@ class Scheduler:
             return True
         if opening >= waiting:
             return False
+        if site.transaction_time is not None:
+            return working < math.ceil(waiting * site.transaction_time / DRAIN_HORIZON)
         ready_at = site.jobs.oldest(lanes) + self.spawn_after
         if now >= ready_at:
             return True

@@ -135,6 +135,9 @@ def test_three_hosts_share_the_domains_and_their_limits(relay_factory, net, brok
     assert samples["relay_cluster_published_total"] == answer["published"]
     assert samples["relay_cluster_consumed_total"] == answer["consumed"] > 0
     assert samples["relay_cluster_connected"] == 2 and samples["relay_cluster_queue_depth"] == 0
+    foreign = next(d for d in DOMAINS if owner_host(d) != 0)
+    refused = relayctl(hosts[0], "suspend", foreign)
+    assert refused.returncode == 1 and f"belongs to host {owner_host(foreign)}" in refused.stderr
     text = relayctl(hosts[1], "cluster").stdout
     assert text.startswith("host 1 of 3") and f"{broker.prefix}.shard.1" in text
     for relay in hosts:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from relay import config
 from relay.deliver.resolve import Destination
-from relay.deliver.scheduler import (BOUNCE, RECORD, RETRY, Close, Fail, Hold, Open, Scheduler,
-                                     Send)
+from relay.deliver.scheduler import (BOUNCE, INITIAL_CONCURRENCY, RECORD, RETRY, Close, Fail, Hold,
+                                     Open, Scheduler, Send)
 from relay.deliver.session import Hop
 from relay.deliver.shaping import Effects
 from relay.model import Reply, Stage
@@ -445,3 +445,27 @@ def test_an_operator_suspension_takes_every_waiting_job_of_the_sites_serving_the
     # The whole shared site (the driver pushes back the jobs of its other domains).
     assert [j.queue_id for j in taken] == ["m1", "m2"]
     assert s.pending_jobs() == 1 and s.take_domain("alias.example") == []
+
+
+def test_connections_follow_the_measured_transaction_time():
+    """Little's law: as many connections as carry the waiting jobs within a
+    second — few for a fast receiver, up to the limit for a slow one."""
+    def connections_after_timing(took: float) -> int:
+        clock = Clock()
+        s = scheduler(**{"example.net": {"connection_limit": 10}})
+        for i in range(60):
+            s.push(KEY, MX, "example.net", FakeJob(f"m{i}"), clock.now)
+        [opened] = of(Open, s.actions(clock.now))  # one connection until a transaction is timed
+        s.on_opened(opened.conn, opened.hops[0], clock.now)
+        [send] = of(Send, s.actions(clock.now))[:1]
+        clock.advance(took)
+        s.on_sent(send.conn, send.job, clock.now, [OK], True, None)
+        for _ in range(5):  # a few rounds of the driver performing what is asked
+            for action in of(Open, s.actions(clock.now)):
+                s.on_opened(action.conn, action.hops[0], clock.now)
+        return s.connection_count()
+
+    fast, slow = connections_after_timing(0.005), connections_after_timing(2.0)
+    assert fast == 1  # 59 jobs x 5 ms: one connection carries them within the second
+    # 59 jobs x 2 s: as many as the slow start allows so far (5, one more per success)
+    assert slow == INITIAL_CONCURRENCY + 1
