@@ -63,12 +63,12 @@ def run(args) -> int:
         print("no campaigns")
     elif campaigns:
         print(table(
-            ["CAMPAIGN", "STATE", "CLASS", "QUEUED", "HELD", "DELIVERED", "DEFERRED", "BOUNCED",
-             "DROPPED", "FIRST", "LAST"],
-            [[c["name"], c["state"], c["class"], c["queued"], c["held"], c["delivered"],
-              c["deferred"], c["bounced"], c["dropped"],
+            ["CAMPAIGN", "TENANT", "STATE", "CLASS", "QUEUED", "HELD", "DELIVERED", "DEFERRED",
+             "BOUNCED", "DROPPED", "FIRST", "LAST"],
+            [[c["name"], c["tenant"] or "-", c["state"], c["class"], c["queued"], c["held"],
+              c["delivered"], c["deferred"], c["bounced"], c["dropped"],
               iso_local(c["first"]) if c["first"] else "-",
               iso_local(c["last"]) if c["last"] else "-"] for c in campaigns],
-            right=(3, 4, 5, 6, 7, 8),
+            right=(4, 5, 6, 7, 8, 9),
         ))
     return 0

@@ -215,3 +215,16 @@ def test_a_transactional_message_overtakes_a_bulk_backlog_to_the_same_site(relay
     assert stats["counters"]["accepted_bulk"] == 100 and stats["counters"]["accepted_transactional"] == 1
     wait_for(lambda: json.loads(relayctl(relay, "stats", "--json").stdout)["counters"][
         "delivered_transactional"] == 1, timeout=5, what="delivered_transactional in the ring")
+
+
+def test_campaign_list_text_and_usage_errors(relay_factory):
+    relay = relay_factory(workers=1).start()
+    inject(relay, SENDER, ["a@one.example"], message("X-Relay-Campaign: spring", "X-Relay-Tenant: acme"))
+    text = relayctl(relay, "campaign", "list").stdout
+    header, row = text.splitlines()[:2]
+    assert header.split()[:4] == ["CAMPAIGN", "TENANT", "STATE", "CLASS"]
+    assert row.split()[:5] == ["spring", "acme", "active", "bulk", "1"]
+    assert relayctl(relay, "campaign", "pause").returncode == 2
+    assert relayctl(relay, "campaign", "list", "spring").returncode == 2
+    bad = relayctl(relay, "campaign", "pause", "x" * 65)
+    assert bad.returncode == 1 and "not a valid campaign name" in bad.stderr
