@@ -331,12 +331,24 @@ class Spool:
     async def claim_due(self, now: float, limit: int,
                         bulk_limit: int | None = None) -> list[DueRecipient]:
         """Take up to ``limit`` recipients that are due, transactional ones
-        first, then bulk ones (at most ``bulk_limit``), each lane oldest
-        first, and mark them as being sent so no later claim returns them
-        again.  Each lane is read from its own stretch of the due index."""
+        (oldest first) before bulk ones (at most ``bulk_limit``: half the
+        oldest, half the newest), and mark them as being sent so no later
+        claim returns them again.  Each lane is read from its own stretch of
+        the due index."""
         bulk_limit = limit if bulk_limit is None else min(bulk_limit, limit)
 
         def apply(conn: sqlite3.Connection) -> list[DueRecipient]:
+            def due(state: int, lane: str, order: str, want: int) -> list:
+                return conn.execute(
+                    "SELECT r.message_id, r.idx, r.address, r.domain, r.attempts, m.sender,"
+                    " m.received, m.smtputf8, m.size, s.reply, m.trace, m.lane, m.campaign"
+                    " FROM recipient r JOIN message m ON m.id = r.message_id"
+                    " LEFT JOIN suppression s ON s.address = r.address"
+                    " WHERE r.state = ? AND r.lane = ? AND r.next_attempt <= ? AND m.state = ?"
+                    f" ORDER BY r.next_attempt {order} LIMIT ?",
+                    (state, LANE_CODES[lane], now, int(MessageState.ACTIVE), want),
+                ).fetchall()
+
             rows = []
             for lane, room in ((TRANSACTIONAL, limit), (BULK, bulk_limit)):
                 taken = 0
@@ -344,15 +356,17 @@ class Spool:
                     want = min(room - taken, limit - len(rows))
                     if want <= 0:
                         break
-                    found = conn.execute(
-                        "SELECT r.message_id, r.idx, r.address, r.domain, r.attempts, m.sender,"
-                        " m.received, m.smtputf8, m.size, s.reply, m.trace, m.lane, m.campaign"
-                        " FROM recipient r JOIN message m ON m.id = r.message_id"
-                        " LEFT JOIN suppression s ON s.address = r.address"
-                        " WHERE r.state = ? AND r.lane = ? AND r.next_attempt <= ? AND m.state = ?"
-                        " ORDER BY r.next_attempt LIMIT ?",
-                        (state, LANE_CODES[lane], now, int(MessageState.ACTIVE), want),
-                    ).fetchall()
+                    if lane == TRANSACTIONAL:
+                        found = due(state, lane, "ASC", want)
+                    else:
+                        # Bulk: half the oldest, half the newest, so a campaign
+                        # that comes behind a backlog larger than the room starts
+                        # at once (the sites serve campaigns in turn) while the
+                        # oldest still go first.  Both ends of the index: cheap.
+                        oldest = due(state, lane, "ASC", (want + 1) // 2)
+                        seen = {(row[0], row[1]) for row in oldest}
+                        found = oldest + [row for row in due(state, lane, "DESC", want - len(oldest))
+                                          if (row[0], row[1]) not in seen]
                     rows += found
                     taken += len(found)
             conn.executemany(

@@ -79,3 +79,14 @@ def test_paused_campaign_is_held_then_released_and_cancel_is_idempotent(tmp_path
                                                                      "spring")}
     assert again == []
     assert after["dropped"] == 2 and after["queued"] == 0 and after["held"] == 0
+
+
+def test_a_campaign_behind_a_bulk_backlog_is_claimed_at_once_with_the_oldest(tmp_path):
+    async def scenario(spool):
+        await spool.store(bulk("BIG", *[f"b{i}@x.example" for i in range(10)], campaign="big"))
+        await spool.store(bulk("SMALL", "s0@x.example", "s1@x.example", campaign="small"))
+        return await spool.claim_due(time.time() + 1, 100, bulk_limit=4)
+
+    claimed = run(tmp_path, scenario)
+    assert sorted(r.address for r in claimed) == ["b0@x.example", "b1@x.example",
+                                                   "s0@x.example", "s1@x.example"]
