@@ -208,9 +208,11 @@ async def drive(scenario: Scenario, server, farm: Farm, label: str, run_tag: str
 
 
 async def drive_amqp(scenario: Scenario, server: Relay, farm: Farm, backlog: amqp_load.Backlog,
-                     label: str) -> dict:
+                     label: str, py_spy: str | None = None, py_spy_gil: bool = False) -> dict:
     """Start the relay on a full queue, time its consumption and the
-    deliveries; returns the run's figures (started: the consumption)."""
+    deliveries; returns the run's figures (started: the consumption).
+    ``py_spy``: record from when the relay has started (its first second
+    of consumption is missed: it consumes before start() returns)."""
     from relay.stats import ring
 
     (stream,) = scenario.streams
@@ -231,10 +233,13 @@ async def drive_amqp(scenario: Scenario, server: Relay, farm: Farm, backlog: amq
     cpu_sinks = procstat.cpu_seconds(farm.pid)
     began = time.monotonic()
     ready_at: list[float] = []
+    spies: list[PySpy] = []
 
     def start() -> None:
         server.start()
         ready_at.append(time.monotonic())
+        if py_spy:
+            spies.append(PySpy(server.root_pid, py_spy, py_spy_gil))
 
     # The relay consumes as soon as a worker is up, before start() returns.
     starting = loop.run_in_executor(None, start)
@@ -255,6 +260,8 @@ async def drive_amqp(scenario: Scenario, server: Relay, farm: Farm, backlog: amq
         await asyncio.sleep(SAMPLE_INTERVAL)
     progress.update(acked() or 0, farm.received(), force=True)
     elapsed = time.monotonic() - began
+    for spy in spies:
+        spy.stop()
     for reader in readers:
         reader.close()
     sinks = farm.stats()
@@ -396,7 +403,14 @@ def _run_amqp(scenario: Scenario, args, workdir: str, index: int, loadavg: float
                            deliver_to=farm.config_overrides(), overrides=overrides,
                            tree=args.relay_tree)
             try:
-                figures = runner.run(drive_amqp(scenario, server, farm, backlog, f"amqp/{stream.name} #{index + 1}"))
+                spy = None
+                if args.py_spy and index == 0:
+                    os.makedirs(args.py_spy, exist_ok=True)
+                    mode = "gil" if args.py_spy_gil else "active"
+                    spy = os.path.join(args.py_spy, f"{scenario.name}-amqp-{mode}.txt")
+                figures = runner.run(drive_amqp(scenario, server, farm, backlog,
+                                                f"amqp/{stream.name} #{index + 1}", spy,
+                                                args.py_spy_gil))
             finally:
                 server.stop()
         finally:
@@ -407,7 +421,7 @@ def _run_amqp(scenario: Scenario, args, workdir: str, index: int, loadavg: float
         "publish_seconds": round(published, 2),
         "rss_after_start_bytes": None,
         "loadavg_before": loadavg,
-        "profile": None,
+        "profile": spy,
     })
     return figures
 

@@ -79,8 +79,12 @@ class Worker:
         self.signer = Signer.from_identities(settings.dkim)
         self.spool = Spool(settings.relay.spool_dir, self.index)
         await self.spool.open()
+        # AMQP message keys: this worker's share recorded in its spool, and
+        # lookups across every spool (redeliveries, the feeds' origins).
+        self.seen = IntakeIndex(settings.relay.spool_dir, self.spool)
         self.router = Router(self.index, self.workers, self.spool, settings.relay.run_dir,
-                             settings.cluster.hosts, settings.cluster.index)
+                             keys=self.seen, hosts=settings.cluster.hosts,
+                             host=settings.cluster.index)
         await self.router.serve()
         clients = None
         if self.clients is not None:
@@ -95,8 +99,7 @@ class Worker:
                                        self.known.committed, self.intake.counters)
             self.router.publish = self.cluster.publish
             self.cluster.start()
-        self.seen = IntakeIndex(settings.relay.spool_dir)  # AMQP redeliveries, in every spool
-        self.amqp = AmqpIntake(settings, self.intake, self.spool, self.seen.find)
+        self.amqp = AmqpIntake(settings, self.intake, self.spool, self.router)
         self.amqp.start()
         self.feeds = Feeds(settings, self.index, self.spool, self.seen, self.intake.counters)
         self.feeds.start()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
+import time
 import uuid
 
 import aio_pika
@@ -127,6 +128,32 @@ class Broker:
             subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "test: connection cut"],
                            capture_output=True, timeout=60, check=True)
         return len(pids)
+
+    def restart(self, down_for: float) -> float:
+        """Stop the broker application (``rabbitmqctl stop_app``: every client
+        of the machine loses its connections and the listener closes), wait
+        ``down_for`` seconds, start it again and wait until it serves (bounded).
+        It is started again whatever happens.  Durable queues and persistent
+        messages survive.  Returns how long it was not serving."""
+        def ctl(*args, timeout=60):
+            subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, timeout=timeout,
+                           check=True)
+
+        stopped = time.monotonic()
+        try:
+            ctl("stop_app")
+            time.sleep(down_for)
+        finally:
+            ctl("start_app")
+            ctl("-t", "60", "await_startup", timeout=90)
+        down = time.monotonic() - stopped
+        try:
+            self._run(self.connection.close())
+        except Exception:  # closed by the broker's stop: nothing to keep
+            pass
+        self.connection = self._run(aio_pika.connect(URL, timeout=5))
+        self.channel = self._run(self._channel())
+        return down
 
     def cleanup(self) -> None:
         async def go():

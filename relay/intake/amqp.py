@@ -12,8 +12,8 @@ task (aiormq runs a consumer callback per delivery), so many messages share
 one group commit.  A message is acked only after the step that makes it
 safe has completed:
 
-* accepted: its key recorded in this worker's spool (``remember``), then
-  every part on disk in its owner's spool, then ack;
+* accepted: its key claimed at the key's owner (recorded on disk there),
+  then every part on disk in its owner's spool, then ack;
 * bad input (not JSON, a field missing, a bad address, a body the DATA
   rules refuse, too large): published persistent to the exchange
   ``<exchange>.failure.technical`` with publisher confirms (and mandatory:
@@ -23,14 +23,15 @@ safe has completed:
   refused): wait ``NACK_DELAY``, then nack with requeue.  Never an ack.
 
 A redelivery (the connection broke between our commit and our ack, or a
-worker died) is recognised by the message's key, looked up in every
-worker's spool (``seen``): committed already -> ack without storing it
-again; a try still under way in a live worker -> nack, see it again
-shortly; recorded by a worker that died before committing -> stored now.
-Within a worker the check and the record are one step (a set of keys
-being taken); two workers taking two copies of one key within the same
-few milliseconds (the time a record takes to commit) may both store it:
-the one duplicate left, for the same message published twice at once.
+worker died), or a second copy of one message published twice, is
+recognised by the message's key.  Before storing, a try claims the key at
+its owner worker (route.forward ``claim_key``; spool.seen), where check and
+record are one atomic step, so of two copies taken at once by any two
+workers one only goes ahead.  The other is told: committed already -> ack
+without storing it again; a try still under way in a live worker -> nack,
+see it again shortly; held by a worker that died before committing -> the
+key is taken over and the copy stored.  Within a worker a set of keys being
+taken spares a copy the round trip.
 
 The connection is aio-pika's robust connection: after a loss it reconnects
 every ``RECONNECT_INTERVAL`` and restores channel, qos, declarations and
@@ -43,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import functools
 import logging
 import re
 import time
@@ -63,7 +65,8 @@ log = logging.getLogger("relay.amqp")
 logging.getLogger("aio_pika").setLevel(logging.CRITICAL)
 logging.getLogger("aiormq").setLevel(logging.CRITICAL)
 
-# What spool.seen.IntakeIndex.find says of a key (intake may not import spool).
+# What spool.seen.IntakeIndex.claim says of a key held by another try
+# (intake may not import spool).
 COMMITTED = "committed"
 
 NACK_DELAY = 1.0  # seconds before a message we could not store goes back to the queue
@@ -87,9 +90,15 @@ def not_send_name(name: str) -> str:
     return f"{name}.not.send"
 
 
+@functools.lru_cache(maxsize=4)
+def _date(second: int) -> str:
+    # Once a second, not once a message: formatdate showed in the profile.
+    return email.utils.formatdate(second, localtime=True)
+
+
 def received_line(queue: str, hostname: str, queue_id: str, when: float) -> bytes:
     """``Received: from amqp queue Q by HOST (relay) with AMQP id QID; date``."""
-    date = email.utils.formatdate(when, localtime=True)
+    date = _date(int(when))
     return (f"Received: from amqp queue {_UNSAFE.sub('?', queue)[:200]}\r\n"
             f"\tby {hostname} (relay) with AMQP id {queue_id};\r\n\t{date}\r\n").encode(
                 "ascii", "replace")
@@ -132,17 +141,17 @@ async def _declare_pair(channel, exchange_name, queue_name, kind, arguments):
 class Consumer:
     """One ``[[amqp.consumer]]`` table, in one worker."""
 
-    def __init__(self, settings, state: IntakeState, seen, remember, forget,
+    def __init__(self, settings, state: IntakeState, claim, forget,
                  taking: set[str] | None = None) -> None:
         self.settings = settings  # the AmqpConsumer table
         # Keys this worker is taking now (shared by its consumers): a second
         # copy waits, so two copies never pass the check below at once.
         self.taking = taking if taking is not None else set()
         self.state = state
-        # async (key) -> (COMMITTED | IN_FLIGHT, queue id) or None  (spool.seen.IntakeIndex.find)
-        self.seen = seen
-        self.remember = remember  # async (key, queue_id, queue, origin)  (Spool.remember_intake)
-        self.forget = forget  # async (queue_id)  (Spool.forget_intake)
+        # async (key, queue_id, queue, origin) -> None (this try holds the key)
+        # or (COMMITTED | IN_FLIGHT, queue id) of the try that does  (Router.claim_key)
+        self.claim = claim
+        self.forget = forget  # async (key, queue_id)  (Router.forget_key)
         self.connection = None
         self.connected = False
         self.in_flight = 0
@@ -296,25 +305,27 @@ class Consumer:
 
     async def _take(self, parsed: amqp_message.Message, labels: lane.Labels) -> bool:
         state, consumer = self.state, self.settings
-        try:
-            seen = await self.seen(parsed.key)
-            if seen is not None and seen[0] == COMMITTED:
-                self.count("duplicates")
-                log.info("amqp %s: %s already spooled as %s; acked", consumer.queue, parsed.key,
-                         seen[1])
-                return True
-            if seen is not None:  # another try of it is under way: see it again shortly
-                log.info("amqp %s: %s is being spooled as %s; nacked until it is",
-                         consumer.queue, parsed.key, seen[1])
-                return False
-        except RelayError as exc:
-            log.warning("amqp %s: cannot check for a redelivery: %s", consumer.queue, exc)
-            return False
         if state.draining or state.low_disk():
             if state.low_disk():
                 state.counters["rejected_low_disk"] += 1
             return False
         queue_id = state.queue_ids.next()
+        try:
+            holder = await self.claim(parsed.key, queue_id, consumer.queue, parsed.origin())
+        except RelayError as exc:
+            state.counters["rejected_spool"] += 1
+            log.warning("%s: not accepted from amqp %s: cannot record its key: %s", queue_id,
+                        consumer.queue, exc)
+            return False
+        if holder is not None and holder[0] == COMMITTED:
+            self.count("duplicates")
+            log.info("amqp %s: %s already spooled as %s; acked", consumer.queue, parsed.key,
+                     holder[1])
+            return True
+        if holder is not None:  # another try of it is under way: see it again shortly
+            log.info("amqp %s: %s is being spooled as %s; nacked until it is",
+                     consumer.queue, parsed.key, holder[1])
+            return False
         now = time.time()
         txn = Transaction(
             queue_id=queue_id,
@@ -327,20 +338,14 @@ class Consumer:
             lane=labels.lane, campaign=labels.campaign, tenant=labels.tenant,
         )
         try:
-            await self.remember(parsed.key, queue_id, consumer.queue, parsed.origin())
-        except RelayError as exc:
-            state.counters["rejected_spool"] += 1
-            log.warning("%s: not accepted from amqp %s: %s", queue_id, consumer.queue, exc)
-            return False
-        try:
             await state.accept(txn)
         except RelayError as exc:
             state.counters["rejected_spool"] += 1
             log.warning("%s: not accepted from amqp %s: %s", queue_id, consumer.queue, exc)
-            await self._forget(queue_id)
+            await self._forget(parsed.key, queue_id)
             return False
         except BaseException:  # a bug: the record must not make retries wait
-            await self._forget(queue_id)
+            await self._forget(parsed.key, queue_id)
             raise
         state.counters["accepted_messages"] += 1
         state.counters["accepted_recipients"] += len(txn.recipients)
@@ -350,9 +355,9 @@ class Consumer:
                  len(txn.recipients), len(txn.body), consumer.queue, " trace" if txn.trace else "")
         return True
 
-    async def _forget(self, queue_id: str) -> None:
+    async def _forget(self, key: str, queue_id: str) -> None:
         try:
-            await self.forget(queue_id)
+            await self.forget(key, queue_id)
         except RelayError:  # left as it is, retries wait for IN_FLIGHT_LIMIT
             log.error("%s: could not drop its intake record", queue_id)
 
@@ -387,11 +392,11 @@ class AmqpIntake:
     """Every consumer of one worker, and the pruning of the keys they
     recorded (kept as long as delivery events: ``deliver.event_retention``)."""
 
-    def __init__(self, settings, state: IntakeState, spool, seen) -> None:
+    def __init__(self, settings, state: IntakeState, spool, router) -> None:
         self.settings = settings
         taking: set[str] = set()
-        self.consumers = [Consumer(c, state, seen, spool.remember_intake, spool.forget_intake,
-                                   taking) for c in settings.amqp.consumers]
+        self.consumers = [Consumer(c, state, router.claim_key, router.forget_key, taking)
+                          for c in settings.amqp.consumers]
         self._prune = spool.prune_intake  # async (older_than) -> count
         self._tasks: list[asyncio.Task] = []
 

@@ -19,6 +19,10 @@ a two-phase commit with this worker as coordinator:
 
 If any owner fails in phase 1, the held parts already stored are aborted.
 
+The same sockets carry the claims of AMQP message keys: a consumer asks the
+key's owner (route.shard.key_owner) to record its try before it submits the
+message, and to forget it if the try fails (spool.seen says why).
+
 Between workers, parts travel over a Unix stream socket per owner
 (``run_dir/worker-N.sock``): frames of ``!II`` (header length, body length),
 a JSON header and the raw body.  Requests carry ids and are answered out
@@ -68,6 +72,15 @@ class Store(Protocol):
     async def is_decided(self, queue_id: str) -> bool: ...
     async def held_parts(self, received_before: float) -> list[tuple[str, int]]: ...
     async def prune_decisions(self, older_than: float) -> None: ...
+
+
+class IntakeKeys(Protocol):
+    """What the router needs to answer for the AMQP message keys this
+    worker owns (spool.seen.IntakeIndex)."""
+
+    async def claim(self, key: str, queue_id: str, queue: str, fields: bytes,
+                    pid: int) -> tuple[str, str] | None: ...
+    async def forget(self, queue_id: str) -> None: ...
 
 
 def envelope_of(part: Part) -> dict:
@@ -242,7 +255,7 @@ class Router:
     """The worker's side of routing: submit transactions, serve peers."""
 
     def __init__(self, worker: int, workers: int, spool: Store, run_dir: str,
-                 hosts: int = 1, host: int = 0) -> None:
+                 keys: IntakeKeys | None = None, hosts: int = 1, host: int = 0) -> None:
         self.worker = worker
         self.workers = workers
         self.hosts = hosts  # [cluster]: the slots of other hosts go through the broker
@@ -251,6 +264,7 @@ class Router:
         # did not confirm (route.cluster.ClusterLink.publish); set by the worker.
         self.publish: Callable[[int, Part], Awaitable[None]] | None = None
         self.spool = spool
+        self.keys = keys  # the AMQP message keys this worker owns
         self.run_dir = run_dir
         self.peers = {
             owner: PeerClient(owner, socket_path(run_dir, owner))
@@ -386,6 +400,40 @@ class Router:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    # -- AMQP message keys ------------------------------------------------
+
+    async def claim_key(self, key: str, queue_id: str, queue: str,
+                        fields: bytes) -> tuple[str, str] | None:
+        """Ask the key's owner to record this worker's try of an AMQP
+        message: None if the try may store it, else (state, queue id) of the
+        try that holds the key (spool.seen.IntakeIndex.claim)."""
+        owner = shard.key_owner(key, self.workers)
+        if owner == self.worker:
+            return await self._keys().claim(key, queue_id, queue, fields, os.getpid())
+        reply = await self.peers[owner].request(
+            {"op": "claim_key", "key": key, "id": queue_id, "queue": queue, "pid": os.getpid()},
+            fields,
+        )
+        if not reply.get("ok"):
+            raise SpoolError(f"worker {owner} could not record a message key")
+        holder = reply.get("holder")
+        return (holder[0], holder[1]) if holder else None
+
+    async def forget_key(self, key: str, queue_id: str) -> None:
+        """A try that failed gives its key back to the key's owner."""
+        owner = shard.key_owner(key, self.workers)
+        if owner == self.worker:
+            await self._keys().forget(queue_id)
+            return
+        reply = await self.peers[owner].request({"op": "forget_key", "id": queue_id})
+        if not reply.get("ok"):
+            raise SpoolError(f"worker {owner} could not drop a message key")
+
+    def _keys(self) -> IntakeKeys:
+        if self.keys is None:
+            raise SpoolError("this worker records no AMQP message keys")
+        return self.keys
+
     # -- owner side ---------------------------------------------------------
 
     async def serve(self) -> None:
@@ -420,6 +468,12 @@ class Router:
         try:
             if header["op"] == "store":
                 await self.spool.store(part_from(header["part"], body))
+            elif header["op"] == "claim_key":
+                holder = await self._keys().claim(header["key"], header["id"], header["queue"],
+                                                  body, header["pid"])
+                reply["holder"] = list(holder) if holder else None
+            elif header["op"] == "forget_key":
+                await self._keys().forget(header["id"])
             elif header["op"] == "done":
                 self.peers_done.add(header["from"])
             elif header["op"] in ("release", "abort", "status"):

@@ -8,6 +8,9 @@ recorded in every spool.  In a cluster of ``hosts`` relay hosts
 ``slot % workers``.  So one domain's mail, queues and limits live in
 exactly one worker of one host, and the slots of a host still spread over
 all its workers whatever the two counts are.
+The key of an AMQP message (intake.amqp_message.payload_key) has an owner
+worker the same way: the one that records, in one atomic step, which try
+of it is being spooled.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ def host_of(slot: int, hosts: int) -> int:
 def owner_of(slot: int, workers: int, hosts: int = 1) -> int:
     """The worker (on the slot's host) that owns it."""
     return (slot // hosts) % workers
+
+
+def key_owner(key: str, workers: int) -> int:
+    """The worker that records AMQP message ``key`` (stable across processes)."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % workers
 
 
 def recipient(address: str, index: int) -> Recipient:

@@ -16,7 +16,11 @@ every spool database holding exactly the mail of its worker's slots.
    into every spool: they apply in every worker): copied and committed there first, then deleted
    at the source.  A crash in between leaves a copy on both sides, and the
    next run's INSERT OR IGNORE makes the copy a no-op before the delete.
-4. Databases of workers that no longer exist are removed once empty.
+4. The records of AMQP message keys (spool.seen) move to their key's owner
+   (route.shard.key_owner) when the worker count changed since they were
+   placed, or when a relay that kept them with the consuming worker wrote
+   them: copied first, then deleted at the source, like mail.
+5. Databases of workers that no longer exist are removed once empty.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ import re
 import orjson
 
 from relay.intake.policy import BadDomain, routing_domain
-from relay.route.shard import slot_of
 from relay.errors import SpoolError
+from relay.route.shard import key_owner, slot_of
 from relay.spool.format import MessageState, RecipientState
 from relay.spool.schema import reporting
 from relay.spool.store import connect, spool_path
@@ -73,6 +77,7 @@ def recover(spool_dir: str, workers: int, hosts: int = 1, index: int = 0) -> dic
             conns[worker] = connect(path)  # a damaged or newer file: SpoolError naming it
             conns[worker].create_function("address_slot", 1, _address_slot, deterministic=True)
             conns[worker].create_function("domain_slot", 1, _domain_slot, deterministic=True)
+            conns[worker].create_function("key_owner", 2, key_owner, deterministic=True)
         _settle_held(conns, paths, counts)
         _check_cluster(conns, paths, hosts, index)
         # Re-homing reads every row: only when the worker count changed.
@@ -87,6 +92,17 @@ def recover(spool_dir: str, workers: int, hosts: int = 1, index: int = 0) -> dic
             _merge_campaign_states(conns)
             for conn in conns.values():
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('workers', ?)", (str(workers),))
+        placed = {}
+        for worker, conn in conns.items():
+            with reporting(paths[worker]):
+                placed[worker] = _recorded_workers(conn, KEYS_PLACED_FOR)
+        if any(count != workers for count in placed.values()):
+            for source, conn in conns.items():
+                with reporting(paths[source]):
+                    _rehome_keys(source, conn, conns, workers)
+            for conn in conns.values():
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                             (KEYS_PLACED_FOR, str(workers)))
     finally:
         for conn in conns.values():
             conn.close()
@@ -127,8 +143,12 @@ def _check_cluster(conns: dict, paths: dict[int, str], hosts: int, index: int) -
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('cluster', ?)", (shape,))
 
 
-def _recorded_workers(conn) -> int | None:
-    row = conn.execute("SELECT value FROM meta WHERE key = 'workers'").fetchone()
+# The worker count the AMQP key records of a spool were placed for.
+KEYS_PLACED_FOR = "amqp_key_workers"
+
+
+def _recorded_workers(conn, key: str = "workers") -> int | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return int(row[0]) if row else None
 
 
@@ -273,6 +293,27 @@ def _rehome(source: int, conn, conns: dict, workers: int, hosts: int,
         conn.execute("COMMIT")
         counts["moved"] += max(moved, 0)
         log.info("spool: re-homed %d recipients from worker %d to %d", moved, source, target)
+
+
+def _rehome_keys(source: int, conn, conns: dict, workers: int) -> None:
+    targets = {row[0] for row in conn.execute(
+        "SELECT DISTINCT key_owner(key, ?) FROM amqp_intake", (workers,))}
+    for target in targets - {source}:
+        dest = conns[target]
+        dest.execute("ATTACH DATABASE ? AS src", (conn_path(conn),))
+        try:
+            dest.execute("BEGIN IMMEDIATE")
+            # A key in both (two tries stored by a relay before keys had
+            # owners): the owner's record stays.
+            moved = dest.execute(
+                "INSERT OR IGNORE INTO main.amqp_intake SELECT * FROM src.amqp_intake"
+                " WHERE key_owner(key, ?) = ?", (workers, target)).rowcount
+            dest.execute("COMMIT")
+        finally:
+            dest.execute("DETACH DATABASE src")
+        conn.execute("DELETE FROM amqp_intake WHERE key_owner(key, ?) = ?", (workers, target))
+        log.info("spool: moved %d AMQP key records from worker %d to %d", max(moved, 0),
+                 source, target)
 
 
 def conn_path(conn) -> str:

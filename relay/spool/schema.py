@@ -13,11 +13,12 @@ time, crash count and error), ``txn`` (this worker's decisions as the
 coordinator of multi-owner transactions), ``event`` (delivery attempts),
 ``suppression`` (hard-bounced addresses), ``meta`` (format version, slot
 count, worker count, operator settings kept across restarts),
-``amqp_intake`` (the AMQP messages this worker consumed and spooled: key,
-origin queue, original fields, the pid of the worker that took it; see
-spool.seen), ``campaign`` (campaigns seen, first and last activity),
-``daily`` (outcomes per day, lane, campaign and domain: the roll-up that
-outlives ``event_retention``).
+``amqp_intake`` (the AMQP message keys this worker owns, route.shard.key_owner:
+for each, the try that holds it — queue id, origin queue, original fields,
+the pid of the worker process that consumed it; see spool.seen),
+``campaign`` (campaigns seen, first and last activity), ``daily``
+(outcomes per day, lane, campaign and domain: the roll-up that outlives
+``event_retention``).
 
 Migrations only ever append columns with defaults or add tables and
 indexes: recovery copies rows between spools with ``SELECT *``, so every
@@ -95,8 +96,8 @@ CREATE TABLE IF NOT EXISTS suppression (
 );
 CREATE INDEX IF NOT EXISTS event_queue_id ON event (queue_id);
 CREATE INDEX IF NOT EXISTS event_time ON event (time);
--- AMQP intake: which published messages this worker spooled (redeliveries
--- are recognised by key) and what they carried, for the failure feeds.
+-- AMQP intake: the try that holds each message key this worker owns
+-- (redeliveries are recognised by key) and what it carried, for the feeds.
 CREATE TABLE IF NOT EXISTS amqp_intake (
     queue_id TEXT PRIMARY KEY,
     key TEXT NOT NULL UNIQUE,

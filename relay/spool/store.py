@@ -685,16 +685,34 @@ class Spool:
 
     # -- AMQP intake ----------------------------------------------------------
 
-    async def remember_intake(self, key: str, queue_id: str, queue: str, fields: bytes) -> None:
-        """Record, before it is handed to its owners, that the AMQP message
-        ``key`` (from ``queue``, with these original fields as JSON) is
-        being spooled as ``queue_id``; a later try of the same key takes
-        the record over (spool.seen decides whether a try committed)."""
-        now, pid = time.time(), os.getpid()
-        await self._submit(lambda conn: conn.execute(
-            "INSERT OR REPLACE INTO amqp_intake VALUES (?, ?, ?, ?, ?, ?)",
-            (queue_id, key, now, queue, fields, pid),
-        ))
+    async def claim_intake(self, key: str, queue_id: str, queue: str, fields: bytes, pid: int,
+                           replacing: str | None = None) -> tuple[str, int, float] | None:
+        """As the owner of AMQP message ``key`` (route.shard.key_owner):
+        record that the worker process ``pid`` is spooling it as
+        ``queue_id`` (from ``queue``, with these original fields as JSON),
+        unless another try holds the key.  Returns None when this try holds
+        it now, else (queue id, pid, time) of the record that does.  The
+        check and the record are one operation of this spool's only writer,
+        so two tries never both get None.  ``replacing``: the queue id of a
+        record spool.seen found abandoned, taken over only if still there."""
+        now = time.time()
+
+        def apply(conn: sqlite3.Connection) -> tuple[str, int, float] | None:
+            if conn.execute(
+                "INSERT INTO amqp_intake VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                (queue_id, key, now, queue, fields, pid),
+            ).rowcount:
+                return None
+            holder = conn.execute("SELECT queue_id, pid, time FROM amqp_intake WHERE key = ?",
+                                  (key,)).fetchone()
+            if replacing is None or holder[0] != replacing:
+                return holder
+            conn.execute(
+                "UPDATE amqp_intake SET queue_id = ?, time = ?, queue = ?, fields = ?, pid = ?"
+                " WHERE key = ?", (queue_id, now, queue, fields, pid, key))
+            return None
+
+        return await self._submit(apply)
 
     async def forget_intake(self, queue_id: str) -> None:
         """A try that failed (nothing of it will be delivered): its record goes."""

@@ -6,6 +6,8 @@ import base64
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.intake import amqp_message as am
 
@@ -99,3 +101,42 @@ def test_bare_lf_is_normalised_when_the_policy_says_so():
 def test_non_ascii_address_needs_smtputf8():
     message = am.parse(pq(recipient="jos\u00e9@d1.example"), "postmanq", LIMITS)
     assert message.smtputf8
+
+
+# -- the whole-body check agrees with the line walk ------------------------------
+
+_PIECES = [b"a", b"Subject: x", b"Received: from x", b"RECEIVED: y", b".", b"..", b"\r\n",
+           b"\r\n\r\n", b"\r", b"\n", b"\0", b"x" * 997, b"y" * 999, "ü".encode(), b" "]
+
+
+def walked(raw: bytes, limits: am.Limits):
+    """check_body with the whole-body check switched off: the DATA reader alone."""
+    original = am._plainly_good
+    am._plainly_good = lambda raw, max_received: False
+    try:
+        return am.check_body(raw, limits)
+    except am.BadMessage as bad:
+        return bad.error
+    finally:
+        am._plainly_good = original
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=30), st.booleans(), st.integers(0, 3))
+def test_check_body_is_what_the_data_reader_says(pieces, normalize, max_received):
+    raw = b"".join(pieces)
+    limits = am.Limits(max_message_size=4000, max_recipients=10, normalize=normalize,
+                       max_received_headers=max_received)
+    try:
+        found = am.check_body(raw, limits)
+    except am.BadMessage as bad:
+        found = bad.error
+    assert found == walked(raw, limits)
+
+
+def test_a_plain_body_is_kept_without_the_line_walk(monkeypatch):
+    raw = b"Received: a\r\nSubject: x\r\n\r\n.dot\r\nbody\r\n"
+    limits = am.Limits(max_message_size=4000, max_recipients=10, normalize=False,
+                       max_received_headers=1)
+    monkeypatch.setattr(am, "DataReader", None)  # the walk would fail
+    assert am.check_body(raw, limits) == raw

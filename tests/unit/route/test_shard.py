@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from relay.intake.policy import BadDomain
 from relay.model import Recipient
-from relay.route.shard import SLOT_COUNT, owner_of, recipient, slot_of, split
+from relay.route.shard import SLOT_COUNT, key_owner, owner_of, recipient, slot_of, split
 
 # Pinned: a change of hash or slot count re-homes every spooled message, and
 # Python's per-process hash() would give other values in every run.
@@ -122,3 +122,12 @@ def test_split_property(slots, workers):
         assert all(owner_of(r.slot, workers) == owner for r in group)
         assert [r.index for r in group] == sorted(r.index for r in group)
 
+
+
+def test_key_owner_is_a_stable_hash_of_the_key():
+    # Pinned like the slots: a change of hash moves every AMQP key record.
+    # (Modulo 2**32 the owner is the hash itself: CRC-32 of the UTF-8 key.)
+    assert [key_owner(key, 2**32) for key in ("id:m1", "sha256:00", "id:<7@sender.example>")] == [
+        1312159715, 616056789, 2796584855]
+    assert key_owner("id:m1", 1) == 0
+    assert {key_owner(f"id:{n}", 3) for n in range(100)} == {0, 1, 2}

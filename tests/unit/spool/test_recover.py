@@ -13,7 +13,7 @@ import sqlite3
 import pytest
 
 from relay.model import Part
-from relay.route.shard import recipient
+from relay.route.shard import key_owner, recipient
 from relay.spool.format import MessageState
 from relay.spool.recover import existing_spools, recover
 from relay.spool.store import connect, insert_part, spool_path
@@ -257,3 +257,39 @@ def test_rehome_moves_the_daily_roll_up_by_domain_and_spreads_campaigns(tmp_path
     assert set().union(*daily.values()) == set(DOMAINS[:6])
     assert all(rows == [("spring", "bulk")] for rows in campaigns.values())
     assert all(state == ('{"spring":"paused"}',) for state in states.values())
+
+
+def write_keys(spool_dir: str, worker: int, keys: list[str]) -> None:
+    conn = connect(spool_path(spool_dir, worker))
+    conn.executemany("INSERT INTO amqp_intake VALUES (?, ?, 1.0, 'q', x'7b7d', 1)",
+                     [(f"Q{worker}-{key}", key) for key in keys])
+    conn.close()
+
+
+def keys_by_worker(spool_dir: str) -> dict[int, list[str]]:
+    out = {}
+    for worker, path in sorted(existing_spools(spool_dir).items()):
+        conn = sqlite3.connect(path)
+        try:
+            out[worker] = sorted(row[0] for row in conn.execute("SELECT key FROM amqp_intake"))
+        finally:
+            conn.close()
+    return out
+
+
+@pytest.mark.parametrize("before, after", [(2, 2), (2, 3), (3, 1)])
+def test_amqp_key_records_move_to_their_keys_owner(tmp_path, before, after):
+    # Written by a relay that kept each key with the worker that consumed
+    # it (before == after: an upgrade), or for another worker count.
+    spool_dir = str(tmp_path)
+    keys = [f"id:m{n}" for n in range(30)]
+    for worker in range(before):
+        write_keys(spool_dir, worker, keys[worker::before])
+    write_keys(spool_dir, 0, ["id:m1"] if before > 1 else [])  # stored twice by the old race
+    recover(spool_dir, after)
+    placed = keys_by_worker(spool_dir)
+    assert sorted(placed) == list(range(after))
+    assert placed == {
+        w: sorted(k for k in keys if key_owner(k, after) == w) for w in range(after)}
+    recover(spool_dir, after)
+    assert keys_by_worker(spool_dir) == placed  # placed once: nothing moves again
