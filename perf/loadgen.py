@@ -48,6 +48,8 @@ class Stream:
     concurrency: int = 10  # connections
     rate: float | None = None  # messages/s (open loop); None = as fast as replies allow
     per_connection: int = 100  # messages before QUIT and a new connection
+    headers: tuple[str, ...] = ()  # extra header fields ("X-Relay-Class: bulk")
+    start_after: float = 0.0  # seconds after the run starts before this stream injects
 
 
 @dataclass
@@ -216,7 +218,8 @@ class Messages:
         rcpts = [f"r{n}.{j}@{self._domain()}" for j in range(self.stream.recipients)]
         head = (
             f"From: Bench <{SENDER}>\r\nTo: <{rcpts[0]}>\r\n"
-            f"Subject: perf {self.stream.name} {n}\r\n"
+            + "".join(f"{h}\r\n" for h in self.stream.headers)
+            + f"Subject: perf {self.stream.name} {n}\r\n"
             f"Message-ID: <{n}.{self.run_tag}@perf.example>\r\n"
             f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n"
             "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
@@ -261,10 +264,11 @@ class Generator:
             messages = Messages(stream, random.Random(self.seed * 1000 + index), self.run_tag)
             counter = itertools.count()
             if stream.rate:
-                tasks.append(self._open_loop(stream, messages, counter, deadline))
+                loops = [self._open_loop(stream, messages, counter, deadline)]
             else:
-                tasks += [self._closed_loop(stream, messages, counter, deadline)
-                          for _ in range(stream.concurrency)]
+                loops = [self._closed_loop(stream, messages, counter, deadline)
+                         for _ in range(stream.concurrency)]
+            tasks += [_after(stream.start_after, loop) for loop in loops]
         await asyncio.gather(*tasks)
         return self.injections
 
@@ -358,6 +362,12 @@ class Generator:
             await asyncio.gather(*running)
         for client in idle:
             await send_quit(client)
+
+
+async def _after(delay: float, coro):
+    if delay:
+        await asyncio.sleep(delay)
+    return await coro
 
 
 def sources(count: int, network: str = "127.0.1") -> tuple[str, ...]:

@@ -44,6 +44,7 @@ def summarise(injections: list[Injection], receipts: list[tuple[float, tuple[str
             else:
                 first_delivery[address] = when
     delivered_latency: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    last_by_stream: dict[str, float] = {}
     last_delivery = started
     for address, when in first_delivery.items():
         injection = injections[recipient_message(address)]
@@ -53,6 +54,7 @@ def summarise(injections: list[Injection], receipts: list[tuple[float, tuple[str
         delivered_latency[("stream", injection.stream)].append(latency)
         delivered_latency[("group", group)].append(latency)
         last_delivery = max(last_delivery, when)
+        last_by_stream[injection.stream] = max(last_by_stream.get(injection.stream, when), when)
     inject_seconds = max(finished - started, 1e-9)
     deliver_seconds = max(last_delivery - started, 1e-9)
     result = {
@@ -78,6 +80,8 @@ def summarise(injections: list[Injection], receipts: list[tuple[float, tuple[str
             "delivered": len(delivered_latency[("stream", name)]),
             "inject_to_250_ms": percentiles([i.finished - i.started for i in mine]),
             "inject_to_delivered_ms": percentiles(delivered_latency[("stream", name)]),
+            # When its last recipient arrived, in seconds from the run's first injection.
+            "finished_s": round(last_by_stream[name] - started, 3) if name in last_by_stream else None,
         }
     kinds = {g for kind, g in delivered_latency if kind == "group"}
     if len(kinds) > 1:
@@ -198,5 +202,7 @@ def table(columns: dict[str, dict]) -> str:
                 extra.append(
                     f"  {label} {section[3:]} {name}: delivered {_fmt(figures.get('delivered'), digits=0)},"
                     f" inject->delivered p50/p99 {_ms(lat.get('p50'))}/{_ms(lat.get('p99'))} ms"
+                    + (f", last delivered at {figures['finished_s']:.1f} s"
+                       if figures.get("finished_s") is not None else "")
                 )
     return "\n".join(lines + extra)

@@ -75,6 +75,12 @@ def parse_duration(value: Any) -> float:
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
+def _share(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
+        return float(value)
+    raise ValueError("a number from 0 to 1")
+
+
 def _durations(value: Any) -> tuple[float, ...]:
     if not isinstance(value, list) or not value:
         raise ValueError('a non-empty list of durations such as ["1m", "5m"]')
@@ -189,8 +195,14 @@ RELAY_KEYS = _keys(
         reload=False),
 )
 
+# A message's class at its way in (relay/intake/lane.py); "" = not said here.
+_lane = _choice("", "transactional", "bulk")
+
 LISTEN_KEYS = _keys(
     Key("address", parse_hostport, None, '"host:port" to accept SMTP on', reload=False),
+    Key("class", _lane, "", 'class of mail taken here, "transactional" or "bulk",'
+        " unless its X-Relay-Class says otherwise; \"\" = decided by the user or campaign",
+        reload=False),
 )
 
 TLS_KEYS = _keys(
@@ -201,6 +213,8 @@ TLS_KEYS = _keys(
 USER_KEYS = _keys(
     Key("name", _str, None, "AUTH user name"),
     Key("password_hash", _str, None, "hash from `relayctl hash-password`"),
+    Key("class", _lane, "", 'class of this user\'s mail unless its header or listener says;'
+        ' "" = decided by the campaign'),
 )
 
 INTAKE_KEYS = _keys(
@@ -295,6 +309,8 @@ DELIVER_KEYS = _keys(
     Key("event_retention", parse_duration, 7 * 86400.0, "delivery events kept in the spool"),
     Key("keep_bounced", parse_duration, 3 * 86400.0, "bounced mail kept for `relayctl requeue`"),
     Key("max_loaded", _int(1), 20000, "recipients held in memory for delivery, per worker"),
+    Key("bulk_loaded_share", _share, 0.8,
+        "share of max_loaded bulk mail may take; the rest is kept for transactional mail"),
     Key("max_sessions", _int(1), 1000, "outbound sessions open at once, per worker, whatever the sites allow"),
     Key("max_bytes_in_flight", parse_size, 256 * 1024**2,
         "message bytes of outbound transactions in flight, per worker (one always goes)"),
@@ -367,6 +383,9 @@ SHAPING_KEYS = _keys(
     Key("max_deliveries_per_connection", _int(1), 100, "transactions before a connection is closed"),
     Key("consecutive_connection_failures", _int(1), 10,
         "failed connections in a row that suspend the site (for 1 min, doubling up to 1 h)"),
+    Key("transactional_share", _share, 0.2,
+        "share of the site's connections kept for transactional mail (at least one when above 0);"
+        " bulk uses them while no transactional mail waits or is in flight"),
 )
 
 RULE_KEYS = _keys(
@@ -405,7 +424,8 @@ AMQP_CONSUMER_KEYS = _keys(
     Key("queue_type", _choice("classic", "quorum"), "classic", "x-queue-type of declared queues"),
     Key("format", _choice("postmanq", "relay"), "postmanq",
         "postmanq: {envelope, recipient, body}; relay: {sender, recipients, body|body_base64}"),
-    Key("class", _str, "", "default lane of this consumer's mail (reserved for lanes)"),
+    Key("class", _lane, "", 'class of this consumer\'s mail unless the message says;'
+        ' "" = decided by the campaign'),
 )
 
 AMQP_EVENTS_KEYS = _keys(
@@ -922,7 +942,7 @@ def file_value(key: Key, value: Any) -> Any:
 
 
 def _table(record: Any, keys: dict[str, Key]) -> dict[str, Any]:
-    return {name: file_value(key, getattr(record, name)) for name, key in keys.items()}
+    return {name: file_value(key, getattr(record, _field(name))) for name, key in keys.items()}
 
 
 def to_document(settings: Settings) -> dict[str, Any]:

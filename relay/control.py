@@ -23,6 +23,7 @@ import orjson
 
 from relay.cli.control import socket_path as control_socket_path
 from relay.config import Settings
+from relay.intake.lane import valid_name as campaign_name_ok
 from relay.intake.policy import BadDomain, routing_domain
 from relay.route.forward import request_blocking, socket_path
 from relay.route.shard import host_of, owner_of, slot_of
@@ -33,6 +34,8 @@ log = logging.getLogger("relay.control")
 EXCHANGE_TIMEOUT = 5.0
 WORKER_TIMEOUT = 120.0  # a requeue over a big spool may take a while
 REQUEUE_FILTERS = ("code", "sender", "recipient")
+CAMPAIGN_ACTIONS = ("list", "show", "pause", "resume", "cancel")
+CAMPAIGN_COUNTS = ("queued", "held", "delivered", "deferred", "bounced", "dropped")
 
 
 def open_control_socket(run_dir: str) -> socket.socket:
@@ -108,6 +111,8 @@ class ControlPlane:
                 return self._to_workers(request)
             if op in ("shaping", "shaping_cancel"):
                 return self._shaping(request)
+            if op == "campaign":
+                return self._campaign(request)
             if op == "cluster":
                 return self._cluster()
         except (OSError, ValueError) as exc:
@@ -157,6 +162,42 @@ class ControlPlane:
             sites += answer.get("sites", [])
         return {"ok": True, "effects": sorted(effects, key=lambda e: e["since"]),
                 "sites": sorted(sites, key=lambda s: (-s["queued"], s["site"]))}
+
+    def _campaign(self, request: dict) -> dict:
+        """Every worker has mail of a campaign and applies its state: each is
+        asked (pause, resume, cancel too), and the figures are summed."""
+        action, name = request.get("action"), request.get("name")
+        if action not in CAMPAIGN_ACTIONS or (action != "list") != bool(name):
+            return {"ok": False, "error": "campaign: list, or show|pause|resume|cancel NAME"}
+        if name and not campaign_name_ok(name):
+            return {"ok": False, "error": f"not a valid campaign name: {name!r}"}
+        merged: dict[str, dict] = {}
+        states: dict[str, str] = {}
+        count = 0
+        for worker in range(self.workers):
+            answer = request_blocking(socket_path(self.settings.relay.run_dir, worker), request,
+                                      WORKER_TIMEOUT)
+            if not answer.get("ok"):
+                return {"ok": False, "error": f"worker {worker} refused campaign {action}"}
+            count += answer.get("count", 0)
+            states.update(answer.get("states", {}))
+            for figure in answer.get("campaigns", []):
+                into = merged.get(figure["name"])
+                if into is None:
+                    merged[figure["name"]] = dict(figure)
+                    continue
+                for key in CAMPAIGN_COUNTS:
+                    into[key] += figure[key]
+                into["first"] = min(into["first"], figure["first"])
+                into["last"] = max(into["last"], figure["last"])
+        for campaign, state in states.items():  # paused or cancelled before any of its mail came
+            merged.setdefault(campaign, {"name": campaign, "tenant": "", "class": "bulk",
+                                         "first": None, "last": None,
+                                         **dict.fromkeys(CAMPAIGN_COUNTS, 0)})["state"] = state
+        campaigns = sorted(merged.values(), key=lambda c: (-(c["last"] or 0), c["name"]))
+        if action == "show" and not campaigns:
+            return {"ok": False, "error": f"no campaign {name!r} in any spool"}
+        return {"ok": True, "action": action, "count": count, "campaigns": campaigns}
 
     def _to_workers(self, request: dict) -> dict:
         """A domain's command goes to its owner; the others to every worker."""

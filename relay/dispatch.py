@@ -9,8 +9,11 @@ also go to ``event_log_dir/delivery-N.jsonl`` as JSON lines.
 
 Theory of operation.  Only mail that is due is loaded: ``claim_due`` takes
 up to ``deliver.max_loaded`` recipients (metadata only; a body is read when
-its transaction starts) and marks them as being sent.  Claimed recipients
-become jobs in their destination's queue (deliver.queue).  A sender task
+its transaction starts), transactional ones first and bulk ones within
+``bulk_loaded_share`` of it, and marks them as being sent.  Claimed
+recipients become jobs in their destination's queue (deliver.queue,
+deliver.lanes); a paused campaign's (or a suspended domain's) are held
+instead, a cancelled campaign's end with a ``cancelled`` event.  A sender task
 takes a pooled connection or opens one from the next of this worker's
 source IPs (round robin), then sends job after job until the queue is
 empty or the connection has carried ``max_messages_per_connection``.
@@ -55,14 +58,14 @@ from relay.deliver.shaping import Effect, Effects
 from relay.deliver.schedule import RetrySchedule
 from relay.deliver.session import SmtpSession, Timeouts, TransactionResult
 from relay.errors import DeliveryError, RelayError, TlsUnavailable
-from relay.model import Event, QueueIds, Reply, Stage, Transaction
+from relay.model import BULK, LANES, TRANSACTIONAL, Event, QueueIds, Reply, Stage, Transaction
 from relay.outcome import transition
 from relay.outcome.bounce import FailedRecipient, build_dsn, should_bounce
 from relay.outcome.events import EventLog
 from relay.outcome.transition import Attempt, Rounds, Verdict
 from relay.spool.format import RecipientState
 from relay.stats.ring import Histogram
-from relay.spool.store import HELD_PREFIX, RecipientUpdate, Spool
+from relay.spool.store import CANCELLED_TEXT, DROPPED_OUTCOMES, HELD_PREFIX, RecipientUpdate, Spool
 
 log = logging.getLogger("relay.deliver")
 trace_log = logging.getLogger("relay.trace")
@@ -77,6 +80,9 @@ CRASH_RECORD_TIMEOUT = 10.0  # a crash not committed by then is not counted
 MAX_ERROR = 500  # characters of an exception's text kept in the spool
 TEST_CRASH_ON = "RELAY_TEST_CRASH_ON"  # the test hook's environment variable
 SUSPENDED_TEXT = "suspended by the operator (relayctl suspend)"
+PAUSED_TEXT = "campaign paused by the operator (relayctl campaign pause)"
+PAUSED, CANCELLED = "paused", "cancelled"  # a campaign's state; absent = active
+LANE_OUTCOMES = ("delivered", "deferred", "bounced")  # counted per lane in the stats ring
 INTERNAL_HEADER = re.compile(rb"^X-Relay-[A-Za-z0-9-]*:", re.IGNORECASE)
 
 Submit = Callable[[Transaction], Awaitable[None]]
@@ -138,7 +144,9 @@ class Dispatcher:
         self._poke = asyncio.Event()  # the scheduler has news: look at its actions again
         self._sending = 0  # transactions in flight
         self._held_domains: dict[str, set] = {}  # site -> domains whose mail a suspension handed back
-        self.loaded = 0
+        self.loaded = 0  # recipients claimed and not yet done with
+        self.loaded_bulk = 0  # of which bulk
+        self._full = False  # the last claim found no room (see _once)
         self.rounds = Rounds()  # one DSN per message per round (outcome.transition)
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -151,6 +159,11 @@ class Dispatcher:
         self.traced: frozenset[str] = frozenset()  # addresses relayctl traces
         self.counters: collections.Counter[str] = collections.Counter()  # names of stats.ring
         self.accept_to_delivered = Histogram()
+        self.accept_to_delivered_by_lane = {lane: Histogram() for lane in LANES}
+        # Campaigns the operator paused or cancelled (name -> state), kept in the spool.
+        self.campaigns: dict[str, str] = {}
+        # Per campaign: outcomes since the worker started (the busiest go to /metrics).
+        self.campaign_counts: dict[str, collections.Counter] = {}
         self._crash_on = os.environ.get(TEST_CRASH_ON) or None  # test hook, see the docstring
 
     def reopen_log(self) -> None:
@@ -176,6 +189,8 @@ class Dispatcher:
         self.suspended = frozenset(orjson.loads(suspended)) if suspended else frozenset()
         traced = await self.spool.get_meta("traced")
         self.traced = frozenset(orjson.loads(traced)) if traced else frozenset()
+        campaigns = await self.spool.get_meta("campaigns")  # relayctl campaign pause|cancel
+        self.campaigns = orjson.loads(campaigns) if campaigns else {}
         effects = await self.spool.get_meta("effects")  # throttles and suspensions outlive a restart
         if effects:
             self.effects.restore([Effect.from_json(e) for e in orjson.loads(effects)], time.time())
@@ -198,15 +213,27 @@ class Dispatcher:
                 await asyncio.sleep(backoff)
 
     async def _once(self) -> None:
-        """Claim what is due, route it, then sleep until more may be due."""
-        limit = self.settings.deliver.max_loaded
+        """Claim what is due, route it, then sleep until more may be due.
+
+        Claims reserve room per lane: bulk mail holds at most
+        ``bulk_loaded_share`` of ``max_loaded``, so a bulk backlog never
+        keeps transactional mail from being loaded."""
+        deliver = self.settings.deliver
+        limit = deliver.max_loaded
         self._wakeup.clear()
         room = limit - self.loaded
-        claimed = await self.spool.claim_due(time.time(), room) if room > 0 else []
+        bulk_room = max(0, int(limit * deliver.bulk_loaded_share) - self.loaded_bulk)
+        claimed = await self.spool.claim_due(time.time(), room, bulk_room) if room > 0 else []
         if self.stopping:
             return  # claimed just now: queued again at the next start
+        bulk = sum(1 for r in claimed if r.lane == BULK)
+        self.loaded += len(claimed)
+        self.loaded_bulk += bulk
+        bulk_full = self.loaded_bulk >= int(limit * deliver.bulk_loaded_share)
+        # Full: _unload wakes the loop once a tenth of the room is free again
+        # (finished deliveries commit nothing that would wake it).
+        self._full = bulk_full or self.loaded >= limit
         if claimed:
-            self.loaded += len(claimed)
             for job in jobs_from(claimed, self.traced):
                 self.rounds.claimed(job.queue_id, len(job.recipients))
                 if job.trace:
@@ -214,10 +241,11 @@ class Dispatcher:
                                 job.recipients[0].attempts + 1,
                                 ", ".join(r.address for r in job.recipients))
                 self._spawn(self._charged(job, self._route(job)))
-            if len(claimed) == room:
+            if len(claimed) == room or (bulk and bulk == bulk_room):
                 await asyncio.sleep(0)  # more may be due: look again soon
                 return
-        due = await self.spool.next_due()
+        lanes = (TRANSACTIONAL,) if bulk_full else LANES
+        due = await self.spool.next_due(lanes)
         wait = MAX_WAIT if due is None else min(max(due - time.time(), 0.01), MAX_WAIT)
         if self.loaded >= limit:
             wait = MAX_WAIT
@@ -225,6 +253,18 @@ class Dispatcher:
             await asyncio.wait_for(self._wakeup.wait(), wait)
         except asyncio.TimeoutError:
             pass
+
+    def _unload(self, recipients) -> None:
+        """Claimed recipients done with (an outcome, held, or dropped): room
+        for the next claims of their lane."""
+        self.loaded -= len(recipients)
+        self.loaded_bulk -= sum(1 for r in recipients if r.lane == BULK)
+        if self._full:
+            limit = self.settings.deliver.max_loaded
+            if (self.loaded <= 0.9 * limit
+                    and self.loaded_bulk <= 0.9 * limit * self.settings.deliver.bulk_loaded_share):
+                self._full = False
+                self.wake()
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -247,7 +287,7 @@ class Dispatcher:
         self.stopping = True
         self._wakeup.set()
         for job in self.scheduler.take_all():
-            self.loaded -= len(job.recipients)
+            self._unload(job.recipients)
             self.rounds.done(job.queue_id, len(job.recipients))  # tried after the restart
         deadline = time.monotonic() + timeout
         while self._sending and time.monotonic() < deadline:
@@ -292,6 +332,13 @@ class Dispatcher:
         return self.settings.tls_policy.get(domain, self.settings.deliver.tls)
 
     async def _route(self, job: Job) -> None:
+        campaign = self.campaigns.get(job.campaign) if job.campaign else None
+        if campaign == PAUSED:  # claimed before the pause, or due since
+            await self._hold([job], None, PAUSED_TEXT)
+            return
+        if campaign == CANCELLED:  # its mail that came after the cancel
+            await self._cancel_jobs([job])
+            return
         if job.domain in self.suspended:  # claimed before, or due since the suspension
             await self._hold([job], None, SUSPENDED_TEXT)
             return
@@ -322,8 +369,14 @@ class Dispatcher:
             self._trace(job, "%s -> %s", job.domain,
                         ", ".join(f"{h.host}[{h.ip}]:{h.port}" for h in destination.hops))
         if self.stopping:
-            self.loaded -= len(job.recipients)
+            self._unload(job.recipients)
             self.rounds.done(job.queue_id, len(job.recipients))
+            return
+        if job.campaign and job.campaign in self.campaigns:
+            # Paused or cancelled while its MX was looked up: not in the
+            # scheduler yet, so take_campaign did not see it.
+            await (self._hold([job], None, PAUSED_TEXT) if self.campaigns[job.campaign] == PAUSED
+                   else self._cancel_jobs([job]))
             return
         job.destination = destination
         job.site_key = (destination.key, self.tls_mode(job.domain))
@@ -491,7 +544,7 @@ class Dispatcher:
         try:
             await self._complete(updates, [], [], jobs[0].queue_id)
         finally:
-            self.loaded -= len(updates)
+            self._unload([r for job in jobs for r in job.recipients])
         for job in jobs:
             held = self.rounds.done(job.queue_id, len(job.recipients))
             if held is not None:  # a sibling job's bounces waited for this one
@@ -511,7 +564,7 @@ class Dispatcher:
             log.error("%s: body unreadable: %s", job.queue_id, exc)
             body = None
         if body is None:  # removed meanwhile (relayctl delete, say)
-            self.loaded -= len(job.recipients)
+            self._unload(job.recipients)
             self.rounds.done(job.queue_id, len(job.recipients))
             return None
         started = time.monotonic()
@@ -609,14 +662,14 @@ class Dispatcher:
                 held.defer(now + self.schedule.delay(1))
             verdict.add(held)
         if not verdict.updates:
-            self.loaded -= len(job.recipients)
+            self._unload(job.recipients)
             return
         try:
             if not await self._complete(verdict.updates, verdict.events, verdict.suppress,
                                         job.queue_id):
                 return
         finally:
-            self.loaded -= len(job.recipients)
+            self._unload(job.recipients)
         if job.trace:
             for update, event in zip(verdict.updates, verdict.events):
                 self._trace(job, "%s -> %s (%s)%s", event.recipient, event.outcome, event.text,
@@ -630,8 +683,14 @@ class Dispatcher:
             self.counters[event.outcome] += 1
             if event.failure_class and event.outcome in ("deferred", "bounced"):
                 self.counters[f"{event.outcome}_{event.failure_class}"] += 1
+            if event.outcome in LANE_OUTCOMES:
+                self.counters[f"{event.outcome}_{event.lane}"] += 1
+            if event.campaign:
+                self.campaign_counts.setdefault(event.campaign, collections.Counter())[
+                    "dropped" if event.outcome in DROPPED_OUTCOMES else event.outcome] += 1
             if event.outcome == "delivered" and received is not None:
                 self.accept_to_delivered.observe(now - received)
+                self.accept_to_delivered_by_lane[event.lane].observe(now - received)
 
     async def _complete(self, updates, events, suppress, queue_id: str) -> bool:
         """Commit an outcome, trying again while the spool fails (it may be
@@ -778,3 +837,76 @@ class Dispatcher:
             log.info("%s resumed: %d held recipient(s) due now", domain, released)
         self.wake()
         self._poke.set()
+
+    # -- campaigns (relayctl campaign) ------------------------------------------
+
+    async def campaign(self, action: str, name: str | None) -> dict:
+        """``list``/``show`` this worker's figures; ``pause``, ``resume`` and
+        ``cancel`` change the campaign's state here (kept across restarts;
+        every worker is told) and return ``count``: recipients held,
+        released or cancelled.
+
+        A pause takes the campaign's jobs out of the scheduler and holds its
+        claimed mail (held state, attempts unchanged); later claims of it
+        are held as they come (``_route``).  A cancel ends every waiting
+        recipient with a ``cancelled`` event and no DSN; mail of the
+        campaign that comes later is cancelled too, until ``resume``.
+        Transactions already in flight finish."""
+        now = time.time()
+        count = 0
+        if action in ("pause", "cancel", "resume"):
+            states = dict(self.campaigns)
+            if action == "resume":
+                states.pop(name, None)
+            else:
+                states[name] = PAUSED if action == "pause" else CANCELLED
+            await self.spool.set_meta("campaigns", orjson.dumps(states).decode())
+            self.campaigns = states
+            jobs = self.scheduler.take_campaign(name) if action != "resume" else []
+            if action == "pause":
+                count = sum(len(job.recipients) for job in jobs)
+                if jobs:
+                    await self._hold(jobs, None, PAUSED_TEXT)
+            elif action == "cancel":
+                count = await self._cancel_jobs(jobs)
+                events = await self.spool.cancel_campaign(name, now)
+                self._count(events, None, now)
+                self.event_log.write(events)
+                count += len(events)
+            else:
+                count = await self.spool.release_campaign(name, now)
+            log.info("campaign %s: %s (%d recipient(s))", name, action, count)
+            self.wake()
+            self._poke.set()
+        figures = await self.spool.campaign_figures(name if action != "list" else None)
+        for figure in figures:
+            figure["state"] = self.campaigns.get(figure["name"], "active")
+        return {"count": count, "campaigns": figures,
+                "states": ({name: self.campaigns[name]} if name in self.campaigns else {})
+                if name else dict(self.campaigns)}
+
+    async def _cancel_jobs(self, jobs: list[Job]) -> int:
+        """Claimed jobs of a cancelled campaign end: bounced state, a
+        ``cancelled`` event each, no DSN."""
+        if not jobs:
+            return 0
+        now = time.time()
+        updates, events = [], []
+        for job in jobs:
+            for r in job.recipients:
+                updates.append(RecipientUpdate(r.queue_id, r.index, RecipientState.BOUNCED,
+                                               r.attempts, now, CANCELLED_TEXT))
+                events.append(Event.local(now, r.queue_id, r.address, job.domain, CANCELLED_TEXT,
+                                          "cancelled", None, r.lane, r.campaign))
+        try:
+            done = await self._complete(updates, events, [], jobs[0].queue_id)
+        finally:
+            self._unload([r for job in jobs for r in job.recipients])
+        for job in jobs:
+            held = self.rounds.done(job.queue_id, len(job.recipients))
+            if held is not None:  # a sibling job's bounces waited for this one
+                await self._settle_bounces(job, held)
+        if done:
+            self._count(events, None, now)
+            self.event_log.write(events)
+        return len(events)

@@ -14,6 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
+# A message's class: its lane at every step of delivery.  Transactional
+# mail (sign-ups, receipts) goes before bulk mail (campaigns).
+TRANSACTIONAL = "transactional"
+BULK = "bulk"
+LANES = (TRANSACTIONAL, BULK)
+
 
 @dataclass(frozen=True, slots=True)
 class Recipient:
@@ -34,6 +40,9 @@ class Part:
     received_at: float  # wall-clock seconds
     smtputf8: bool = False
     trace: bool = False  # log every step of its delivery (X-Relay-Trace, relayctl trace)
+    lane: str = TRANSACTIONAL  # its class (intake.lane)
+    campaign: str = ""  # X-Relay-Campaign; "" for none
+    tenant: str = ""  # X-Relay-Tenant; "" for none
     # Worker that coordinates a transaction split across several owners.
     # None: the only part, stored ready for delivery.  Otherwise the part
     # is stored held until that coordinator's decision releases it.
@@ -51,6 +60,9 @@ class Transaction:
     received_at: float
     smtputf8: bool = False
     trace: bool = False
+    lane: str = TRANSACTIONAL
+    campaign: str = ""
+    tenant: str = ""
 
 
 class QueueIds:
@@ -120,13 +132,17 @@ class Event(NamedTuple):
     outcome: str  # delivered | deferred | bounced | requeued | dropped | deleted | crashed | quarantined
     failure_class: str | None  # outcome.classify.FailureClass value
     latency: float  # seconds the transaction took
+    # The message's class (named lane: ``class`` is the failure class) and campaign.
+    lane: str = TRANSACTIONAL
+    campaign: str = ""
 
     @classmethod
     def local(cls, now: float, queue_id: str, recipient: str, destination: str | None,
-              text: str, outcome: str, failure_class: str | None = None) -> "Event":
+              text: str, outcome: str, failure_class: str | None = None,
+              lane: str = TRANSACTIONAL, campaign: str = "") -> "Event":
         """An outcome decided here, with no reply from any server."""
         return cls(now, queue_id, recipient, destination, None, None, 0, 0, None, text, outcome,
-                   failure_class, 0.0)
+                   failure_class, 0.0, lane, campaign)
 
 
 # Event's names as stored (the spool's event columns) and logged (JSON).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -110,9 +111,9 @@ class Worker:
         # create_server listens again on the socket it is given, with its own
         # backlog (100 unless told): pass the configured one.
         servers = [
-            await loop.create_server(self.intake.factory, sock=sock,
+            await loop.create_server(functools.partial(self.intake.factory, listen.class_), sock=sock,
                                      backlog=settings.relay.listen_backlog)
-            for sock in open_listen_sockets(settings)
+            for listen, sock in zip(settings.listen, open_listen_sockets(settings))
         ]
         self.http = HttpIntake(settings, self.intake, admin_http.routes())  # [http]: inject, admin
         await self.http.start()
@@ -209,6 +210,8 @@ class Worker:
         if op in ("suspend", "resume"):
             await self.dispatcher.suspend(request["domain"], op == "suspend")
             return {"suspended": sorted(self.dispatcher.suspended)}
+        if op == "campaign":
+            return await self.dispatcher.campaign(request["action"], request.get("name"))
         if op == "suspensions":
             return {"suspended": sorted(self.dispatcher.suspended)}
         raise RelayError(f"unknown command {op!r}")
@@ -250,8 +253,11 @@ class Worker:
         histograms = {
             "data_to_250": self.intake.data_to_250.value(),
             "accept_to_delivered": self.dispatcher.accept_to_delivered.value(),
+            **{f"accept_to_delivered_{lane}": histogram.value()
+               for lane, histogram in self.dispatcher.accept_to_delivered_by_lane.items()},
         }
-        self.ring.publish(counters, gauges, histograms, self.dispatcher.busiest(ring.TOP))
+        self.ring.publish(counters, gauges, histograms, self.dispatcher.busiest(ring.TOP),
+                          self.dispatcher.campaign_counts)
 
     def _reload(self) -> None:
         try:

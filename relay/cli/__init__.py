@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from relay.cli import (admin, amqp, cluster, config_cmd, msg, password, queue, shaping, spool_cmd,
-                       stats, token)
+from relay.cli import (admin, amqp, campaign, cluster, config_cmd, msg, password, queue, shaping,
+                       spool_cmd, stats, token)
 
 
 def _verbs():
-    verbs = [stats, queue, msg, admin, shaping, config_cmd, password, spool_cmd, token, amqp, cluster]
+    verbs = [stats, queue, msg, admin, shaping, campaign, config_cmd, password, spool_cmd, token,
+             amqp, cluster]
     try:
         from relay.cli import dkim
     except ImportError:  # the DKIM verbs are optional until their module lands

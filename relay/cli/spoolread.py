@@ -156,6 +156,11 @@ class MessageView:
             "received": first.received if first else None,
             "size": first.size if first else None,
             "smtputf8": first.smtputf8 if first else None,
+            # Out of the queue, its events still say (older events: null).
+            "class": first.lane if first else next((e.lane for e in self.events if e.lane), None),
+            "campaign": first.campaign if first else next(
+                (e.campaign for e in self.events if e.lane), None),
+            "tenant": first.tenant if first else None,
             "parts": [
                 {"worker": p.worker, "state": message_state_name(p.state),
                  "coordinator": p.coordinator}

@@ -4,8 +4,12 @@ stats ring in shared memory (no worker is asked).
 ``--json`` prints ``ring.merge()``: ``{"workers": n, "counters": {...},
 "gauges": {...}, "histograms": {"data_to_250": {"buckets": [...],
 "counts": [...], "sum": s, "p50": x, "p99": x}, "accept_to_delivered":
-{...}}, "top_destinations": [[name, load], ...], "per_worker": [{"worker":
-i, "counters": {...}, "gauges": {...}}, ...]}``.
+{...}, "accept_to_delivered_transactional": {...},
+"accept_to_delivered_bulk": {...}}, "top_destinations": [[name, load], ...],
+"campaigns": [{"name", "delivered", "deferred", "bounced", "dropped"}, ...]
+(the busiest), "campaigns_other": {...} (the rest summed), "per_worker":
+[{"worker": i, "counters": {...}, "gauges": {...}}, ...]}``.  Counters per
+lane: ``accepted_|delivered_|deferred_|bounced_transactional|bulk``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import orjson
 from relay import accel, config
 from relay.cli.control import NotRunning, status
 from relay.errors import ConfigError
+from relay.model import LANES
 from relay.stats import ring
 
 WATCH_INTERVAL = 1.0
@@ -65,6 +70,10 @@ def render(stats: dict) -> str:
         f"latency        DATA->250 p50 {_ms(h['data_to_250']['p50'])}, p99 {_ms(h['data_to_250']['p99'])};"
         f" accept->delivered p50 {_ms(h['accept_to_delivered']['p50'])},"
         f" p99 {_ms(h['accept_to_delivered']['p99'])}",
+        *(f"{'  ' + lane:<15}accepted {c[f'accepted_{lane}']}, delivered {c[f'delivered_{lane}']},"
+          f" deferred {c[f'deferred_{lane}']}, bounced {c[f'bounced_{lane}']};"
+          f" accept->delivered p50 {_ms(h[f'accept_to_delivered_{lane}']['p50'])},"
+          f" p99 {_ms(h[f'accept_to_delivered_{lane}']['p99'])}" for lane in LANES),
         f"process        rss {g['rss_bytes'] / 2**20:.1f} MiB   cpu {g['cpu_user']:.1f}s user"
         f" {g['cpu_system']:.1f}s sys   fds {g['open_fds']:.0f}   gc {g['gc_seconds']:.2f}s",
     ]
@@ -77,9 +86,13 @@ def render(stats: dict) -> str:
             f" {c['amqp_nacked']}, failed {c['amqp_failed']}, duplicates {c['amqp_duplicates']};"
             f" feeds published {c['feed_published']}, errors {c['feed_errors']},"
             f" lag events {g['feed_lag_events']:.0f}, failures {g['feed_lag_failures']:.0f}")
-    failures = [f"{k} {v}" for k, v in c.items() if k.startswith(("deferred_", "bounced_")) and v]
+    failures = [f"{k} {v}" for k, v in c.items() if k.startswith(("deferred_", "bounced_")) and v
+                and not k.endswith(LANES)]
     if failures:
         lines.append("failures       " + ", ".join(failures))
+    if stats.get("campaigns"):
+        lines.append("campaigns      " + ", ".join(
+            f"{c['name']} ({c['delivered']} delivered)" for c in stats["campaigns"]))
     if stats["top_destinations"]:
         lines.append("busiest        " + ", ".join(f"{d} ({n})" for d, n in stats["top_destinations"]))
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from relay.model import TRANSACTIONAL
 from relay.spool.store import DueRecipient
 
 
@@ -31,6 +32,8 @@ class Job:
     destination: object = None  # deliver.resolve.Destination, once resolved
     site_key: tuple | None = None  # the scheduler's site
     hosts_tried: set | None = None  # MX hosts that answered 421 to it (next MX)
+    lane: str = TRANSACTIONAL  # the message's class (deliver.lanes)
+    campaign: str = ""
 
 
 def jobs_from(due: list[DueRecipient], traced: frozenset[str] = frozenset()) -> list[Job]:
@@ -40,7 +43,8 @@ def jobs_from(due: list[DueRecipient], traced: frozenset[str] = frozenset()) -> 
         job = jobs.get((row.queue_id, row.domain))
         if job is None:
             job = jobs[(row.queue_id, row.domain)] = Job(
-                row.queue_id, row.sender, row.smtputf8, row.received, row.size, row.domain, []
+                row.queue_id, row.sender, row.smtputf8, row.received, row.size, row.domain, [],
+                lane=row.lane, campaign=row.campaign,
             )
         job.recipients.append(row)
         job.trace = job.trace or row.trace or row.address.lower() in traced

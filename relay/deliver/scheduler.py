@@ -24,14 +24,23 @@ transaction) and its connections, each opening, busy or idle.
   used, and they leave memory);
 * idle connections past ``idle_timeout`` are closed;
 * while a job waits, an idle connection is free and a message token is due
-  (``max_message_rate``), the job is sent (``Send``);
+  (``max_message_rate``), the job is sent (``Send``): a transactional job
+  before a bulk one, and within a lane campaigns in turn (deliver.lanes);
 * a connection opens (``Open``) when jobs wait that the connections in use
   will not carry soon — more jobs than they carry per connection, or more
   than they finish within ``DRAIN_HORIZON`` at the site's measured
   transaction time (Little's law: a fast receiver behind a busy worker
   needs few connections, a slow one many), or, before any transaction
-  was timed, the oldest has waited ``spawn_after`` — within the site's
+  was timed, the oldest has waited ``spawn_after``, or a transactional job
+  finds every connection busy with bulk mail — within the site's
   connection limit, its adaptive concurrency and ``max_connection_rate``.
+
+Lanes.  ``transactional_share`` of the connections a site allows (at least
+one) is kept for transactional mail while some of it waits or is in
+flight: bulk mail then runs on the rest.  When the transactional lane is
+empty bulk uses every connection (idle capacity is not wasted); the next
+transactional job takes the first connection that frees, and from then on
+bulk gives the share back as its transactions end.
 
 What the driver reports moves the state: a connection that opened lets
 the next job go; one that failed lowers concurrency, counts towards the
@@ -45,13 +54,13 @@ host (``RETRY``) once per host; every reply is matched against the rules.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import math
 from dataclasses import dataclass, field
 
+from relay.deliver.lanes import SiteQueue, campaign_of
 from relay.deliver.shaping import Concurrency, Effects, Gcra, SiteLimits, limits_for
-from relay.model import Reply, Stage
+from relay.model import BULK, TRANSACTIONAL, Reply, Stage
 
 INITIAL_CONCURRENCY = 5  # a new site starts here and grows with successes (Postfix's slow start)
 HOP_REST = 30.0  # a host that answered 421 gets no new connection for this long
@@ -119,6 +128,7 @@ class Connection:
     since: float = 0.0  # when it entered its state
     deliveries: int = 0
     hop: object = None  # the host it reached
+    lane: str | None = None  # the lane of the job it carries (busy)
 
 
 @dataclass
@@ -129,7 +139,7 @@ class Site:
     domains: set = field(default_factory=set)
     limits: SiteLimits | None = None
     concurrency: Concurrency | None = None
-    jobs: collections.deque = field(default_factory=collections.deque)
+    jobs: SiteQueue = field(default_factory=SiteQueue)
     waiting: dict = field(default_factory=dict)  # queue id -> job not started (to merge into)
     connections: dict = field(default_factory=dict)  # id -> Connection
     messages: Gcra = field(default_factory=lambda: Gcra(None))
@@ -144,6 +154,22 @@ class Site:
     def count(self, state: str) -> int:
         return sum(1 for c in self.connections.values() if c.state == state)
 
+    def busy_with(self, lane: str) -> int:
+        return sum(1 for c in self.connections.values() if c.state == "busy" and c.lane == lane)
+
+    def allowed(self) -> int:
+        """Connections the site may have now (its limit, its concurrency)."""
+        return min(self.limits.connection_limit, self.concurrency.allowed)
+
+    def bulk_allowed(self) -> int:
+        """Connections bulk mail may have now: all of them unless
+        transactional mail waits or is in flight (see the top)."""
+        allowed = self.allowed()
+        share = self.limits.transactional_share
+        if not share or not (self.jobs.count(TRANSACTIONAL) or self.busy_with(TRANSACTIONAL)):
+            return allowed
+        return max(0, allowed - max(1, round(share * allowed)))
+
     def status(self, now: float) -> dict:
         limits = self.limits
         return {
@@ -155,6 +181,9 @@ class Site:
             "max_deliveries_per_connection": limits.max_deliveries_per_connection,
             "learned_deliveries_per_connection": self.learned_deliveries,
             "connections": len(self.connections), "queued": sum(len(j.recipients) for j in self.jobs),
+            "transactional_share": limits.transactional_share,
+            "queued_bulk": sum(len(j.recipients) for j in self.jobs.lanes[BULK]),
+            "busy_bulk": self.busy_with(BULK),
         }
 
 
@@ -234,10 +263,7 @@ class Scheduler:
             same.recipients.extend(job.recipients)
             same.trace = same.trace or job.trace
             return site
-        if front:
-            site.jobs.appendleft(job)
-        else:
-            site.jobs.append(job)
+        site.jobs.push(job, front)
         site.waiting.setdefault(job.queue_id, job)
         return site
 
@@ -310,6 +336,7 @@ class Scheduler:
                 self._pending_close.append(conn.id)
             else:
                 conn.state, conn.since = "idle", now
+        conn.lane = None
         if fired is not None and fired.kind == "bounce":
             return BOUNCE
         return RECORD
@@ -406,15 +433,19 @@ class Scheduler:
         idle = sorted((c for c in site.connections.values() if c.state == "idle"),
                       key=lambda c: -c.since)  # the most recently used first: keeps it warm
         while site.jobs and idle:
+            lane = self._next_lane(site)
+            if lane is None:
+                break  # only bulk waits, and it has its connections: these are kept
             due = site.messages.due(now)
             if due > now:
                 wake.append(due)
                 break
-            size = getattr(site.jobs[0], "size", 0)
+            size = getattr(site.jobs.peek(lane), "size", 0)
             if self.bytes_in_flight and self.bytes_in_flight + size > self.max_bytes_in_flight:
                 break  # a transaction that ends frees room (on_sent)
             conn = idle.pop(0)
-            job = site.jobs.popleft()
+            job = site.jobs.pop(lane)
+            conn.lane = lane
             self.bytes_in_flight += size
             self._in_flight[conn.id] = size
             if site.waiting.get(job.queue_id) is job:
@@ -435,26 +466,44 @@ class Scheduler:
             out.append(Open(conn.id, site.key, self._hop_order(site, now)))
         return min(wake) if wake else None
 
+    def _next_lane(self, site: Site) -> str | None:
+        """The lane a free connection serves: transactional first; bulk
+        within its connections (Site.bulk_allowed)."""
+        if site.jobs.count(TRANSACTIONAL):
+            return TRANSACTIONAL
+        if site.jobs.count(BULK) and site.busy_with(BULK) < site.bulk_allowed():
+            return BULK
+        return None
+
     def _wants_connection(self, site: Site, now: float, wake: list) -> bool:
         if len(self._conns) >= self.max_sessions:
             return False
-        allowed = min(site.limits.connection_limit, site.concurrency.allowed)
-        if len(site.connections) >= allowed:
+        if len(site.connections) >= site.allowed():
             return False
         if any(c.state == "idle" for c in site.connections.values()):
-            return False  # waiting for a message token, not for a connection
-        working = site.count("busy") + site.count("opening")
+            return False  # waiting for a message token (or kept for transactional mail)
+        opening = site.count("opening")
+        transactional = site.jobs.count(TRANSACTIONAL)
+        if transactional > opening and site.busy_with(TRANSACTIONAL) < site.count("busy"):
+            return True  # bulk holds the connections: a sign-up mail does not wait for them
+        lanes = (TRANSACTIONAL, BULK)
+        if not transactional:
+            if site.busy_with(BULK) + opening >= site.bulk_allowed():
+                return False  # the rest is kept for transactional mail
+            lanes = (BULK,)
+        waiting = sum(site.jobs.count(lane) for lane in lanes)
+        working = site.count("busy") + opening
         if working == 0:
             return True
         # Jobs beyond what the running connections carry, or a slow receiver:
         # the oldest job has waited spawn_after (at most one opening per job).
-        if working * site.limits.max_deliveries_per_connection < len(site.jobs):
+        if working * site.limits.max_deliveries_per_connection < waiting:
             return True
-        if site.count("opening") >= len(site.jobs):
+        if opening >= waiting:
             return False
         if site.transaction_time is not None:
-            return working < math.ceil(len(site.jobs) * site.transaction_time / DRAIN_HORIZON)
-        ready_at = site.jobs[0].queued + self.spawn_after
+            return working < math.ceil(waiting * site.transaction_time / DRAIN_HORIZON)
+        ready_at = site.jobs.oldest(lanes) + self.spawn_after
         if now >= ready_at:
             return True
         wake.append(ready_at)
@@ -467,10 +516,20 @@ class Scheduler:
         return tuple(h for h in hops if h.host not in resting) + tuple(h for h in hops if h.host in resting)
 
     def _take_jobs(self, site: Site) -> list:
-        jobs = list(site.jobs)
-        site.jobs.clear()
+        jobs = site.jobs.clear()
         site.waiting.clear()
         return jobs
+
+    def take_campaign(self, campaign: str) -> list:
+        """Every job of a campaign not started (it is paused or cancelled)."""
+        taken = []
+        for site in self.sites.values():
+            jobs = site.jobs.take(lambda job: campaign_of(job) != campaign)
+            for job in jobs:
+                if site.waiting.get(job.queue_id) is job:
+                    del site.waiting[job.queue_id]
+            taken += jobs
+        return taken
 
     def next_wake(self) -> float | None:
         """When ``actions`` has something to do with no new input."""

@@ -60,6 +60,7 @@ class SiteLimits:
     max_connection_rate: float | None  # seconds between new connections
     max_deliveries_per_connection: int
     consecutive_connection_failures: int
+    transactional_share: float = 0.0  # of the connections, kept for transactional mail
 
 
 def rate_interval(value) -> float | None:
@@ -97,7 +98,8 @@ def limits_for(settings, site_domains, mx_hosts, workers: int, overrides: dict |
         connection_rate *= workers
     return SiteLimits(connections, message_rate, connection_rate,
                       merged["max_deliveries_per_connection"],
-                      merged["consecutive_connection_failures"])
+                      merged["consecutive_connection_failures"],
+                      merged.get("transactional_share", 0.0))
 
 
 class Gcra:

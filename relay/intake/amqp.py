@@ -56,6 +56,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from relay.broker import BrokerLink, stop_consuming
 from relay.errors import RelayError
 from relay.intake import amqp_message
+from relay.intake import lane
 from relay.intake.handler import IntakeState, wants_trace
 from relay.model import Transaction
 
@@ -245,17 +246,23 @@ class Consumer:
             parsed = amqp_message.parse(message.body, consumer.format, limits, message.message_id)
         except amqp_message.BadMessage as bad:
             return await self._technical_failure(message, bad)
+        try:
+            labels = lane.choose(parsed.body, listener=consumer.class_,
+                                 declared={"class": parsed.lane, "campaign": parsed.campaign})
+        except lane.BadLabel as exc:
+            return await self._technical_failure(message, amqp_message.BadMessage(exc.reply,
+                                                                                  parsed.fields))
         if parsed.key in self.taking:  # this worker is taking another copy right now
             log.info("amqp %s: %s is being spooled here; nacked until it is",
                      consumer.queue, parsed.key)
             return False
         self.taking.add(parsed.key)
         try:
-            return await self._take(parsed)
+            return await self._take(parsed, labels)
         finally:
             self.taking.discard(parsed.key)
 
-    async def _take(self, parsed: amqp_message.Message) -> bool:
+    async def _take(self, parsed: amqp_message.Message, labels: lane.Labels) -> bool:
         state, consumer = self.state, self.settings
         if state.draining or state.low_disk():
             if state.low_disk():
@@ -287,6 +294,7 @@ class Consumer:
             received_at=now,
             smtputf8=parsed.smtputf8,
             trace=wants_trace(parsed.body, list(parsed.recipients), state.traced),
+            lane=labels.lane, campaign=labels.campaign, tenant=labels.tenant,
         )
         try:
             await state.accept(txn)
@@ -300,6 +308,7 @@ class Consumer:
             raise
         state.counters["accepted_messages"] += 1
         state.counters["accepted_recipients"] += len(txn.recipients)
+        state.counters[f"accepted_{txn.lane}"] += len(txn.recipients)
         state.counters["accepted_bytes"] += len(txn.body)
         log.info("%s: accepted from=<%s> nrcpt=%d size=%d amqp=%s%s", queue_id, txn.sender,
                  len(txn.recipients), len(txn.body), consumer.queue, " trace" if txn.trace else "")

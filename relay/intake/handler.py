@@ -28,7 +28,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from relay.config import Settings
 from relay.errors import RelayError
-from relay.intake import policy, replies
+from relay.intake import lane, policy, replies
 from relay.intake.auth import Authenticator, FailureLockout
 from relay.intake.clients import ClientView
 from relay.intake.data import DataReader
@@ -141,11 +141,20 @@ class IntakeState:
         for session in list(self.sessions):
             session.drain()
 
-    def factory(self) -> RelaySMTP:
+    def user_class(self, name) -> str:
+        """The class ``[[intake.users]]`` gives an AUTH user's mail ("": none)."""
+        for user in self.intake.users:
+            if user.name == name:
+                return user.class_
+        return ""
+
+    def factory(self, lane: str = "") -> RelaySMTP:
+        """A session; ``lane``: the class of its listener (``[[listen]] class``)."""
         intake = self.intake
         return RelaySMTP(
             self.handler,
             state=self,
+            lane=lane,
             data_size_limit=intake.max_message_size,
             enable_SMTPUTF8=True,
             hostname=self.hostname,
@@ -249,6 +258,14 @@ class Handler:
             when=now,
         )
         sender = "" if envelope.mail_from == NULL_SENDER else envelope.mail_from
+        try:
+            labels = lane.choose(
+                envelope.content, listener=server.lane,
+                user=state.user_class(session.auth_data) if session.authenticated else "",
+            )
+        except lane.BadLabel as exc:
+            state.counters["rejected_data"] += 1
+            return exc.reply
         transaction = Transaction(
             queue_id=queue_id,
             sender=sender,
@@ -257,6 +274,9 @@ class Handler:
             received_at=now,
             smtputf8=envelope.smtp_utf8,
             trace=wants_trace(envelope.content, envelope.rcpt_tos, state.traced),
+            lane=labels.lane,
+            campaign=labels.campaign,
+            tenant=labels.tenant,
         )
         try:
             await state.accept(transaction)
@@ -266,10 +286,12 @@ class Handler:
             return replies.S451_TRY_AGAIN
         state.counters["accepted_messages"] += 1
         state.counters["accepted_recipients"] += len(envelope.rcpt_tos)
+        state.counters[f"accepted_{labels.lane}"] += len(envelope.rcpt_tos)
         state.counters["accepted_bytes"] += len(transaction.body)
         log.info(
-            "%s: accepted from=<%s> nrcpt=%d size=%d client=[%s]%s",
+            "%s: accepted from=<%s> nrcpt=%d size=%d client=[%s] class=%s%s%s",
             queue_id, sender, len(envelope.rcpt_tos), len(transaction.body), session.peer[0],
+            labels.lane, f" campaign={labels.campaign}" if labels.campaign else "",
             " trace" if transaction.trace else "",
         )
         return replies.queued(queue_id)
@@ -292,9 +314,10 @@ _SENT_AT_ONCE = (
 class RelaySMTP(SMTP):
     """aiosmtpd's session, narrowed to what a production relay must do."""
 
-    def __init__(self, handler: Handler, *, state: IntakeState, **kwargs) -> None:
+    def __init__(self, handler: Handler, *, state: IntakeState, lane: str = "", **kwargs) -> None:
         super().__init__(handler, **kwargs)
         self.state = state
+        self.lane = lane  # the listener's class ("" = none)
         self.last_path: policy.Path | None = None
         self.close_after_reply = False
         self._refused = False

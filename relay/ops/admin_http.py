@@ -22,6 +22,9 @@ for relayctl.
     POST /api/admin/trace    {"add"?: [...], "remove"?: [...]}
     GET  /api/admin/shaping                     relayctl shaping --json
     POST /api/admin/shaping/cancel {"id": N}    relayctl shaping cancel N --json
+    GET  /api/admin/campaigns                   relayctl campaign list --json
+    GET  /api/admin/campaigns/{name}            relayctl campaign show NAME --json
+    POST /api/admin/campaigns/{name}/{action}   relayctl campaign pause|resume|cancel NAME --json
 
 Statuses: 200; 400 a body that is not a JSON object; 422 a bad field or
 a command the relay refused (``{"error"}``, as relayctl's exit 1); 503 the
@@ -213,6 +216,26 @@ async def cancel_effect(request: web.Request, settings: Settings) -> tuple[int, 
         return _failure(exc)
 
 
+async def get_campaigns(request: web.Request, settings: Settings) -> tuple[int, dict]:
+    name = request.match_info.get("name")
+    try:
+        return 200, await _blocking(verbs.campaign, settings.relay.run_dir,
+                                    "show" if name else "list", name)
+    except (control.ControlError, control.NotRunning) as exc:
+        return _failure(exc)
+
+
+async def steer_campaign(request: web.Request, settings: Settings) -> tuple[int, dict]:
+    action = request.match_info["action"]
+    if action not in ("pause", "resume", "cancel"):
+        return 422, {"error": f"{action}: expected pause, resume or cancel"}
+    try:
+        return 200, await _blocking(verbs.campaign, settings.relay.run_dir, action,
+                                    request.match_info["name"])
+    except (control.ControlError, control.NotRunning) as exc:
+        return _failure(exc)
+
+
 async def get_openapi(request: web.Request, settings: Settings) -> tuple[int, dict]:
     return 200, openapi.document()
 
@@ -228,6 +251,9 @@ def routes() -> tuple[Route, ...]:
         Route("GET", "/api/admin/report", get_report, READ),
         Route("GET", "/api/admin/shaping", get_shaping, READ),
         Route("POST", "/api/admin/shaping/cancel", cancel_effect, ADMIN),
+        Route("GET", "/api/admin/campaigns", get_campaigns, READ),
+        Route("GET", "/api/admin/campaigns/{name}", get_campaigns, READ),
+        Route("POST", "/api/admin/campaigns/{name}/{action}", steer_campaign, ADMIN),
         Route("GET", "/api/openapi.json", get_openapi),
     ]
     found += [Route("POST", f"/api/admin/{op}", _command_route(op), ADMIN) for op in COMMAND_FIELDS]

@@ -145,6 +145,19 @@ def document() -> dict:
         "responses": {"200": {"description": "the effect cancelled", **_json({"type": "object"})},
                       **_errors(400, 401, 403, 422, 429, 503)},
     }}
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    paths["/api/admin/campaigns"] = _read("relayctl campaign list --json")
+    paths["/api/admin/campaigns/{name}"] = _read("relayctl campaign show NAME --json", [name])
+    paths["/api/admin/campaigns/{name}/{action}"] = {"post": {
+        "summary": "relayctl campaign pause|resume|cancel NAME --json",
+        "security": [{"bearer": []}],
+        "parameters": [name, {"name": "action", "in": "path", "required": True,
+                              "schema": {"enum": ["pause", "resume", "cancel"]}}],
+        "responses": {"200": {"description": "the campaign's figures and the recipients"
+                                             " held, released or cancelled (count)",
+                              **_json({"type": "object"})},
+                      **_errors(401, 403, 422, 429, 503)},
+    }}
     for op in ("flush", "requeue", "delete", "suspend", "resume"):
         paths[f"/api/admin/{op}"] = _command(op)
     return {

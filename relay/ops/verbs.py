@@ -89,6 +89,16 @@ def shaping_cancel(run_dir: str, effect_id: int) -> dict:
     return control.request(run_dir, {"op": "shaping_cancel", "id": effect_id})
 
 
+def campaign(run_dir: str, action: str, name: str | None = None) -> dict:
+    """``relayctl campaign ACTION [NAME] --json``: every worker's figures
+    summed; pause/resume/cancel applied in every worker.  ControlError for
+    an unknown campaign (show) or a bad name."""
+    request = {"op": "campaign", "action": action}
+    if name:
+        request["name"] = name
+    return control.request(run_dir, request)
+
+
 class NotFound(Exception):
     """``show`` of a queue id no spool knows, or whose body is gone."""
 
@@ -189,3 +199,39 @@ def report(config_path: str, since: float, offline: bool = False) -> Report:
             rows.extend(reader.failures(start))
             delivered += reader.delivered(start)
     return Report(since, start, until, delivered, spoolread.failure_report(rows))
+
+
+DAILY_BY = {"domain": 3, "campaign": 2, "class": 1}  # column of the roll-up row
+# Outcomes as the daily report counts them: sent, soft bounce, hard bounce, dropped.
+DAILY_OUTCOMES = {"delivered": "sent", "deferred": "soft_bounce", "bounced": "hard_bounce",
+                  "dropped": "dropped", "deleted": "dropped", "cancelled": "dropped",
+                  "quarantined": "dropped"}
+
+
+@dataclass
+class Daily:
+    days: int
+    by: str
+    rows: list  # of dict: day, <by>, sent, soft_bounce, hard_bounce, dropped
+
+    def json(self) -> dict:
+        return {"days": self.days, "by": self.by, "rows": self.rows}
+
+
+def daily(config_path: str, days: int, by: str, offline: bool = False) -> Daily:
+    """``relayctl report --daily``: outcomes per UTC day and domain, campaign
+    or class over the last ``days`` days, from every spool's roll-up."""
+    since = time.strftime("%Y-%m-%d", time.gmtime(time.time() - (days - 1) * 86400))
+    column = DAILY_BY[by]
+    totals: dict[tuple, dict] = {}
+    with spoolread.open_spools(_Args(config_path, offline)) as spools:
+        for reader in spools.readers:
+            for row in reader.daily(since):
+                kind = DAILY_OUTCOMES.get(row[4])
+                if kind is None:  # requeued, crashed: not an end of the day's mail
+                    continue
+                key = (row[0], row[column])
+                into = totals.setdefault(key, {"day": row[0], by: row[column], "sent": 0,
+                                               "soft_bounce": 0, "hard_bounce": 0, "dropped": 0})
+                into[kind] += row[5]
+    return Daily(days, by, [totals[key] for key in sorted(totals)])

@@ -126,7 +126,7 @@ def decide(queue_id: str, outcomes: list[tuple[DueRecipient, Reply, Stage]], att
             now, queue_id, rcpt.address, attempt.destination, reply.mx, attempt.source_ip,
             int(attempt.tls), reply.code, reply.enhanced, reply.text, label,
             outcome.failure_class.value if outcome.failure_class else None,
-            round(attempt.latency, 4),
+            round(attempt.latency, 4), rcpt.lane, rcpt.campaign,
         ))
     return verdict
 

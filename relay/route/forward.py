@@ -43,7 +43,7 @@ from typing import Awaitable, Callable, Protocol
 import orjson
 
 from relay.errors import CorruptEntry, OwnerUnavailable, RelayError, SpoolError
-from relay.model import Part, Recipient, Transaction
+from relay.model import LANES, TRANSACTIONAL, Part, Recipient, Transaction
 from relay.route import shard
 
 log = logging.getLogger("relay.route")
@@ -92,6 +92,9 @@ def envelope_of(part: Part) -> dict:
         "at": part.received_at,
         "utf8": part.smtputf8,
         "trace": part.trace,
+        "lane": part.lane,
+        "campaign": part.campaign,
+        "tenant": part.tenant,
         "coord": part.coordinator,
         "rcpt": [[r.address, r.domain, r.slot, r.index] for r in part.recipients],
     }
@@ -106,6 +109,8 @@ def part_from(envelope: dict, body: bytes) -> Part:
             isinstance(envelope["id"], str) and isinstance(envelope["from"], str)
             and isinstance(envelope["at"], (int, float)) and isinstance(envelope["utf8"], bool)
             and (envelope["coord"] is None or isinstance(envelope["coord"], int))
+            and all(isinstance(envelope.get(k, ""), str) for k in ("lane", "campaign", "tenant"))
+            and envelope.get("lane", TRANSACTIONAL) in LANES
             and envelope["rcpt"]
             and all(
                 isinstance(a, str) and isinstance(d, str) and isinstance(s, int)
@@ -122,6 +127,10 @@ def part_from(envelope: dict, body: bytes) -> Part:
             received_at=envelope["at"],
             smtputf8=envelope["utf8"],
             trace=bool(envelope.get("trace", False)),
+            # Absent from a peer of an older relay (a rolling restart): its defaults.
+            lane=envelope.get("lane", TRANSACTIONAL),
+            campaign=envelope.get("campaign", ""),
+            tenant=envelope.get("tenant", ""),
             coordinator=envelope["coord"],
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -346,6 +355,9 @@ class Router:
             received_at=txn.received_at,
             smtputf8=txn.smtputf8,
             trace=txn.trace,
+            lane=txn.lane,
+            campaign=txn.campaign,
+            tenant=txn.tenant,
             coordinator=coordinator,
         )
 

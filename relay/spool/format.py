@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 
 # Recorded in every spool file; relay.spool.schema migrates older files.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 
 class MessageState(enum.IntEnum):
@@ -24,3 +24,9 @@ class RecipientState(enum.IntEnum):
     # Kept by the operator (relayctl suspend DOMAIN): never claimed until
     # released; its attempts are unchanged.
     HELD = 6
+
+
+# The recipient table's ``lane`` column: the lanes as small integers, so
+# the due index stays small (relay.model.LANES by position).
+LANE_CODES = {"transactional": 0, "bulk": 1}
+LANE_NAMES = {code: name for name, code in LANE_CODES.items()}

@@ -103,6 +103,9 @@ class MessagePart:
     size: int
     state: int  # MessageState
     coordinator: int | None
+    lane: str = "transactional"  # its class
+    campaign: str = ""
+    tenant: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,13 +139,15 @@ class Event:
     outcome: str
     failure_class: str | None  # the ``class`` column
     latency: float
+    lane: str | None = None  # the message's class (None: an event from before lanes)
+    campaign: str | None = None
 
     @classmethod
     def from_row(cls, worker: int, row: tuple) -> Event:
         (when, queue_id, recipient, destination, mx, source_ip, tls, code, enhanced, text,
-         outcome, failure_class, latency) = row
+         outcome, failure_class, latency, lane, campaign) = row
         return cls(worker, when, queue_id, recipient, destination, mx, source_ip, bool(tls),
-                   code, enhanced, text, outcome, failure_class, latency)
+                   code, enhanced, text, outcome, failure_class, latency, lane, campaign)
 
     def as_json(self) -> dict:
         return {
@@ -151,6 +156,7 @@ class Event:
             "source_ip": self.source_ip, "tls": self.tls, "code": self.code,
             "enhanced": self.enhanced, "text": self.text, "outcome": self.outcome,
             "class": self.failure_class, "latency": self.latency,
+            "lane": self.lane, "campaign": self.campaign,
         }
 
 
@@ -399,8 +405,8 @@ class SpoolReader:
             parts = [
                 MessagePart(self.worker, *row[:3], bool(row[3]), *row[4:])
                 for row in conn.execute(
-                    "SELECT id, sender, received, smtputf8, size, state, coordinator"
-                    " FROM message WHERE id = ?", (queue_id,))
+                    "SELECT id, sender, received, smtputf8, size, state, coordinator, lane,"
+                    " campaign, tenant FROM message WHERE id = ?", (queue_id,))
             ]
             recipients = [
                 RecipientRow(self.worker, queue_id, *row)
@@ -427,6 +433,13 @@ class SpoolReader:
         for lo, hi in self.chunks("event"):
             for row in self.query(sql, (lo, hi, *params)):
                 yield Event.from_row(self.worker, row)
+
+    def daily(self, since_day: str) -> list[tuple]:
+        """The daily roll-up from ``since_day`` (YYYY-MM-DD, UTC) on:
+        (day, lane, campaign, domain, outcome, count) rows (a small table:
+        one row per day and combination, never the events)."""
+        return self.query("SELECT day, lane, campaign, domain, outcome, count FROM daily"
+                          " WHERE day >= ?", (since_day,))
 
     def failures(self, since: float) -> Iterator[FailureRow]:
         """Failures since ``since`` grouped per chunk of events: a group may

@@ -10,8 +10,10 @@ every spool database holding exactly the mail of its worker's slots.
    now (``[cluster] hosts`` or ``index`` changed without draining first)
    refuses to start: that mail would never be sent (ClusterMismatch).
 3. Mail whose slot now belongs to another worker (the worker count changed)
-   moves to its new owner, with the suppression list entries and delivery
-   events of its domains: copied and committed there first, then deleted
+   moves to its new owner, with the suppression list entries, delivery
+   events and daily roll-up rows of its domains (campaign rows are copied
+   to every owner, and the campaign states the operator set are merged
+   into every spool: they apply in every worker): copied and committed there first, then deleted
    at the source.  A crash in between leaves a copy on both sides, and the
    next run's INSERT OR IGNORE makes the copy a no-op before the delete.
 4. The records of AMQP message keys (spool.seen) move to their key's owner
@@ -27,6 +29,8 @@ import glob
 import logging
 import os
 import re
+
+import orjson
 
 from relay.intake.policy import BadDomain, routing_domain
 from relay.errors import SpoolError
@@ -72,6 +76,7 @@ def recover(spool_dir: str, workers: int, hosts: int = 1, index: int = 0) -> dic
         for worker, path in sorted(paths.items()):
             conns[worker] = connect(path)  # a damaged or newer file: SpoolError naming it
             conns[worker].create_function("address_slot", 1, _address_slot, deterministic=True)
+            conns[worker].create_function("domain_slot", 1, _domain_slot, deterministic=True)
             conns[worker].create_function("key_owner", 2, key_owner, deterministic=True)
         _settle_held(conns, paths, counts)
         _check_cluster(conns, paths, hosts, index)
@@ -84,6 +89,7 @@ def recover(spool_dir: str, workers: int, hosts: int = 1, index: int = 0) -> dic
             for source, conn in conns.items():
                 with reporting(paths[source]):  # targets were checked by connect() above
                     _rehome(source, conn, conns, workers, hosts, counts)
+            _merge_campaign_states(conns)
             for conn in conns.values():
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('workers', ?)", (str(workers),))
         placed = {}
@@ -186,6 +192,24 @@ def _address_slot(address: str) -> int:
         return 0
 
 
+def _domain_slot(domain: str) -> int:
+    return _address_slot("@" + domain)
+
+
+def _merge_campaign_states(conns: dict) -> None:
+    """relayctl campaign pause|cancel, as every spool recorded it, into every
+    spool: a worker new after a worker-count change applies them too."""
+    states: dict[str, str] = {}
+    for conn in conns.values():
+        row = conn.execute("SELECT value FROM meta WHERE key = 'campaigns'").fetchone()
+        if row:
+            states.update(orjson.loads(row[0]))
+    if states:
+        for conn in conns.values():
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('campaigns', ?)",
+                         (orjson.dumps(states).decode(),))
+
+
 def _rehome(source: int, conn, conns: dict, workers: int, hosts: int,
             counts: dict[str, int]) -> None:
     # "(slot / hosts) % workers" in SQL (integer division) is
@@ -196,6 +220,7 @@ def _rehome(source: int, conn, conns: dict, workers: int, hosts: int,
             "SELECT DISTINCT (slot / ?) % ? FROM recipient",
             "SELECT DISTINCT (address_slot(address) / ?) % ? FROM suppression",
             "SELECT DISTINCT (address_slot(recipient) / ?) % ? FROM event",
+            "SELECT DISTINCT (domain_slot(domain) / ?) % ? FROM daily",
         )
         for row in conn.execute(query, (hosts, workers))
     }
@@ -227,11 +252,25 @@ def _rehome(source: int, conn, conns: dict, workers: int, hosts: int,
             )
             dest.execute(
                 "INSERT INTO main.event (time, queue_id, recipient, destination, mx, source_ip,"
-                " tls, code, enhanced, text, outcome, class, latency)"
+                " tls, code, enhanced, text, outcome, class, latency, lane, campaign)"
                 " SELECT time, queue_id, recipient, destination, mx, source_ip, tls, code,"
-                " enhanced, text, outcome, class, latency FROM src.event"
+                " enhanced, text, outcome, class, latency, lane, campaign FROM src.event"
                 " WHERE (address_slot(recipient) / ?) % ? = ?",
                 (hosts, workers, target),
+            )
+            # Counts add up: unlike the rows above, a crash between this commit
+            # and the source's delete would count these twice (a known gap).
+            dest.execute(
+                "INSERT INTO main.daily SELECT * FROM src.daily"
+                " WHERE (domain_slot(domain) / ?) % ? = ?"
+                " ON CONFLICT (day, lane, campaign, domain, outcome)"
+                " DO UPDATE SET count = count + excluded.count",
+                (hosts, workers, target),
+            )
+            dest.execute(
+                "INSERT INTO main.campaign SELECT * FROM src.campaign WHERE true"
+                " ON CONFLICT (name) DO UPDATE SET first = min(first, excluded.first),"
+                " last = max(last, excluded.last)"
             )
             dest.execute("COMMIT")
         finally:
@@ -242,6 +281,8 @@ def _rehome(source: int, conn, conns: dict, workers: int, hosts: int,
         conn.execute("DELETE FROM suppression WHERE (address_slot(address) / ?) % ? = ?",
                      (hosts, workers, target))
         conn.execute("DELETE FROM event WHERE (address_slot(recipient) / ?) % ? = ?",
+                     (hosts, workers, target))
+        conn.execute("DELETE FROM daily WHERE (domain_slot(domain) / ?) % ? = ?",
                      (hosts, workers, target))
         conn.execute(
             "DELETE FROM body WHERE id NOT IN (SELECT message_id FROM recipient)"
@@ -284,7 +325,7 @@ def _remove_if_empty(path: str) -> None:
     try:
         left = sum(
             conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-            for table in ("message", "suppression", "event")
+            for table in ("message", "suppression", "event", "daily")
         )
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:

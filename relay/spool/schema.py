@@ -15,7 +15,10 @@ coordinator of multi-owner transactions), ``event`` (delivery attempts),
 count, worker count, operator settings kept across restarts),
 ``amqp_intake`` (the AMQP message keys this worker owns, route.shard.key_owner:
 for each, the try that holds it — queue id, origin queue, original fields,
-the pid of the worker process that consumed it; see spool.seen).
+the pid of the worker process that consumed it; see spool.seen),
+``campaign`` (campaigns seen, first and last activity), ``daily``
+(outcomes per day, lane, campaign and domain: the roll-up that outlives
+``event_retention``).
 
 Migrations only ever append columns with defaults or add tables and
 indexes: recovery copies rows between spools with ``SELECT *``, so every
@@ -41,7 +44,10 @@ CREATE TABLE IF NOT EXISTS message (
     size INTEGER NOT NULL,
     state INTEGER NOT NULL,
     coordinator INTEGER,
-    trace INTEGER NOT NULL DEFAULT 0
+    trace INTEGER NOT NULL DEFAULT 0,
+    lane TEXT NOT NULL DEFAULT 'transactional',  -- the message's class (relay.model.LANES)
+    campaign TEXT NOT NULL DEFAULT '',
+    tenant TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS body (id TEXT PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS recipient (
@@ -56,9 +62,12 @@ CREATE TABLE IF NOT EXISTS recipient (
     last_reply TEXT,
     crashes INTEGER NOT NULL DEFAULT 0,  -- deliveries of it that raised (a bug)
     error TEXT,  -- the exception of the last such crash: "Type: message"
+    lane INTEGER NOT NULL DEFAULT 0,  -- its message's class: 0 transactional, 1 bulk (LANE_CODES)
     PRIMARY KEY (message_id, idx)
 );
-CREATE INDEX IF NOT EXISTS recipient_due ON recipient (state, next_attempt);
+-- Claims take each lane's due recipients on their own (room per lane).
+CREATE INDEX IF NOT EXISTS recipient_lane_due ON recipient (state, lane, next_attempt);
+CREATE INDEX IF NOT EXISTS message_campaign ON message (campaign) WHERE campaign != '';
 CREATE INDEX IF NOT EXISTS message_held ON message (state) WHERE state = 0;
 CREATE TABLE IF NOT EXISTS txn (id TEXT PRIMARY KEY, decided REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS event (
@@ -74,8 +83,10 @@ CREATE TABLE IF NOT EXISTS event (
     enhanced TEXT,
     text TEXT NOT NULL,
     outcome TEXT NOT NULL,
-    class TEXT,
-    latency REAL NOT NULL
+    class TEXT,  -- the failure class (outcome.classify), not the lane
+    latency REAL NOT NULL,
+    lane TEXT,  -- the message's class
+    campaign TEXT
 );
 CREATE INDEX IF NOT EXISTS event_recipient ON event (recipient, time);
 CREATE TABLE IF NOT EXISTS suppression (
@@ -95,6 +106,25 @@ CREATE TABLE IF NOT EXISTS amqp_intake (
     fields BLOB NOT NULL,
     pid INTEGER NOT NULL
 );
+-- Campaigns this worker has mail of: when it came first and last.
+CREATE TABLE IF NOT EXISTS campaign (
+    name TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    lane TEXT NOT NULL,
+    first REAL NOT NULL,
+    last REAL NOT NULL
+);
+-- Outcomes per UTC day, rolled up as events are committed (same
+-- transaction); kept when the events are pruned (relayctl report --daily).
+CREATE TABLE IF NOT EXISTS daily (
+    day TEXT NOT NULL,
+    lane TEXT NOT NULL,
+    campaign TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (day, lane, campaign, domain, outcome)
+) WITHOUT ROWID;
 """
 
 # MIGRATIONS[n] takes a file from version n - 1 to version n.
@@ -111,6 +141,21 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # Recipient state 6, held by the operator (relayctl suspend): no new
     # column, but a release that does not know the state must not open it.
     4: (),
+    5: (  # lanes and campaigns: the class per message and recipient, campaigns, daily roll-up
+        "ALTER TABLE message ADD COLUMN lane TEXT NOT NULL DEFAULT 'transactional'",
+        "ALTER TABLE message ADD COLUMN campaign TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE message ADD COLUMN tenant TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE recipient ADD COLUMN lane INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE event ADD COLUMN lane TEXT",
+        "ALTER TABLE event ADD COLUMN campaign TEXT",
+        "DROP INDEX IF EXISTS recipient_due",  # recipient_lane_due replaces it
+        """CREATE TABLE IF NOT EXISTS campaign (name TEXT PRIMARY KEY, tenant TEXT NOT NULL,
+            lane TEXT NOT NULL, first REAL NOT NULL, last REAL NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS daily (day TEXT NOT NULL, lane TEXT NOT NULL,
+            campaign TEXT NOT NULL, domain TEXT NOT NULL, outcome TEXT NOT NULL,
+            count INTEGER NOT NULL, PRIMARY KEY (day, lane, campaign, domain, outcome))
+            WITHOUT ROWID""",
+    ),
 }
 
 # SQLite's codes for a file that is not a database or is malformed.
@@ -171,9 +216,13 @@ def upgrade(conn: sqlite3.Connection, version: int | None) -> None:
     if version < FORMAT_VERSION:
         conn.execute("BEGIN IMMEDIATE")
         try:
+            tables = {row[0] for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
             for step in range(version + 1, FORMAT_VERSION + 1):
                 for statement in MIGRATIONS[step]:
-                    conn.execute(statement)
+                    altered = statement.split()[2] if statement.startswith("ALTER TABLE") else None
+                    if altered is None or altered in tables:  # a missing table: SCHEMA makes it whole
+                        conn.execute(statement)
             conn.execute("UPDATE meta SET value = ? WHERE key = 'version'", (str(FORMAT_VERSION),))
             conn.execute("COMMIT")
         except BaseException:

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from relay.errors import SpoolError, SpoolFull
-from relay.model import EVENT_COLUMNS, Event, Part
+from relay.model import BULK, EVENT_COLUMNS, LANES, TRANSACTIONAL, Event, Part
 from relay.route.shard import SLOT_COUNT
 from relay.spool import schema
-from relay.spool.format import MessageState, RecipientState
+from relay.spool.format import LANE_CODES, MessageState, RecipientState
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ class DueRecipient:
     size: int
     suppressed: str | None = None  # the hard bounce that put the address on the list
     trace: bool = False
+    lane: str = TRANSACTIONAL  # the message's class
+    campaign: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,9 @@ class RecipientUpdate:
 
 
 DELETED_TEXT = "deleted by the operator (relayctl delete)"
+CANCELLED_TEXT = "cancelled by the operator (relayctl campaign cancel)"
+# Outcomes that end a recipient without delivery or bounce: "dropped" in a campaign's figures.
+DROPPED_OUTCOMES = ("dropped", "deleted", "cancelled", "quarantined")
 
 # A batch never grows past this many operations, so one commit stays short.
 MAX_BATCH = 512
@@ -115,7 +120,8 @@ def insert_part(conn: sqlite3.Connection, part: Part, next_attempt: float) -> No
     # Plain INSERT (not OR IGNORE): a repeated key or a NULL where none
     # belongs fails the operation instead of half-writing it.
     conn.execute(
-        "INSERT INTO message VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO message (id, sender, received, smtputf8, size, state, coordinator, trace,"
+        " lane, campaign, tenant) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             part.queue_id,
             part.sender,
@@ -125,18 +131,64 @@ def insert_part(conn: sqlite3.Connection, part: Part, next_attempt: float) -> No
             int(state),
             part.coordinator,
             int(part.trace),
+            part.lane,
+            part.campaign,
+            part.tenant,
         ),
     )
     conn.execute("INSERT INTO body VALUES (?, ?)", (part.queue_id, part.body))
+    lane = LANE_CODES[part.lane]
     conn.executemany(
         "INSERT INTO recipient (message_id, idx, address, domain, slot, state,"
-        " next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        " next_attempt, lane) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (part.queue_id, r.index, r.address, r.domain, r.slot, int(RecipientState.QUEUED),
-             next_attempt)
+             next_attempt, lane)
             for r in part.recipients
         ],
     )
+    if part.campaign:
+        conn.execute(
+            "INSERT INTO campaign VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET last = excluded.last",
+            (part.campaign, part.tenant, part.lane, part.received_at, part.received_at),
+        )
+
+
+_INSERT_EVENT = (f"INSERT INTO event ({', '.join(EVENT_COLUMNS)})"
+                 f" VALUES ({', '.join('?' * len(EVENT_COLUMNS))})")
+_ROLL_UP = ("INSERT INTO daily VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT"
+            " (day, lane, campaign, domain, outcome) DO UPDATE SET count = count + excluded.count")
+
+
+def labels_of(conn: sqlite3.Connection, queue_id: str) -> tuple[str, str]:
+    """A message's (lane, campaign)."""
+    row = conn.execute("SELECT lane, campaign FROM message WHERE id = ?", (queue_id,)).fetchone()
+    return (row[0], row[1]) if row else (TRANSACTIONAL, "")
+
+
+def day_of(when: float) -> str:
+    """The UTC day of a time, as the daily roll-up keys it."""
+    return time.strftime("%Y-%m-%d", time.gmtime(when))
+
+
+def insert_events(conn: sqlite3.Connection, events: list) -> None:
+    """Store events and add them to the daily roll-up, in the caller's
+    transaction: the roll-up is incremental, never a scan of the events."""
+    conn.executemany(_INSERT_EVENT, events)
+    counts: dict[tuple, int] = {}
+    for event in events:
+        domain = event.recipient.rpartition("@")[2].lower()
+        key = (day_of(event.time), event.lane or "transactional", event.campaign or "", domain,
+               event.outcome)
+        counts[key] = counts.get(key, 0) + 1
+    conn.executemany(_ROLL_UP, [(*key, count) for key, count in counts.items()])
+    campaigns: dict[str, float] = {}
+    for event in events:
+        if event.campaign:
+            campaigns[event.campaign] = max(campaigns.get(event.campaign, 0.0), event.time)
+    conn.executemany("UPDATE campaign SET last = max(last, ?) WHERE name = ?",
+                     [(when, name) for name, when in campaigns.items()])
 
 
 def delete_message(conn: sqlite3.Connection, queue_id: str) -> None:
@@ -276,47 +328,72 @@ class Spool:
             ).rowcount
         return await self._submit(apply)
 
-    async def claim_due(self, now: float, limit: int) -> list[DueRecipient]:
-        """Take up to ``limit`` recipients that are due, oldest first, and
-        mark them as being sent so no later claim returns them again."""
+    async def claim_due(self, now: float, limit: int,
+                        bulk_limit: int | None = None) -> list[DueRecipient]:
+        """Take up to ``limit`` recipients that are due, transactional ones
+        (oldest first) before bulk ones (at most ``bulk_limit``: half the
+        oldest, half the newest), and mark them as being sent so no later
+        claim returns them again.  Each lane is read from its own stretch of
+        the due index."""
+        bulk_limit = limit if bulk_limit is None else min(bulk_limit, limit)
 
         def apply(conn: sqlite3.Connection) -> list[DueRecipient]:
-            rows = []
-            for state in PENDING_STATES:
-                rows += conn.execute(
+            def due(state: int, lane: str, order: str, want: int) -> list:
+                return conn.execute(
                     "SELECT r.message_id, r.idx, r.address, r.domain, r.attempts, m.sender,"
-                    " m.received, m.smtputf8, m.size, s.reply, m.trace FROM recipient r"
-                    " JOIN message m ON m.id = r.message_id"
+                    " m.received, m.smtputf8, m.size, s.reply, m.trace, m.lane, m.campaign"
+                    " FROM recipient r JOIN message m ON m.id = r.message_id"
                     " LEFT JOIN suppression s ON s.address = r.address"
-                    " WHERE r.state = ? AND r.next_attempt <= ? AND m.state = ?"
-                    " ORDER BY r.next_attempt LIMIT ?",
-                    (state, now, int(MessageState.ACTIVE), limit - len(rows)),
+                    " WHERE r.state = ? AND r.lane = ? AND r.next_attempt <= ? AND m.state = ?"
+                    f" ORDER BY r.next_attempt {order} LIMIT ?",
+                    (state, LANE_CODES[lane], now, int(MessageState.ACTIVE), want),
                 ).fetchall()
-                if len(rows) >= limit:
-                    break
+
+            rows = []
+            for lane, room in ((TRANSACTIONAL, limit), (BULK, bulk_limit)):
+                taken = 0
+                for state in PENDING_STATES:
+                    want = min(room - taken, limit - len(rows))
+                    if want <= 0:
+                        break
+                    if lane == TRANSACTIONAL:
+                        found = due(state, lane, "ASC", want)
+                    else:
+                        # Bulk: half the oldest, half the newest, so a campaign
+                        # that comes behind a backlog larger than the room starts
+                        # at once (the sites serve campaigns in turn) while the
+                        # oldest still go first.  Both ends of the index: cheap.
+                        oldest = due(state, lane, "ASC", (want + 1) // 2)
+                        seen = {(row[0], row[1]) for row in oldest}
+                        found = oldest + [row for row in due(state, lane, "DESC", want - len(oldest))
+                                          if (row[0], row[1]) not in seen]
+                    rows += found
+                    taken += len(found)
             conn.executemany(
                 "UPDATE recipient SET state = ? WHERE message_id = ? AND idx = ?",
                 [(int(RecipientState.SENDING), row[0], row[1]) for row in rows],
             )
             return [DueRecipient(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8], r[9],
-                                 bool(r[10])) for r in rows]
+                                 bool(r[10]), r[11], r[12]) for r in rows]
 
         return await self._submit(apply)
 
-    async def next_due(self) -> float | None:
-        """When the earliest waiting recipient becomes due (None: none waits)."""
+    async def next_due(self, lanes: tuple[str, ...] = LANES) -> float | None:
+        """When the earliest waiting recipient of these lanes becomes due
+        (None: none waits)."""
 
         def query(conn: sqlite3.Connection) -> float | None:
             times = []
             for state in PENDING_STATES:
-                row = conn.execute(
-                    "SELECT r.next_attempt FROM recipient r JOIN message m ON m.id = r.message_id"
-                    " WHERE r.state = ? AND m.state = ?"
-                    " ORDER BY r.next_attempt LIMIT 1",
-                    (state, int(MessageState.ACTIVE)),
-                ).fetchone()
-                if row:
-                    times.append(row[0])
+                for lane in lanes:
+                    row = conn.execute(
+                        "SELECT r.next_attempt FROM recipient r JOIN message m ON m.id = r.message_id"
+                        " WHERE r.state = ? AND r.lane = ? AND m.state = ?"
+                        " ORDER BY r.next_attempt LIMIT 1",
+                        (state, LANE_CODES[lane], int(MessageState.ACTIVE)),
+                    ).fetchone()
+                    if row:
+                        times.append(row[0])
             return min(times) if times else None
 
         return await self._read(query)
@@ -346,11 +423,7 @@ class Spool:
                 [(int(u.state), u.attempts, u.next_attempt, u.last_reply, u.queue_id, u.index)
                  for u in updates],
             )
-            conn.executemany(
-                f"INSERT INTO event ({', '.join(EVENT_COLUMNS)})"
-                f" VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
-                events,
-            )
+            insert_events(conn, events)
             for queue_id in {u.queue_id for u in updates}:
                 # Gone once every recipient is delivered; a message with a
                 # bounced recipient stays (for `relayctl requeue`) until
@@ -382,23 +455,21 @@ class Spool:
                 f" WHERE message_id = ? AND state = ? AND idx IN ({marks})",
                 (queue_id, int(RecipientState.SENDING), *indices),
             ).fetchall()
+            lane, campaign = labels_of(conn, queue_id)
             updates, events = [], []
             for index, address, crashes in rows:
                 quarantined = crashes + 1 >= quarantine_after
                 state = RecipientState.QUARANTINED if quarantined else RecipientState.QUEUED
                 updates.append((int(state), crashes + 1, error, now, queue_id, index))
                 events.append(Event.local(now, queue_id, address, destination, error,
-                                          "quarantined" if quarantined else "crashed", "technical"))
+                                          "quarantined" if quarantined else "crashed", "technical",
+                                          lane, campaign))
             conn.executemany(
                 "UPDATE recipient SET state = ?, crashes = ?, error = ?, next_attempt = ?"
                 " WHERE message_id = ? AND idx = ?",
                 updates,
             )
-            conn.executemany(
-                f"INSERT INTO event ({', '.join(EVENT_COLUMNS)})"
-                f" VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
-                events,
-            )
+            insert_events(conn, events)
             return events
 
         return await self._submit(apply)
@@ -451,6 +522,80 @@ class Spool:
                  f" AND last_reply LIKE '{HELD_PREFIX}%'")
         params = (now, int(RecipientState.DEFERRED), *domains)
         return await self._submit(lambda conn: conn.execute(query, params).rowcount, wakes=True)
+
+    # -- campaigns (relayctl campaign) -------------------------------------------
+
+    async def release_campaign(self, campaign: str, now: float) -> int:
+        """Recipients of a paused campaign (held) are due now, attempts
+        unchanged.  Only held rows of the campaign's messages are read."""
+        query = ("UPDATE recipient SET state = ?, next_attempt = ? WHERE state = ? AND message_id"
+                 " IN (SELECT id FROM message WHERE campaign = ?)")
+        params = (int(RecipientState.DEFERRED), now, int(RecipientState.HELD), campaign)
+        return await self._submit(lambda conn: conn.execute(query, params).rowcount, wakes=True)
+
+    async def cancel_campaign(self, campaign: str, now: float) -> list[Event]:
+        """Recipients of a campaign still waiting (queued, deferred, held; not
+        those being sent) end without delivery and without a DSN: state
+        bounced, a ``cancelled`` event each, in one transaction.  Returns
+        the events (none when it was cancelled already)."""
+
+        def apply(conn: sqlite3.Connection) -> list[Event]:
+            waiting = (*PENDING_STATES, int(RecipientState.HELD))
+            rows = conn.execute(
+                "SELECT r.message_id, r.idx, r.address, r.domain, m.lane FROM recipient r"
+                " JOIN message m ON m.id = r.message_id"
+                f" WHERE m.campaign = ? AND r.state IN ({','.join('?' * len(waiting))})",
+                (campaign, *waiting),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE recipient SET state = ?, next_attempt = ?, last_reply = ?"
+                " WHERE message_id = ? AND idx = ?",
+                [(int(RecipientState.BOUNCED), now, CANCELLED_TEXT, qid, idx)
+                 for qid, idx, *_ in rows],
+            )
+            events = [Event.local(now, qid, address, domain, CANCELLED_TEXT, "cancelled", None,
+                                  lane, campaign) for qid, idx, address, domain, lane in rows]
+            insert_events(conn, events)
+            return events
+
+        return await self._submit(apply)
+
+    async def campaign_figures(self, name: str | None = None) -> list[dict]:
+        """Each campaign (or one): tenant, class, first and last activity,
+        recipients waiting (queued, held) and outcomes so far (from the
+        daily roll-up: they outlive the events)."""
+
+        def query(conn: sqlite3.Connection) -> list[dict]:
+            where, params = ("WHERE name = ?", (name,)) if name else ("", ())
+            figures = {
+                row[0]: {"name": row[0], "tenant": row[1], "class": row[2], "first": row[3],
+                         "last": row[4], "queued": 0, "held": 0, "delivered": 0, "deferred": 0,
+                         "bounced": 0, "dropped": 0}
+                for row in conn.execute(
+                    f"SELECT name, tenant, lane, first, last FROM campaign {where}", params)
+            }
+            if not figures:
+                return []
+            marks = ",".join("?" * len(figures))
+            for campaign, state, count in conn.execute(
+                "SELECT m.campaign, r.state, count(*) FROM message m"
+                " JOIN recipient r ON r.message_id = m.id"
+                f" WHERE m.campaign IN ({marks}) AND r.state IN (?, ?, ?, ?)"
+                " GROUP BY m.campaign, r.state",
+                (*figures, *PENDING_STATES, int(RecipientState.SENDING), int(RecipientState.HELD)),
+            ):
+                key = "held" if state == RecipientState.HELD else "queued"
+                figures[campaign][key] += count
+            for campaign, outcome, count in conn.execute(
+                f"SELECT campaign, outcome, sum(count) FROM daily WHERE campaign IN ({marks})"
+                " GROUP BY campaign, outcome", tuple(figures),
+            ):
+                key = "dropped" if outcome in DROPPED_OUTCOMES else outcome
+                if key in ("delivered", "deferred", "bounced", "dropped"):
+                    figures[campaign][key] += count
+            return list(figures.values())
+
+        return await self._read(query)
 
     async def release_suspended(self, domain: str, now: float) -> int:
         """Recipients the operator held at ``domain`` (relayctl resume) are
@@ -524,17 +669,15 @@ class Spool:
             for queue_id in queue_ids:
                 if not conn.execute("SELECT 1 FROM message WHERE id = ?", (queue_id,)).fetchone():
                     continue
+                lane, campaign = labels_of(conn, queue_id)
                 found[queue_id] = [
-                    Event.local(now, queue_id, address, domain, DELETED_TEXT, "deleted")
+                    Event.local(now, queue_id, address, domain, DELETED_TEXT, "deleted", None,
+                                lane, campaign)
                     for address, domain in conn.execute(
                         "SELECT address, domain FROM recipient WHERE message_id = ? AND state != ?"
                         " ORDER BY idx", (queue_id, int(RecipientState.DELIVERED)))
                 ]
-                conn.executemany(
-                    f"INSERT INTO event ({', '.join(EVENT_COLUMNS)})"
-                    f" VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
-                    found[queue_id],
-                )
+                insert_events(conn, found[queue_id])
                 delete_message(conn, queue_id)
             return found
 

@@ -49,7 +49,9 @@ def insert_recipient(conn: sqlite3.Connection, queue_id: str, index: int, addres
 
 
 def insert_event(conn: sqlite3.Connection, row: tuple) -> None:
-    """One event; ``row`` holds ``store.EVENT_COLUMNS`` in order."""
+    """One event; ``row`` holds ``store.EVENT_COLUMNS`` in order (the lane
+    and campaign may be left out: transactional, none)."""
+    row = (tuple(row) + ("transactional", ""))[:len(EVENT_COLUMNS)]
     conn.execute(f"INSERT INTO event ({', '.join(EVENT_COLUMNS)})"
                  f" VALUES ({', '.join('?' * len(EVENT_COLUMNS))})", row)
 

@@ -2,15 +2,18 @@
 
 Input: ``ring.merge()`` output.  Output: the text ``/metrics`` serves:
 counters as ``relay_<name>_total``, gauges as ``relay_<name>``, latency
-histograms as ``relay_<name>_seconds`` with cumulative ``le`` buckets, and
-the busiest destinations as a labelled gauge.
+histograms as ``relay_<name>_seconds`` with cumulative ``le`` buckets
+(per lane: ``accept_to_delivered_transactional|bulk``), the busiest
+destinations as a labelled gauge, and outcomes of the busiest campaigns
+(``relay_campaign_outcomes_total{campaign, outcome}``) with the others
+summed (``relay_campaign_other_outcomes_total{outcome}``).
 """
 
 from __future__ import annotations
 
 import math
 
-from relay.stats.ring import BUCKETS
+from relay.stats.ring import BUCKETS, CAMPAIGN_OUTCOMES
 
 
 def _number(value: float) -> str:
@@ -41,4 +44,13 @@ def render(merged: dict) -> str:
     lines.append("# TYPE relay_destination_load gauge")
     for destination, load in merged["top_destinations"]:
         lines.append(f'relay_destination_load{{destination="{_label(destination)}"}} {load}')
+    # The busiest campaigns by name, the rest in one series: a bounded set of labels.
+    lines.append("# TYPE relay_campaign_outcomes_total counter")
+    for campaign in merged.get("campaigns", []):
+        for outcome in CAMPAIGN_OUTCOMES:
+            lines.append(f'relay_campaign_outcomes_total{{campaign="{_label(campaign["name"])}",'
+                         f'outcome="{outcome}"}} {campaign[outcome]}')
+    lines.append("# TYPE relay_campaign_other_outcomes_total counter")
+    for outcome, count in merged.get("campaigns_other", {}).items():
+        lines.append(f'relay_campaign_other_outcomes_total{{outcome="{outcome}"}} {count}')
     return "\n".join(lines) + "\n"

@@ -24,7 +24,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-MAGIC = b"RELAYST1"
+MAGIC = b"RELAYST2"  # 2: lanes and campaigns
 HEADER = struct.Struct("<8sII")  # magic, workers, region size
 HEADER_SIZE = 64
 
@@ -74,6 +74,15 @@ COUNTERS = (
     "cluster_bad",  # shard messages that did not decode, set aside in relay.shard.<i>.bad
     "feed_published",  # events the feeds published (confirmed by the broker)
     "feed_errors",  # failed publishes (retried: the cursor waits)
+    # Per lane (the message's class): recipients accepted, and outcomes.
+    "accepted_transactional",
+    "accepted_bulk",
+    "delivered_transactional",
+    "delivered_bulk",
+    "deferred_transactional",
+    "deferred_bulk",
+    "bounced_transactional",
+    "bounced_bulk",
 )
 GAUGES = (
     "ready",  # recipients loaded for delivery
@@ -97,17 +106,23 @@ GAUGES = (
     "cluster_connected",  # workers connected to the cluster's broker
     "cluster_queue_depth",  # messages in this host's shard queue (read every 5 s)
 )
-HISTOGRAMS = ("data_to_250", "accept_to_delivered")
+HISTOGRAMS = ("data_to_250", "accept_to_delivered", "accept_to_delivered_transactional",
+              "accept_to_delivered_bulk")
 # Upper bounds in seconds; the last bucket takes everything above.
 BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
            60.0, 300.0, 1800.0, 3600.0, float("inf"))
 TOP = 5  # busiest destinations kept per worker
 NAME_SIZE = 64
+# Campaigns: the busiest per worker by name, the rest summed (bounded cardinality
+# for /metrics).  Counted since the worker started.
+CAMPAIGN_TOP = 8
+CAMPAIGN_OUTCOMES = ("delivered", "deferred", "bounced", "dropped")
 
 _SEQ = struct.Struct("<QQ")  # sequence, publish time in microseconds
 _VALUES = struct.Struct(
     f"<{len(COUNTERS)}Q{len(GAUGES)}d{len(HISTOGRAMS) * (len(BUCKETS) + 1)}d"
     + f"{NAME_SIZE}sQ" * TOP
+    + f"{NAME_SIZE}s{len(CAMPAIGN_OUTCOMES)}Q" * CAMPAIGN_TOP + f"{len(CAMPAIGN_OUTCOMES)}Q"
 )
 REGION_SIZE = 4096
 assert _SEQ.size + _VALUES.size <= REGION_SIZE
@@ -130,6 +145,19 @@ class Snapshot:
     gauges: dict[str, float]
     histograms: dict[str, tuple[list[int], float]]  # name -> (bucket counts, sum of seconds)
     top: list[tuple[str, int]]
+    campaigns: list[tuple[str, dict]] = ()  # (name, {outcome: count}), busiest first
+    campaigns_rest: dict | None = None  # the others, summed
+
+
+def busiest_campaigns(counts: dict[str, dict], n: int = CAMPAIGN_TOP) -> tuple[list, dict]:
+    """The ``n`` campaigns with the most outcomes, and the rest summed."""
+    ranked = sorted(counts.items(), key=lambda item: (-sum(item[1].values()), item[0]))
+    rest = dict.fromkeys(CAMPAIGN_OUTCOMES, 0)
+    for _, outcomes in ranked[n:]:
+        for outcome in CAMPAIGN_OUTCOMES:
+            rest[outcome] += outcomes.get(outcome, 0)
+    return ([(name, {o: outcomes.get(o, 0) for o in CAMPAIGN_OUTCOMES}) for name, outcomes in ranked[:n]],
+            rest)
 
 
 def create(run_dir: str, workers: int) -> str:
@@ -176,7 +204,8 @@ class Writer:
         self.restarts = int(previous.gauges.get("restarts", 0)) + 1 if previous and previous.published else 0
 
     def publish(self, counters: dict[str, int], gauges: dict[str, float],
-                histograms: dict[str, tuple[list[int], float]], top: list[tuple[str, int]]) -> None:
+                histograms: dict[str, tuple[list[int], float]], top: list[tuple[str, int]],
+                campaigns: dict[str, dict] | None = None) -> None:
         gauges = {**gauges, "restarts": self.restarts}
         values = [self.base.get(name, 0) + counters.get(name, 0) for name in COUNTERS]
         values += [float(gauges.get(name, 0.0)) for name in GAUGES]
@@ -187,6 +216,11 @@ class Writer:
         padded = (top + [("", 0)] * TOP)[:TOP]
         for name, count in padded:
             values += [name.encode()[:NAME_SIZE], count]
+        busiest, rest = busiest_campaigns(campaigns or {})
+        empty = ("", dict.fromkeys(CAMPAIGN_OUTCOMES, 0))
+        for name, outcomes in (busiest + [empty] * CAMPAIGN_TOP)[:CAMPAIGN_TOP]:
+            values += [name.encode()[:NAME_SIZE], *(outcomes[o] for o in CAMPAIGN_OUTCOMES)]
+        values += [rest[o] for o in CAMPAIGN_OUTCOMES]
         self._seq += 1  # odd: a write is under way
         _SEQ.pack_into(self._map, self._offset, self._seq, 0)
         _VALUES.pack_into(self._map, self._offset + _SEQ.size, *values)
@@ -233,7 +267,15 @@ def _snapshot(worker: int, published: int, raw: bytes) -> Snapshot:
         if name:
             top.append((name, count))
         at += 2
-    return Snapshot(worker, published / 1e6, counters, gauges, histograms, top)
+    width = len(CAMPAIGN_OUTCOMES)
+    campaigns = []
+    for _ in range(CAMPAIGN_TOP):
+        name = values[at].rstrip(b"\0").decode(errors="replace")
+        if name:
+            campaigns.append((name, dict(zip(CAMPAIGN_OUTCOMES, values[at + 1:at + 1 + width]))))
+        at += 1 + width
+    rest = dict(zip(CAMPAIGN_OUTCOMES, values[at:at + width]))
+    return Snapshot(worker, published / 1e6, counters, gauges, histograms, top, campaigns, rest)
 
 
 class Reader:
@@ -273,7 +315,15 @@ def merge(snapshots: list[Snapshot]) -> dict:
     gauges = dict.fromkeys(GAUGES, 0.0)
     histograms = {name: ([0] * len(BUCKETS), 0.0) for name in HISTOGRAMS}
     top: dict[str, int] = {}
+    campaigns: dict[str, dict] = {}
+    rest = dict.fromkeys(CAMPAIGN_OUTCOMES, 0)
     for snap in snapshots:
+        for name, outcomes in snap.campaigns:
+            into = campaigns.setdefault(name, dict.fromkeys(CAMPAIGN_OUTCOMES, 0))
+            for outcome, count in outcomes.items():
+                into[outcome] += count
+        for outcome, count in (snap.campaigns_rest or {}).items():
+            rest[outcome] += count
         for name, value in snap.counters.items():
             counters[name] += value
         for name, value in snap.gauges.items():
@@ -284,6 +334,7 @@ def merge(snapshots: list[Snapshot]) -> dict:
         for name, count in snap.top:
             top[name] = top.get(name, 0) + count
     gauges.pop("pid", None)
+    busiest, others = busiest_campaigns(campaigns)
     return {
         "workers": len(snapshots),
         "counters": counters,
@@ -294,6 +345,8 @@ def merge(snapshots: list[Snapshot]) -> dict:
             for name, (buckets, total) in histograms.items()
         },
         "top_destinations": sorted(top.items(), key=lambda item: -item[1])[:TOP],
+        "campaigns": [{"name": name, **outcomes} for name, outcomes in busiest],
+        "campaigns_other": {o: rest[o] + others[o] for o in CAMPAIGN_OUTCOMES},
     }
 
 

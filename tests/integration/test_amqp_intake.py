@@ -363,3 +363,21 @@ def test_declare_false_uses_the_queues_that_exist(relay_factory, net, broker):
     waiting.wait_log("cannot consume")
     assert leftovers(missing) == []
     waiting.stop()
+
+
+def test_the_consumer_class_and_a_bad_class_header(relay_factory, net, broker):
+    from support import events
+
+    bad = postmanq("app@sender.example", "r99@d0.example",
+                   "X-Relay-Class: urgent\r\n" + body(99))
+    broker.publish(messages(3) + [bad])
+    relay = amqp_relay(relay_factory, net, broker, workers=1, **{"class": "bulk"})
+    wait_delivered(net, {0, 1, 2}, timeout=30)
+    failure = f"{broker.queue}.failure.technical"
+    wait_for(lambda: broker.count(failure) == 1, 15, "the bad class in failure.technical")
+    assert broker.drain(failure)[0]["error"]["code"] == 550
+    delivered = wait_for(lambda: len(found := [e for e in events(relay)
+                                               if e["outcome"] == "delivered"]) == 3 and found,
+                         15, "three delivered events")
+    assert {e["lane"] for e in delivered} == {"bulk"}
+    assert stats(relay)["counters"]["accepted_bulk"] == 3

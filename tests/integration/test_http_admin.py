@@ -114,6 +114,22 @@ def test_shaping_is_what_relayctl_prints_and_cancel_checks_its_id(relay):
         assert status == 422, bad
 
 
+def test_campaigns_answer_as_relayctl_does(relay):
+    status, answer = request(relay.http_port, "POST", "/api/admin/campaigns/spring/pause")
+    assert status == 200 and answer["count"] == 0
+    status, listed = request(relay.http_port, "GET", "/api/admin/campaigns")
+    assert status == 200 and listed == ctl_json(relay, "campaign", "list")
+    assert [(c["name"], c["state"]) for c in listed["campaigns"]] == [("spring", "paused")]
+    status, shown = request(relay.http_port, "GET", "/api/admin/campaigns/spring")
+    assert status == 200 and shown == ctl_json(relay, "campaign", "show", "spring")
+    assert request(relay.http_port, "POST", "/api/admin/campaigns/spring/stop")[0] == 422
+    assert request(relay.http_port, "POST", "/api/admin/campaigns/spring/pause", token="read")[0] == 403
+    assert request(relay.http_port, "GET", "/api/admin/campaigns/nothing")[0] == 422
+    status, resumed = request(relay.http_port, "POST", "/api/admin/campaigns/spring/resume")
+    assert status == 200 and resumed["campaigns"] == []  # no mail of it, and no hold now
+    assert request(relay.http_port, "GET", "/api/admin/campaigns")[1]["campaigns"] == []
+
+
 def test_stats_is_what_relayctl_prints(relay):
     status, answer = request(relay.http_port, "GET", "/api/admin/stats", token="read")
     assert status == 200
@@ -136,7 +152,8 @@ def test_every_documented_path_answers(relay):
     status, document = request(relay.http_port, "GET", "/api/openapi.json", token=None)
     assert status == 200 and document["openapi"].startswith("3.")
     for path, methods in document["paths"].items():
-        path = path.replace("{queue_id}", relay.queue_id)
+        path = path.replace("{queue_id}", relay.queue_id).replace("{name}", "spring")
+        path = path.replace("{action}", "pause")
         if path.endswith("/grep"):
             path += "?address=a%40d1.example"
         for method in methods:

@@ -224,7 +224,7 @@ def test_show_json_merges_the_parts_of_a_split_transaction(capsys, relay_dir):
     first = view["events"][0]
     assert set(first) == {"time", "worker", "queue_id", "recipient", "destination", "mx",
                           "source_ip", "tls", "code", "enhanced", "text", "outcome", "class",
-                          "latency"}
+                          "latency", "lane", "campaign"}
     assert (first["code"], first["enhanced"], first["class"], first["tls"]) == (
         451, "4.7.1", "recipient", True)
 

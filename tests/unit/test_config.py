@@ -513,3 +513,16 @@ def test_refusals_are_in_our_words_not_int_s(raw):
     message = str(info.value)
     assert "expected" in message
     assert "invalid literal" not in message and "Exceeds the limit" not in message
+
+
+def test_lane_keys_take_a_class_or_nothing_and_shares_from_0_to_1():
+    settings = from_dict({"listen": [{"address": "127.0.0.1:2525", "class": "bulk"}],
+                          "deliver": {"bulk_loaded_share": 0.5},
+                          "shaping": {"default": {"transactional_share": 0}}})
+    assert settings.listen[0].class_ == "bulk" and settings.deliver.bulk_loaded_share == 0.5
+    assert settings.shaping.default["transactional_share"] == 0.0
+    assert defaults().shaping.default["transactional_share"] == 0.2
+    assert "[[listen]] class: expected one of '', 'transactional', 'bulk'" in error(
+        {"listen": [{"address": "127.0.0.1:2525", "class": "urgent"}]})
+    assert "transactional_share: expected a number from 0 to 1" in error(
+        {"shaping": {"default": {"transactional_share": 1.5}}})

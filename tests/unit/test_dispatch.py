@@ -96,3 +96,42 @@ def test_a_bug_after_the_outcome_was_committed_charges_nothing(tmp_path):
     run(tmp_path, scenario, quarantine_after=1)
     assert rows(tmp_path) == [("A", "a@x.example", int(RecipientState.DELIVERED), 0, None),
                               ("A", "b@x.example", int(RecipientState.DEFERRED), 0, None)]
+
+
+def test_claims_keep_room_for_transactional_mail_and_refill_when_bulk_frees_some(tmp_path):
+    settings = config.defaults()
+    settings = dataclasses.replace(settings, deliver=dataclasses.replace(
+        settings.deliver, event_log_dir=str(tmp_path / "log"), max_loaded=40,
+        bulk_loaded_share=0.5))
+
+    async def main():
+        spool = Spool(str(tmp_path), 0)
+        await spool.open()
+        dispatcher = Dispatcher(settings, 0, 1, spool, None, QueueIds(0))
+        routed = []
+
+        async def route(job):  # stands in for resolving and scheduling
+            routed.append(job)
+
+        dispatcher._route = route
+        try:
+            await spool.store(dataclasses.replace(part("B", *[f"b{i}@x.example" for i in range(30)]),
+                                                  lane="bulk", campaign="c"))
+            await spool.store(part("T", "t0@x.example", "t1@x.example", "t2@x.example"))
+            await dispatcher._once()  # claims, and finds the bulk share full
+            await asyncio.sleep(0)
+            loaded = (dispatcher.loaded, dispatcher.loaded_bulk)
+            dispatcher._wakeup.clear()
+            dispatcher._unload(routed[-1].recipients[:1])  # 19 of 20 bulk: not yet a tenth free
+            early = dispatcher._wakeup.is_set()
+            dispatcher._unload(routed[-1].recipients[1:2])
+            return loaded, [(j.queue_id, j.lane, len(j.recipients)) for j in routed], early, \
+                dispatcher._wakeup.is_set()
+        finally:
+            await dispatcher.close()
+            await spool.close()
+
+    loaded, routed, early, woken = asyncio.run(main())
+    assert loaded == (23, 20)
+    assert routed == [("T", "transactional", 3), ("B", "bulk", 20)]
+    assert not early and woken

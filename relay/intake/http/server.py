@@ -37,6 +37,7 @@ from aiohttp import web
 from relay.config import Settings
 from relay.errors import RelayError
 from relay.intake.handler import IntakeState, wants_trace
+from relay.intake import lane
 from relay.intake.http import inject
 from relay.intake.http.tokens import Tokens
 from relay.intake.listener import open_http_socket, server_tls_context
@@ -182,11 +183,16 @@ class HttpIntake:
         except inject.InjectError as exc:
             state.counters["rejected_data"] += 1
             return _error(exc.status, exc.message)
+        try:  # the class and campaign each message's X-Relay-* headers give
+            labels = [lane.choose(m.body) for m in messages]
+        except lane.BadLabel as exc:
+            state.counters["rejected_data"] += 1
+            return _error(400, exc.text)
         secure = request.secure
         client = _UNSAFE.sub("-", grant.name)[:64] or "api"
         gate = asyncio.Semaphore(ACCEPT_CONCURRENCY)
 
-        async def accept(message: inject.Message) -> str | None:
+        async def accept(message: inject.Message, labels: lane.Labels) -> str | None:
             queue_id = state.queue_ids.next()
             received = received_header(
                 helo=client, peer_ip=ip, hostname=state.hostname,
@@ -197,6 +203,7 @@ class HttpIntake:
                 queue_id=queue_id, sender=message.sender, recipients=message.recipients,
                 body=received + message.body, received_at=now, smtputf8=message.smtputf8,
                 trace=wants_trace(message.body, list(message.recipients), state.traced),
+                lane=labels.lane, campaign=labels.campaign, tenant=labels.tenant,
             )
             async with gate:
                 try:
@@ -207,13 +214,14 @@ class HttpIntake:
                     return None
             state.counters["accepted_messages"] += 1
             state.counters["accepted_recipients"] += len(message.recipients)
+            state.counters[f"accepted_{labels.lane}"] += len(message.recipients)
             state.counters["accepted_bytes"] += len(txn.body)
             log.info("%s: accepted from=<%s> nrcpt=%d size=%d client=[%s] http token=%s%s",
                      queue_id, message.sender, len(message.recipients), len(txn.body), ip,
                      grant.name, " trace" if txn.trace else "")
             return queue_id
 
-        results = await asyncio.gather(*(accept(m) for m in messages))
+        results = await asyncio.gather(*(accept(m, l) for m, l in zip(messages, labels)))
         success = failed = 0
         failed_recipients, errors = [], []
         for message, queue_id in zip(messages, results):

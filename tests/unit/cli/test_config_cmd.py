@@ -102,7 +102,8 @@ def test_printed_config_loads_back_to_equal_settings(capsys, conf, mode):
 def test_values_are_in_their_file_form(capsys, conf):
     doc = tomllib.loads(relayctl(capsys, "config", "-c", str(conf)))
     assert doc["relay"]["shutdown_timeout"] == "1m"
-    assert doc["listen"] == [{"address": "127.0.0.1:2525"}, {"address": "[::1]:2526"}]
+    assert doc["listen"] == [{"address": "127.0.0.1:2525", "class": ""},
+                             {"address": "[::1]:2526", "class": ""}]
     assert doc["intake"]["min_free_space"] == "1G"
     assert doc["intake"]["idle_timeout"] == "90s"
     assert doc["intake"]["mynetworks"] == ["10.0.0.0/8", "192.0.2.1/32"]

@@ -395,7 +395,7 @@ def test_worker_caps_sessions_and_body_bytes_in_flight():
     # job goes first again.
     send.job.site_key, send.job.destination = KEY, MX
     s.on_not_sent(send.conn, send.job, clock.now)
-    assert s.bytes_in_flight == 0 and s.sites[KEY].jobs[0] is send.job
+    assert s.bytes_in_flight == 0 and next(iter(s.sites[KEY].jobs)) is send.job
 
 
 def test_421_at_mail_after_n_messages_teaches_the_site_its_per_connection_limit():
@@ -409,7 +409,7 @@ def test_421_at_mail_after_n_messages_teaches_the_site_its_per_connection_limit(
         (send,) = of(Send, s.actions(clock.now))
     s.on_connection_full(send.conn, send.job, clock.now)  # 421 at the 11th MAIL
     site = s.sites[KEY]
-    assert site.jobs[0] is send.job and site.concurrency.allowed >= 1
+    assert next(iter(site.jobs)) is send.job and site.concurrency.allowed >= 1
     (send,) = of(Send, open_all(s, clock, s.actions(clock.now)))  # a fresh connection
     for _ in range(10):
         s.on_sent(send.conn, send.job, clock.now, [OK], True, None)

@@ -73,7 +73,7 @@ def run_workers(directory: str, body, workers: int = 2, overlap: bool = False):
     two tries have claimed their key (the window of the race, held open)."""
     settings = config.from_dict({"relay": {"spool_dir": directory, "run_dir": directory},
                                  "intake": {"min_free_space": 0}})
-    table = types.SimpleNamespace(queue="outbox", format="postmanq")
+    table = types.SimpleNamespace(queue="outbox", format="postmanq", class_="")
 
     async def main():
         spools, indexes, routers, consumers = [], [], [], []

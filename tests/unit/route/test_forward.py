@@ -8,6 +8,7 @@ the same event loop, talking over a Unix socket in a temporary directory
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -125,6 +126,19 @@ def test_envelope_round_trip(coordinator, smtputf8):
     assert part_from(orjson.loads(orjson.dumps(envelope)), part.body) == part
 
 
+def test_class_and_campaign_travel_between_workers():
+    part = dataclasses.replace(make_part(0), lane="bulk", campaign="spring", tenant="acme")
+    assert part_from(orjson.loads(orjson.dumps(envelope_of(part))), part.body) == part
+
+
+def test_a_peer_without_lanes_sends_transactional_mail():
+    envelope = envelope_of(make_part())
+    for key in ("lane", "campaign", "tenant"):
+        del envelope[key]
+    part = part_from(envelope, b"x")
+    assert (part.lane, part.campaign, part.tenant) == ("transactional", "", "")
+
+
 def _corrupt(**changes):
     envelope = envelope_of(make_part())
     for key, value in changes.items():
@@ -152,6 +166,8 @@ def _corrupt(**changes):
         _corrupt(rcpt=[["a@b", "b", 1]]),
         _corrupt(rcpt=[["a@b", "b", 1, 0, "extra"]]),
         _corrupt(rcpt=[5]),
+        _corrupt(lane="urgent"),
+        _corrupt(campaign=7),
         None,
         [],
         "string",

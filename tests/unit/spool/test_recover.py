@@ -6,6 +6,7 @@ previous run would have left them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 
@@ -226,6 +227,36 @@ def test_existing_spools_ignores_other_files(tmp_path):
         0: str(tmp_path / "worker-0.db"),
         12: str(tmp_path / "worker-12.db"),
     }
+
+
+def test_rehome_moves_the_daily_roll_up_by_domain_and_spreads_campaigns(tmp_path):
+    from relay.model import Event
+    from relay.route.shard import owner_of, slot_of
+    from relay.spool.store import insert_events
+
+    spool_dir = str(tmp_path)
+    part = dataclasses.replace(make_part("B", DOMAINS[:6]), lane="bulk", campaign="spring")
+    conn = connect(spool_path(spool_dir, 0))
+    conn.execute("BEGIN")
+    insert_part(conn, part, 0.0)
+    insert_events(conn, [Event.local(1700000000.0, "B", r.address, r.domain, "ok", "delivered",
+                                     None, "bulk", "spring") for r in part.recipients])
+    conn.execute("INSERT INTO meta VALUES ('campaigns', '{\"spring\": \"paused\"}')")
+    conn.execute("COMMIT")
+    conn.close()
+    recover(spool_dir, 3)
+    daily, campaigns, states = {}, {}, {}
+    for worker, path in existing_spools(spool_dir).items():
+        conn = sqlite3.connect(path)
+        daily[worker] = {row[0] for row in conn.execute("SELECT domain FROM daily")}
+        campaigns[worker] = conn.execute("SELECT name, lane FROM campaign").fetchall()
+        states[worker] = conn.execute("SELECT value FROM meta WHERE key = 'campaigns'").fetchone()
+        conn.close()
+    for worker, domains in daily.items():
+        assert all(owner_of(slot_of(d), 3) == worker for d in domains)
+    assert set().union(*daily.values()) == set(DOMAINS[:6])
+    assert all(rows == [("spring", "bulk")] for rows in campaigns.values())
+    assert all(state == ('{"spring":"paused"}',) for state in states.values())
 
 
 def write_keys(spool_dir: str, worker: int, keys: list[str]) -> None:

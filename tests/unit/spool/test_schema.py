@@ -46,8 +46,10 @@ def write_v1(path: str) -> None:
 
 def test_a_new_spool_records_this_format_version(tmp_path):
     conn = connect(str(tmp_path / "worker-0.db"))
-    assert version(conn) == FORMAT_VERSION == 4
-    assert columns(conn, "recipient")[-2:] == ["crashes", "error"]
+    assert version(conn) == FORMAT_VERSION == 5
+    assert columns(conn, "recipient")[-3:] == ["crashes", "error", "lane"]
+    assert columns(conn, "message")[-3:] == ["lane", "campaign", "tenant"]
+    assert columns(conn, "event")[-2:] == ["lane", "campaign"]
 
 
 def test_a_version_1_spool_is_upgraded_and_keeps_its_rows(tmp_path):

@@ -108,7 +108,8 @@ def test_single_part_is_stored_active(tmp_path):
 
     with_spool(tmp_path, body)
     assert rows(tmp_path, "SELECT * FROM message") == [
-        ("Q1", "s@x.example", 1700000000.5, 0, len(p.body), int(MessageState.ACTIVE), None, 0)
+        ("Q1", "s@x.example", 1700000000.5, 0, len(p.body), int(MessageState.ACTIVE), None, 0,
+         "transactional", "", "")
     ]
     assert rows(tmp_path, "SELECT id, data FROM body") == [("Q1", p.body)]
     got = rows(tmp_path, "SELECT message_id, idx, address, domain, slot, state, attempts, last_reply FROM recipient ORDER BY idx")

@@ -95,3 +95,35 @@ def test_prometheus_text_parses(tmp_path):
     assert samples["relay_ready"].value == 2
     assert samples["relay_accept_to_delivered_seconds_count"].value == 1
     assert samples["relay_destination_load"].labels == {"destination": 'mx "quoted"'}
+
+
+def test_busiest_campaigns_by_name_and_the_rest_summed_across_workers(tmp_path):
+    path = make(tmp_path, 2)
+    one, two = ring.Writer(path, 0), ring.Writer(path, 1)
+    small = {f"c{i}": {"delivered": 1} for i in range(ring.CAMPAIGN_TOP)}  # with "big": one more than the top holds
+    one.publish({}, {}, {}, [], {"big": {"delivered": 50, "bounced": 2}, **small})
+    two.publish({}, {}, {}, [], {"big": {"delivered": 30}, "other": {"dropped": 7}})
+    merged = ring.merge(ring.read(path))
+    assert merged["campaigns"][0] == {"name": "big", "delivered": 80, "deferred": 0,
+                                      "bounced": 2, "dropped": 0}
+    assert len(merged["campaigns"]) == ring.CAMPAIGN_TOP
+    named = sum(c["delivered"] + c["dropped"] for c in merged["campaigns"])
+    other = merged["campaigns_other"]
+    assert named + other["delivered"] + other["dropped"] == 80 + ring.CAMPAIGN_TOP + 7
+    text = prometheus.render(merged)
+    assert 'relay_campaign_outcomes_total{campaign="big",outcome="delivered"} 80' in text
+    assert text.count("relay_campaign_outcomes_total{") == ring.CAMPAIGN_TOP * 4
+    assert 'relay_campaign_other_outcomes_total{outcome="delivered"}' in text
+
+
+def test_lanes_have_their_own_counters_and_latency(tmp_path):
+    path = make(tmp_path, 1)
+    histogram = ring.Histogram()
+    histogram.observe(0.3)
+    ring.Writer(path, 0).publish({"delivered_bulk": 4, "accepted_transactional": 2}, {},
+                                 {"accept_to_delivered_bulk": histogram.value()}, [])
+    merged = ring.merge(ring.read(path))
+    assert merged["counters"]["delivered_bulk"] == 4
+    assert merged["counters"]["accepted_transactional"] == 2
+    assert merged["histograms"]["accept_to_delivered_bulk"]["p99"] == 0.5
+    assert merged["histograms"]["accept_to_delivered_transactional"]["p99"] is None
