@@ -83,6 +83,14 @@ def decode(data: bytes) -> tuple[Part, int]:
     return part_from(header, data[HEADER.size + length:]), header["origin"]
 
 
+def transaction_of(part: Part) -> Transaction:
+    """The transaction a consumed part is stored as on this host: its id,
+    envelope, body, arrival, class and campaign as the intake host took them."""
+    return Transaction(part.queue_id, part.sender, tuple(r.address for r in part.recipients),
+                       part.body, part.received_at, part.smtputf8, part.trace,
+                       lane=part.lane, campaign=part.campaign, tenant=part.tenant)
+
+
 class ClusterLink:
     """One worker's side of the cluster."""
 
@@ -241,9 +249,7 @@ class ClusterLink:
                 self.count("duplicates")
                 log.info("cluster: %s from host %d is stored already; acked", queue_id, origin)
                 return True
-            txn = Transaction(queue_id, part.sender, tuple(r.address for r in part.recipients),
-                              part.body, part.received_at, part.smtputf8, part.trace)
-            await self.submit_here(txn, list(part.recipients))
+            await self.submit_here(transaction_of(part), list(part.recipients))
             self.count("consumed")
             return True
         except RelayError as exc:

@@ -8,7 +8,7 @@ from relay import config
 from relay.errors import ConfigError, CorruptEntry
 from relay.model import Part, Recipient
 from relay.route import shard
-from relay.route.cluster import decode, encode
+from relay.route.cluster import decode, encode, transaction_of
 
 
 def test_every_host_and_every_worker_of_it_gets_slots_whatever_the_counts():
@@ -50,3 +50,13 @@ def test_cluster_settings_are_checked():
         config.from_dict({"cluster": {"hosts": 2, "index": 2, "amqp_url": "amqp://h/"}})
     with pytest.raises(ConfigError, match=r"\[cluster\] amqp_url"):
         config.from_dict({"cluster": {"hosts": 2, "index": 1}})
+
+
+def test_a_consumed_part_keeps_its_class_and_campaign():
+    part = Part("66192D032C595003A4", "app@sender.example",
+                (Recipient("a@x.example", "x.example", 7, 2),), b"Subject: x\r\n\r\nbody\r\n",
+                1_800_000_000.5, lane="bulk", campaign="spring", tenant="acme")
+    decoded, _ = decode(encode(part, origin=1))
+    txn = transaction_of(decoded)
+    assert (txn.queue_id, txn.lane, txn.campaign, txn.tenant) == (part.queue_id, "bulk", "spring", "acme")
+    assert txn.recipients == ("a@x.example",) and txn.body == part.body
