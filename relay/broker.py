@@ -32,6 +32,10 @@ logging.getLogger("aiormq").setLevel(logging.CRITICAL)
 RECONNECT_INTERVAL = 2.0  # seconds between reconnection attempts of the robust connection
 FIRST_CONNECT_BACKOFF = (0.5, 30.0)  # first connection: initial and largest delay
 CONNECT_ERRORS = (aiormq.exceptions.AMQPError, OSError, ConnectionError, asyncio.TimeoutError)
+# An ack or nack that cannot be sent (the channel went away): the broker
+# redelivers the message, and its consumer recognises it.
+SETTLE_ERRORS = (aiormq.exceptions.AMQPError, aio_pika.exceptions.MessageProcessError,
+                 ConnectionError, OSError, RuntimeError)
 
 
 class BrokerLink:

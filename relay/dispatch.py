@@ -555,17 +555,25 @@ class Dispatcher:
         updates = [RecipientUpdate(r.queue_id, r.index, state, r.attempts, until or time.time(),
                                    f"{HELD_PREFIX}{reason}"[:500])
                    for job in jobs for r in job.recipients]
+        await self._commit_leaving(jobs, updates, [])
+        log.info("%d recipient(s) held until %s: %s", len(updates),
+                 "resumed" if until is None else time.strftime("%H:%M:%S", time.localtime(until)),
+                 reason)
+
+    async def _commit_leaving(self, jobs: list[Job], updates, events) -> bool:
+        """Commit the new state of jobs that leave memory undelivered (held or
+        cancelled), then settle their rounds: bounces a sibling job of the
+        same message held for them get their DSN now.  Returns whether the
+        commit went through (see _complete)."""
         try:
-            await self._complete(updates, [], [], jobs[0].queue_id)
+            done = await self._complete(updates, events, [], jobs[0].queue_id)
         finally:
             self._unload([r for job in jobs for r in job.recipients])
         for job in jobs:
             held = self.rounds.done(job.queue_id, len(job.recipients))
             if held is not None:  # a sibling job's bounces waited for this one
                 await self._settle_bounces(job, held)
-        log.info("%d recipient(s) held until %s: %s", len(updates),
-                 "resumed" if until is None else time.strftime("%H:%M:%S", time.localtime(until)),
-                 reason)
+        return done
 
     async def _transact(self, job: Job, session: SmtpSession):
         """One transaction: (outcomes, site failure or None, latency, body),
@@ -912,14 +920,7 @@ class Dispatcher:
                                                r.attempts, now, CANCELLED_TEXT))
                 events.append(Event.local(now, r.queue_id, r.address, job.domain, CANCELLED_TEXT,
                                           "cancelled", None, r.lane, r.campaign))
-        try:
-            done = await self._complete(updates, events, [], jobs[0].queue_id)
-        finally:
-            self._unload([r for job in jobs for r in job.recipients])
-        for job in jobs:
-            held = self.rounds.done(job.queue_id, len(job.recipients))
-            if held is not None:  # a sibling job's bounces waited for this one
-                await self._settle_bounces(job, held)
+        done = await self._commit_leaving(jobs, updates, events)
         if done:
             self._count(events, None, now)
             self.event_log.write(events)

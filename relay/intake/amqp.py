@@ -53,7 +53,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
-from relay.broker import BrokerLink, stop_consuming
+from relay.broker import SETTLE_ERRORS, BrokerLink, stop_consuming
 from relay.errors import RelayError
 from relay.intake import amqp_message
 from relay.intake import lane
@@ -224,8 +224,7 @@ class Consumer:
                 await asyncio.sleep(NACK_DELAY)
                 await message.nack(requeue=True)
                 self.count("nacked")
-        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.MessageProcessError,
-                ConnectionError, OSError, RuntimeError) as exc:
+        except SETTLE_ERRORS as exc:
             # The channel went away before the ack: the broker redelivers the
             # message and its key says whether it is already spooled.
             log.info("amqp %s: could not settle a message: %s", self.settings.queue, exc)

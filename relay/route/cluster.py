@@ -44,7 +44,7 @@ import aio_pika
 import aiormq
 import orjson
 
-from relay.broker import BrokerLink, stop_consuming
+from relay.broker import SETTLE_ERRORS, BrokerLink, stop_consuming
 from relay.errors import CorruptEntry, OwnerUnavailable, RelayError
 from relay.model import Part, Transaction
 from relay.route.forward import envelope_of, part_from
@@ -228,8 +228,7 @@ class ClusterLink:
                 await asyncio.sleep(NACK_DELAY)
                 await message.nack(requeue=True)
                 self.count("nacked")
-        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.MessageProcessError,
-                ConnectionError, OSError, RuntimeError) as exc:
+        except SETTLE_ERRORS as exc:
             log.info("cluster: could not settle a part: %s", exc)  # redelivered, recognised
         finally:
             self.in_flight -= 1
