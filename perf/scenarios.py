@@ -49,6 +49,19 @@ def transactional(quick: bool) -> Scenario:
     )
 
 
+def hot_domain(quick: bool) -> Scenario:
+    # Issue 15: real lists put a large share of their mail at two or three
+    # providers; one domain's mail is stored and delivered by one worker.
+    farm = layout(domains=1, sites=1)
+    messages = 1_000 if quick else 20_000
+    return Scenario(
+        "hot-domain", "1 recipient, 10 KB, every message to one domain on one MX host, 50 connections",
+        farm,
+        (Stream("hot-domain", messages, _domains(farm), sizes=((10 * KB, 1.0),), concurrency=50),),
+        time_limit=30 if quick else 600, drain_limit=20 if quick else 120,
+    )
+
+
 def bulk(quick: bool) -> Scenario:
     farm = layout(domains=100 if quick else 1_000, sites=10 if quick else 50)
     messages = 50 if quick else 1_000  # x 100 recipients
@@ -190,6 +203,7 @@ def cluster(quick: bool) -> Scenario:
 
 SCENARIOS = {
     "transactional": transactional,
+    "hot-domain": hot_domain,
     "bulk": bulk,
     "mixed": mixed,
     "mixed-campaigns": mixed_campaigns,
