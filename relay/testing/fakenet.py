@@ -695,7 +695,7 @@ class Received:
 # -- test PKI --------------------------------------------------------------------
 
 
-class _TestPKI:
+class TestPKI:
     """A test CA and server certificates signed by it (or by a rogue CA)."""
 
     def __init__(self, directory: str | None = None) -> None:
@@ -759,7 +759,19 @@ class _TestPKI:
         self._cas[trusted] = (cert, key)
         return cert, key
 
+    def issue(self, names: tuple[str, ...], ip: str, trusted: bool = True) -> tuple[str, str]:
+        """A server certificate for ``names`` and ``ip`` signed by the test CA
+        (the rogue one if not ``trusted``): (PEM chain file, PEM key file)."""
+        with self._lock:
+            return self._issue(names, ip, trusted)
+
     def _make_context(self, names: tuple[str, ...], ip: str, trusted: bool) -> ssl.SSLContext:
+        cert_path, key_path = self._issue(names, ip, trusted)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert_path, key_path)
+        return context
+
+    def _issue(self, names: tuple[str, ...], ip: str, trusted: bool) -> tuple[str, str]:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -794,9 +806,7 @@ class _TestPKI:
                     serialization.NoEncryption(),
                 )
             )
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(stem + ".crt", stem + ".key")
-        return context
+        return stem + ".crt", stem + ".key"
 
 
 def _cert_builder(subject, issuer, public_key):
@@ -1148,7 +1158,7 @@ class SinkFarm(_Service):
         self.keep_data = keep_data  # False: Received.data is b"" (perf runs), size still counted
         self.sinks: dict[str, Sink] = {}
         self.received: list[Received] = []  # every sink's, in order of arrival
-        self._pki = _TestPKI(pki_directory)
+        self._pki = TestPKI(pki_directory)
         self._connection_ids = itertools.count(1)
         self._changed = threading.Condition()
         self._tasks: set[asyncio.Task] = set()
