@@ -1,7 +1,8 @@
 """perf/bench: run one scenario against the relay (and Postfix), report the figures.
 
 Input: ``--scenario NAME`` (perf.scenarios), ``--quick``, ``--runs N``,
-``--vs-postfix``, ``--json FILE``, ``--connections N`` (idle-connections).
+``--vs-postfix``, ``--dkim``, ``--tls`` (perf.options), ``--json FILE``,
+``--connections N`` (idle-connections).
 Output: a progress bar on stderr, a table on stdout (medians over the
 runs, and the ratio relay/Postfix or 1M-deferred/empty), and the same as
 JSON: every run's figures, the medians, the ratios and the machine.
@@ -46,6 +47,7 @@ import uuid
 import uvloop
 
 from perf import amqp_load, procstat, report, scenarios
+from perf import options as bench_options
 from perf import deferred as deferred_spool
 from perf.http_load import HttpGenerator
 from perf.farm import Farm
@@ -141,12 +143,15 @@ class PySpy:
 
 
 async def drive(scenario: Scenario, server, farm: Farm, label: str, run_tag: str,
-                py_spy: str | None, py_spy_gil: bool = False, http: tuple[int, str] | None = None) -> dict:
+                py_spy: str | None, py_spy_gil: bool = False, http: tuple[int, str] | None = None,
+                tls=None) -> dict:
     """Inject (over SMTP, or over HTTP when ``http`` is (port, token)), wait
-    for the deliveries, and measure; returns the run's figures."""
+    for the deliveries, and measure; returns the run's figures.  ``tls``:
+    the generator's STARTTLS context (SMTP only)."""
     if http is None:
         generator = Generator("127.0.0.1", server.port, sources=sources(GENERATOR_SOURCES),
-                              run_tag=run_tag, ports=getattr(server, "ports", ()))
+                              run_tag=run_tag, ports=getattr(server, "ports", ()), tls=tls,
+                              server_hostname=bench_options.INTAKE_NAME)
     else:
         generator = HttpGenerator("127.0.0.1", http[0], http[1], run_tag=run_tag)
     total_messages = sum(s.messages for s in scenario.streams)
@@ -322,26 +327,43 @@ def wait_listening(port: int, timeout: float = 30.0) -> None:
             time.sleep(0.05)
 
 
+def sinks_pki(workdir: str, options: bench_options.Options) -> str | None:
+    """Where the sinks' test CA lives with --tls (None: the sinks are plaintext)."""
+    if not options.tls:
+        return None
+    directory = os.path.join(workdir, "sinks-pki")
+    os.makedirs(directory)
+    return directory
+
+
 def run_once(scenario: Scenario, kind: str, args, workdir: str, index: int,
-             deferred_template: str | None, intake: str = "smtp") -> dict:
+             deferred_template: str | None, intake: str = "smtp",
+             files: bench_options.Files = bench_options.Files()) -> dict:
     """One run of a scenario through one server (kind: relay or postfix),
-    its mail taken in by ``intake`` (smtp, http or amqp; the last two: relay only)."""
+    its mail taken in by ``intake`` (smtp, http or amqp; the last two: relay
+    only); ``files``: what --dkim and --tls need (perf.options)."""
     loadavg = os.getloadavg()[0]
+    options = bench_options.Options(dkim=args.dkim, tls=args.tls)
     if intake == "amqp":
-        return _run_amqp(scenario, args, workdir, index, loadavg)
-    with Farm(scenario.layout) as farm:
+        return _run_amqp(scenario, args, workdir, index, loadavg, options, files)
+    with Farm(scenario.layout, pki_directory=sinks_pki(workdir, options)) as farm:
         routes = scenario.layout.routes(farm.mx_port) if args.vs_postfix else None
+        extra = bench_options.relay_overrides(options, files, farm.ca_path)
         http = None
         if kind.startswith("hosts-"):
             server = Cluster(workdir, hosts=int(kind.split("-")[1]), workers=scenario.workers or 1,
                              deliver_to=farm.config_overrides(), amqp_url=amqp_load.URL,
-                             overrides=dict(scenario.relay_overrides), tree=args.relay_tree)
+                             overrides=bench_options.merge(scenario.relay_overrides, extra),
+                             tree=args.relay_tree)
         elif kind == "postfix":
             server = Postfix(workdir, routes=routes,
                              concurrency=RELAY_CONNECTIONS_PER_DESTINATION * args.workers,
-                             messages_per_connection=100)
+                             messages_per_connection=100,
+                             main_cf=bench_options.postfix_main_cf(options, files, farm.ca_path),
+                             tls_policy=(bench_options.postfix_tls_policy(
+                                 routes, scenario.layout.mx_names()) if options.tls else ""))
         else:
-            overrides = dict(scenario.relay_overrides)
+            overrides = bench_options.merge(scenario.relay_overrides, extra)
             if scenario.intake == "http":
                 # Both sides of http-inject serve HTTP: one config, two intakes.
                 http_port = free_port()
@@ -370,7 +392,8 @@ def run_once(scenario: Scenario, kind: str, args, workdir: str, index: int,
                 label = f"{intake}/{scenario.streams[0].name} #{index + 1}"
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 figures = runner.run(drive(scenario, server, farm, label, f"{kind}{index}", spy,
-                                           args.py_spy_gil, http))
+                                           args.py_spy_gil, http,
+                                           bench_options.client_context(files)))
         finally:
             server.stop()
         if deferred_template:
@@ -386,19 +409,23 @@ def run_once(scenario: Scenario, kind: str, args, workdir: str, index: int,
         return figures
 
 
-def _run_amqp(scenario: Scenario, args, workdir: str, index: int, loadavg: float) -> dict:
+def _run_amqp(scenario: Scenario, args, workdir: str, index: int, loadavg: float,
+              options: bench_options.Options, files: bench_options.Files) -> dict:
     """The AMQP side: fill a queue of this run's own, start the relay on it, time it, delete it."""
     (stream,) = scenario.streams
     queue = f"relay-bench-{uuid.uuid4().hex[:12]}"
-    with Farm(scenario.layout) as farm, asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    with Farm(scenario.layout, pki_directory=sinks_pki(workdir, options)) as farm, \
+            asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         backlog = runner.run(amqp_load.Backlog(queue).open())
         server = None
         try:
             began = time.monotonic()
             runner.run(backlog.fill(amqp_load.postmanq_bodies(stream, f"amqp{index}")))
             published = time.monotonic() - began
-            overrides = {**scenario.relay_overrides,
-                         "amqp": {"consumer": [{"url": amqp_load.URL, "queue": queue}]}}
+            overrides = bench_options.merge(
+                scenario.relay_overrides,
+                {**bench_options.relay_overrides(options, files, farm.ca_path),
+                 "amqp": {"consumer": [{"url": amqp_load.URL, "queue": queue}]}})
             server = Relay(workdir, workers=scenario.workers or args.workers,
                            deliver_to=farm.config_overrides(), overrides=overrides,
                            tree=args.relay_tree)
@@ -469,6 +496,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=1, help="runs per side; medians are reported")
     parser.add_argument("--vs-postfix", action="store_true",
                         help="also run a throwaway Postfix (when installed), alternating with the relay")
+    parser.add_argument("--dkim", action="store_true",
+                        help="the relay signs every message (ed25519 and rsa-2048 identities, keys"
+                             " made for the run); Postfix's figure stays unsigned (no OpenDKIM)")
+    parser.add_argument("--tls", action="store_true",
+                        help="STARTTLS on both hops: the server offers it to the generator (test"
+                             " certificate), the sinks offer it (test CA) and delivery verifies it")
     parser.add_argument("--json", metavar="FILE", help="write the figures here")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="relay workers (default: one per core)")
@@ -502,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.scenario == scenarios.IDLE:
         from perf import idle
 
+        if args.dkim or args.tls:
+            print("--dkim, --tls: not for idle-connections (it sends no mail)", file=sys.stderr)
         return idle.main(args)
     scenario = scenarios.build(args.scenario, args.quick)
     sides = variants(scenario, args)
@@ -511,12 +546,16 @@ def main(argv: list[str] | None = None) -> int:
         except amqp_load.Unreachable as exc:
             print(f"{scenario.name}: {exc}", file=sys.stderr)
             return 2
+    options = bench_options.Options(dkim=args.dkim, tls=args.tls)
     print(f"scenario {scenario.name}{' (quick)' if args.quick else ''}: {scenario.description}",
           file=sys.stderr)
+    described = bench_options.describe(options, any(kind == "postfix" for _, kind, _ in sides))
+    print(bench_options.summary(described), file=sys.stderr)
     top = tempfile.mkdtemp(prefix="relay-bench-")
     os.chmod(top, 0o755)  # Postfix's daemons (the postfix user) must reach their queue
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in sides}
     try:
+        files = bench_options.make_files(top, options)
         template = None
         if scenario.deferred:
             template = os.path.join(top, "deferred-template")
@@ -529,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
                 workdir = tempfile.mkdtemp(prefix=f"{label.replace('/', '-')}-{index}-", dir=top)
                 mine, intake = side(scenario, label)
                 runs[label].append(run_once(mine, kind, args, workdir, index,
-                                            template if with_deferred else None, intake))
+                                            template if with_deferred else None, intake, files))
                 if not args.keep:
                     shutil.rmtree(workdir, ignore_errors=True)
     finally:
@@ -546,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "perf/bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "relay_tree": args.relay_tree or "checkout",
+        "options": described,
         "runs": runs,
         "median": medians,
     }
@@ -564,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     elif found:
         result["ratios"] = found
     print(f"\n{scenario.name}{' (quick)' if args.quick else ''}: median of {args.runs} run(s)")
+    print(bench_options.summary(described))
     print(report.table(columns))
     if scenario.cluster:
         print("\ncluster: CPU per delivered message (every instance's process tree):")

@@ -45,6 +45,10 @@ class Layout:
         """Static next hops of every domain (for DNS-free comparisons)."""
         return {domain: (self.sites[site].ip, port) for domain, site in self.domains}
 
+    def mx_names(self) -> dict[str, str]:
+        """The MX host name of each site's address (its certificate names both)."""
+        return {site.ip: site.name for site in self.sites}
+
     def group_of(self) -> dict[str, str]:
         return {domain: self.sites[site].group for domain, site in self.domains}
 
@@ -56,11 +60,11 @@ class Stats:
     by_site: dict = field(default_factory=dict)  # ip -> connections opened
 
 
-def _serve(layout: Layout, conn, delivered) -> None:
+def _serve(layout: Layout, conn, delivered, pki_directory: str | None) -> None:
     """The child: build the fake internet, answer commands until "stop"."""
     import uvloop
 
-    from relay.testing.fakenet import Behaviour, FakeInternet, SinkFarm
+    from relay.testing.fakenet import TLS_OFF, TLS_ON, Behaviour, FakeInternet, SinkFarm
 
     class TimedFarm(SinkFarm):
         def __init__(self, *args, **kwargs) -> None:
@@ -75,12 +79,19 @@ def _serve(layout: Layout, conn, delivered) -> None:
 
     async def main() -> None:
         net = FakeInternet(apexes=layout.apexes, keep_data=False)
-        net.farm = TimedFarm(keep_data=False)
+        net.farm = TimedFarm(keep_data=False, pki_directory=pki_directory)
+        tls = TLS_ON if pki_directory else TLS_OFF
         for site in layout.sites:
-            behaviour = Behaviour(reply_delay=site.reply_delay, max_messages=site.max_messages)
+            behaviour = Behaviour(reply_delay=site.reply_delay, max_messages=site.max_messages,
+                                  tls=tls)
             net.add_host(site.name, site.ip, behaviour)
         for domain, site in layout.domains:
             net.dns.add_mx(domain, [(10, layout.sites[site].name)])
+        ca_path = ""
+        if pki_directory:
+            ca_path = net.farm.ca_cert_path
+            for sink in net.farm.sinks.values():
+                sink._tls_context()  # issued now, not at the run's first connections
         await net.start()
         loop = asyncio.get_running_loop()
         stopped = loop.create_future()
@@ -106,7 +117,7 @@ def _serve(layout: Layout, conn, delivered) -> None:
                 stopped.set_result(None)
 
         loop.add_reader(conn.fileno(), on_command)
-        conn.send(("ready", net.nameserver, net.mx_port))
+        conn.send(("ready", net.nameserver, net.mx_port, ca_path))
         await stopped
         loop.remove_reader(conn.fileno())
         await net.stop()
@@ -117,25 +128,30 @@ def _serve(layout: Layout, conn, delivered) -> None:
 
 
 class Farm:
-    """Start/stop the fake internet process; read its counters and receipts."""
+    """Start/stop the fake internet process; read its counters and receipts.
 
-    def __init__(self, layout: Layout) -> None:
+    With ``pki_directory`` every sink offers STARTTLS with a certificate
+    (its MX name and its IP) from a test CA kept there: ``ca_path``."""
+
+    def __init__(self, layout: Layout, pki_directory: str | None = None) -> None:
         self.layout = layout
         context = multiprocessing.get_context("spawn")
         self.delivered = context.RawValue("q", 0)
         self._conn, child = context.Pipe()
         self.process = context.Process(
-            target=_serve, args=(layout, child, self.delivered), name="perf-farm", daemon=True
+            target=_serve, args=(layout, child, self.delivered, pki_directory), name="perf-farm",
+            daemon=True,
         )
         self.nameserver = ""
         self.mx_port = 0
+        self.ca_path = ""
 
     def start(self) -> "Farm":
         self.process.start()
         if not self._conn.poll(START_TIMEOUT):
             self.process.kill()
             raise RuntimeError("the fake internet did not start")
-        _, self.nameserver, self.mx_port = self._conn.recv()
+        _, self.nameserver, self.mx_port, self.ca_path = self._conn.recv()
         return self
 
     @property

@@ -14,7 +14,8 @@ a unique Message-ID.
 
 The client is our own, minimal on purpose: one ``asyncio.Protocol`` that
 splits replies into lines, MAIL/RCPT/DATA sent in one write (RFC 2920
-PIPELINING, which both the relay and Postfix offer), then the body.  A
+PIPELINING, which both the relay and Postfix offer), then the body; with
+a TLS context, STARTTLS after the first EHLO on every connection.  A
 general client (aiosmtplib) costs several times the CPU per message, and
 the generator shares the two cores with the server it measures.
 """
@@ -26,6 +27,7 @@ import bisect
 import collections
 import itertools
 import random
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -136,8 +138,10 @@ class Client(asyncio.Protocol):
             self.transport.close()
 
 
-async def connect(host: str, port: int, source: str | None, helo: str = "loadgen.test") -> Client:
-    """Connect, read the greeting, EHLO; raises on anything but 220/250."""
+async def connect(host: str, port: int, source: str | None, helo: str = "loadgen.test",
+                  tls: ssl.SSLContext | None = None, server_hostname: str | None = None) -> Client:
+    """Connect, read the greeting, EHLO (and with ``tls`` STARTTLS, the
+    handshake and EHLO again); raises on anything but 220/250."""
     loop = asyncio.get_running_loop()
     _, client = await asyncio.wait_for(
         loop.create_connection(Client, host, port, local_addr=(source, 0) if source else None),
@@ -147,14 +151,29 @@ async def connect(host: str, port: int, source: str | None, helo: str = "loadgen
         (greeting,) = await client.replies(1)
         if not greeting.startswith(b"220"):
             raise ReplyError(int(greeting[:3]), greeting)
-        client.write(b"EHLO " + helo.encode() + b"\r\n")
-        (ehlo,) = await client.replies(1)
-        if not ehlo.startswith(b"250"):
-            raise ReplyError(int(ehlo[:3]), ehlo)
+        await _ehlo(client, helo)
+        if tls is not None:
+            client.write(b"STARTTLS\r\n")
+            (ready,) = await client.replies(1)
+            if not ready.startswith(b"220"):
+                raise ReplyError(int(ready[:3]), ready)
+            # The same protocol object reads the decrypted stream.
+            client.transport = await asyncio.wait_for(
+                loop.start_tls(client.transport, client, tls, server_hostname=server_hostname),
+                CONNECT_TIMEOUT,
+            )
+            await _ehlo(client, helo)
     except BaseException:
         client.close()
         raise
     return client
+
+
+async def _ehlo(client: Client, helo: str) -> None:
+    client.write(b"EHLO " + helo.encode() + b"\r\n")
+    (ehlo,) = await client.replies(1)
+    if not ehlo.startswith(b"250"):
+        raise ReplyError(int(ehlo[:3]), ehlo)
 
 
 async def send_quit(client: Client) -> None:
@@ -247,6 +266,8 @@ class Generator:
     seed: int = 1
     ports: tuple[int, ...] = ()  # several servers (a cluster): connections go round robin
     run_tag: str = "run"
+    tls: ssl.SSLContext | None = None  # STARTTLS on every connection, checking server_hostname
+    server_hostname: str | None = None
     injections: list[Injection] = field(default_factory=list)
     errors: collections.Counter = field(default_factory=collections.Counter)
 
@@ -306,7 +327,8 @@ class Generator:
     async def _open(self) -> Client | None:
         try:
             port = self.ports[next(self._next_port) % len(self.ports)] if self.ports else self.port
-            return await connect(self.host, port, self._source())
+            return await connect(self.host, port, self._source(), tls=self.tls,
+                                 server_hostname=self.server_hostname)
         except (ConnectionError, OSError, asyncio.TimeoutError, ReplyError) as exc:
             self.errors[f"connect: {exc}"[:60]] += 1
             await asyncio.sleep(0.1)

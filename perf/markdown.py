@@ -1,7 +1,8 @@
 """Markdown tables from perf/bench JSON files, for perf/RESULTS.md.
 
 Input: JSON files written by ``perf/bench --json``.  Output: on stdout,
-per file, a table of the medians (one column per side: relay, postfix, or
+per file, the options the run had (--dkim, --tls: which side signed), a
+table of the medians (one column per side: relay, postfix, or
 relay-empty / relay-deferred) with the ratio column where there is one,
 and the per-run figures that show the spread.
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import json
 import sys
+
+from perf.options import summary
 
 MB = 1024 * 1024
 
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             result = json.load(file)
         print(f"### {result['scenario']}{' (quick)' if result.get('quick') else ''}\n")
         print(f"`{result['command']}`\n")
+        if result["scenario"] != "idle-connections":
+            print(summary(result.get("options")) + "\n")
         print(render(result))
     return 0
 

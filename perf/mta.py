@@ -95,7 +95,10 @@ class Relay:
         if routes:
             doc["routes"] = {domain: f"{ip}:{port}" for domain, (ip, port) in routes.items()}
         for section, values in (overrides or {}).items():
-            doc.setdefault(section, {}).update(values)
+            if isinstance(values, list):  # an array of tables ([[dkim]])
+                doc[section] = values
+            else:
+                doc.setdefault(section, {}).update(values)
         with open(self.config_path, "w") as file:
             file.write(tomli_w.dumps(doc))
 
@@ -188,6 +191,13 @@ discard   unix  -       -       n       -       -       discard
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
+{extra}"""
+
+# With STARTTLS: the TLS session cache and PRNG (tlsmgr), and tlsproxy,
+# through which smtp(8) reuses TLS connections (smtp_tls_connection_reuse).
+MASTER_CF_TLS = """\
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+tlsproxy  unix  -       -       n       -       0       tlsproxy
 """
 
 
@@ -197,7 +207,11 @@ class Postfix:
     name = "postfix"
 
     def __init__(self, directory: str, *, routes: dict[str, tuple[str, int]],
-                 concurrency: int, messages_per_connection: int, processes: int = 500) -> None:
+                 concurrency: int, messages_per_connection: int, processes: int = 500,
+                 main_cf: dict[str, str] | None = None, tls_policy: str = "") -> None:
+        """``main_cf``: parameters added to (or replacing) the harness's;
+        ``tls_policy``: the text of an smtp_tls_policy_maps table (with
+        STARTTLS on, tlsmgr and tlsproxy run too)."""
         self.directory = directory
         self.port = free_port()
         self.config_dir = os.path.join(directory, "etc")
@@ -216,7 +230,7 @@ class Postfix:
         with open(os.path.join(self.config_dir, "transport"), "w") as file:
             for domain, (ip, port) in sorted(routes.items()):
                 file.write(f"{domain} smtp:[{ip}]:{port}\n")
-        main_cf = {
+        settings = {
             "compatibility_level": "3.6",
             "queue_directory": self.queue_dir,
             "data_directory": self.data_dir,
@@ -256,10 +270,16 @@ class Postfix:
             "append_dot_mydomain": "no",
             "readme_directory": "no",
         }
+        settings.update(main_cf or {})
+        if tls_policy:
+            with open(os.path.join(self.config_dir, "tls_policy"), "w") as file:
+                file.write(tls_policy)
+            settings["smtp_tls_policy_maps"] = f"texthash:{self.config_dir}/tls_policy"
+        tls = settings["smtpd_tls_security_level"] != "none" or settings["smtp_tls_security_level"] != "none"
         with open(os.path.join(self.config_dir, "main.cf"), "w") as file:
-            file.writelines(f"{key} = {value}\n" for key, value in main_cf.items())
+            file.writelines(f"{key} = {value}\n" for key, value in settings.items())
         with open(os.path.join(self.config_dir, "master.cf"), "w") as file:
-            file.write(MASTER_CF.format(port=self.port))
+            file.write(MASTER_CF.format(port=self.port, extra=MASTER_CF_TLS if tls else ""))
 
     def _postfix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(

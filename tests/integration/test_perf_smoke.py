@@ -3,6 +3,8 @@
 Correctness only, never timing: ``perf/bench --scenario transactional
 --quick`` runs end to end (fake internet, real relay, load generator) and
 its JSON holds every field with every injected message delivered once;
+the relay config of ``--dkim --tls`` signs twice and takes and delivers
+over verified STARTTLS (one message, no benchmark);
 ``scripts/tune-host --check`` and ``scripts/nofile --check`` run and name
 what they check.  --apply is never run here: it changes the host.
 """
@@ -51,6 +53,44 @@ def test_bench_transactional_quick(tmp_path):
     assert figures["outbound_connections"] >= 1
     assert figures["peak_rss_bytes"] > 0
     assert "delivered/s" in done.stdout  # the table
+
+
+def test_dkim_and_tls_options_sign_and_encrypt_both_hops(tmp_path):
+    import asyncio
+    import time
+
+    import dkim
+
+    from perf import options as bench_options
+    from perf.loadgen import Generator, Stream
+    from perf.mta import Relay
+    from relay.dkim.keys import load_private_key, public_key_txt
+    from relay.testing.fakenet import TLS_ON, Behaviour, FakeInternet
+
+    options = bench_options.Options(dkim=True, tls=True)
+    files = bench_options.make_files(str(tmp_path), options)
+    with FakeInternet() as net:
+        (sink,) = net.add_domain("d0000.example", ["127.0.0.10"], behaviour=Behaviour(tls=TLS_ON))
+        overrides = bench_options.relay_overrides(options, files, net.farm.ca_cert_path)
+        (tmp_path / "relay").mkdir()
+        relay = Relay(str(tmp_path / "relay"), workers=1, deliver_to=net.config_overrides(),
+                      overrides=overrides)
+        relay.start()
+        try:
+            generator = Generator("127.0.0.1", relay.port, tls=bench_options.client_context(files),
+                                  server_hostname=bench_options.INTAKE_NAME)
+            asyncio.run(generator.run([Stream("one", 1, ("d0000.example",))], time.monotonic() + 20))
+            assert [i.code for i in generator.injections] == [250], generator.errors
+            (received,) = sink.wait_received(1, timeout=20)
+        finally:
+            relay.stop()
+    assert received.tls
+    keys = {selector: load_private_key(path, algorithm) for algorithm, selector, path in files.dkim_keys}
+    records = {f"{s}._domainkey.{bench_options.DKIM_DOMAIN}.".encode(): public_key_txt(k).encode()
+               for s, k in keys.items()}
+    assert received.data.count(b"DKIM-Signature:") == 2
+    for index in range(2):
+        assert dkim.DKIM(received.data).verify(idx=index, dnsfunc=lambda name, timeout=5: records[name])
 
 
 def test_tune_host_check():

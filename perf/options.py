@@ -1,0 +1,188 @@
+"""The realistic options of a benchmark run: ``--dkim`` and ``--tls``.
+
+Input: which options are on, a directory for the run's files and, for
+TLS, the fake internet's test CA (which signs the sinks' certificates).
+Output: the files the options need (two DKIM keys, the intake's test CA
+and certificate), the settings they add to the relay's config and to
+Postfix's main.cf, the TLS policy table Postfix needs to verify the sinks,
+the generator's client context, and what the report says about them.
+
+--dkim: the relay signs every message with two identities of the sender's
+domain, an Ed25519 and an RSA-2048 key (RFC 8463: two signatures per
+message).  Postfix signs only through a milter (OpenDKIM); the harness has
+none to run, so its figure is unsigned, and the JSON and the report say so.
+
+--tls: STARTTLS on both hops.  The server under test offers it to the
+generator with a certificate for ``relay.test`` from a CA of this run (the
+generator verifies it); the sinks offer it with certificates from the fake
+internet's CA, and the server delivers with ``verify`` against that CA.
+
+Everything here but ``make_files`` and ``client_context`` is pure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import ssl
+from dataclasses import dataclass
+
+from perf.loadgen import SENDER
+
+DKIM_DOMAIN = SENDER.rpartition("@")[2]  # the From: domain of every generated message
+# (algorithm, selector, RSA bits): one signature of each per message
+DKIM_KEYS = (("ed25519-sha256", "bench-ed25519", 0), ("rsa-sha256", "bench-rsa2048", 2048))
+INTAKE_NAME = "relay.test"  # the name in the intake certificate, checked by the generator
+INTAKE_IP = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Options:
+    dkim: bool = False
+    tls: bool = False
+
+    def names(self) -> list[str]:
+        return [name for name, on in (("dkim", self.dkim), ("tls", self.tls)) if on]
+
+
+@dataclass(frozen=True)
+class Files:
+    """What the options need on disk (empty strings when off)."""
+
+    dkim_keys: tuple[tuple[str, str, str], ...] = ()  # (algorithm, selector, PEM key file)
+    intake_cert: str = ""  # PEM chain for the server's inbound STARTTLS
+    intake_key: str = ""
+    intake_ca: str = ""  # signs intake_cert; the generator trusts it
+
+
+def make_files(directory: str, options: Options) -> Files:
+    """Generate this run's DKIM keys and intake certificate under ``directory``."""
+    keys = []
+    if options.dkim:
+        from relay.dkim.keys import generate
+
+        for algorithm, selector, bits in DKIM_KEYS:
+            pem, _ = generate(algorithm, bits or 2048)
+            path = os.path.join(directory, f"dkim-{selector}.pem")
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
+                file.write(pem)
+            keys.append((algorithm, selector, path))
+    cert = key = ca = ""
+    if options.tls:
+        from relay.testing.fakenet import TestPKI
+
+        pki_dir = os.path.join(directory, "intake-pki")
+        os.makedirs(pki_dir)
+        pki = TestPKI(pki_dir)
+        cert, key = pki.issue((INTAKE_NAME,), INTAKE_IP)
+        ca = pki.ca_cert_path
+        # Postfix's smtpd reads them as root, before it drops privileges.
+        os.chmod(pki_dir, 0o755)
+    return Files(tuple(keys), cert, key, ca)
+
+
+def client_context(files: Files) -> ssl.SSLContext | None:
+    """The generator's STARTTLS context: trusts the intake CA, checks relay.test."""
+    if not files.intake_ca:
+        return None
+    context = ssl.create_default_context(cafile=files.intake_ca)
+    context.check_hostname = True
+    return context
+
+
+# -- the relay -------------------------------------------------------------------
+
+
+def relay_overrides(options: Options, files: Files, sinks_ca: str) -> dict:
+    """Config tables the options add to the relay's (``[[dkim]]``, ``[tls]``, ``[deliver]``)."""
+    doc: dict = {}
+    if options.dkim:
+        doc["dkim"] = [{"domain": DKIM_DOMAIN, "selector": selector, "key_file": path,
+                        "algorithm": algorithm} for algorithm, selector, path in files.dkim_keys]
+    if options.tls:
+        doc["tls"] = {"cert_file": files.intake_cert, "key_file": files.intake_key}
+        doc["deliver"] = {"tls": "verify", "ca_file": sinks_ca}
+    return doc
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra``'s tables merged key by key (arrays of tables replaced)."""
+    out = {section: dict(values) if isinstance(values, dict) else values
+           for section, values in base.items()}
+    for section, values in extra.items():
+        if isinstance(values, dict) and isinstance(out.get(section), dict):
+            out[section].update(values)
+        else:
+            out[section] = values
+    return out
+
+
+# -- Postfix ---------------------------------------------------------------------
+
+
+def postfix_main_cf(options: Options, files: Files, sinks_ca: str) -> dict[str, str]:
+    """main.cf parameters for --tls (--dkim adds none: see postfix_signs)."""
+    if not options.tls:
+        return {}
+    return {
+        "smtpd_tls_cert_file": files.intake_cert,
+        "smtpd_tls_key_file": files.intake_key,
+        "smtpd_tls_security_level": "may",
+        "smtp_tls_security_level": "verify",
+        "smtp_tls_CAfile": sinks_ca,
+        # Without it Postfix opens a new connection (and handshake) for every
+        # TLS delivery; the relay keeps its TLS sessions for the next message.
+        "smtp_tls_connection_reuse": "yes",
+    }
+
+
+def postfix_tls_policy(routes: dict[str, tuple[str, int]], names: dict[str, str]) -> str:
+    """smtp_tls_policy_maps lines: each static next hop ``[ip]:port`` is verified
+    against the MX host name its certificate carries (``names``: ip -> name);
+    Postfix would otherwise check the certificate against the literal address."""
+    hops = sorted({hop for hop in routes.values()})
+    return "".join(f"[{ip}]:{port} verify match={names[ip]}\n" for ip, port in hops)
+
+
+def postfix_signs() -> tuple[bool, str]:
+    """(whether the Postfix side signs, why not): it never does in this harness."""
+    if shutil.which("opendkim") or os.path.exists("/usr/sbin/opendkim"):
+        return False, "unsigned: OpenDKIM is installed but this harness does not run it as a milter"
+    return False, "unsigned: OpenDKIM is not installed"
+
+
+def describe(options: Options, postfix: bool) -> dict:
+    """The ``options`` record of the JSON: what was on, for each side."""
+    out: dict = {
+        "dkim": options.dkim,
+        "tls": options.tls,
+        "relay": {
+            "dkim": ([f"{algorithm} s={selector} d={DKIM_DOMAIN}" for algorithm, selector, _ in DKIM_KEYS]
+                     if options.dkim else None),
+            "tls": "STARTTLS offered to the generator; delivery tls = verify" if options.tls else None,
+        },
+    }
+    if postfix:
+        signs, why = postfix_signs()
+        out["postfix"] = {
+            "dkim": (True if signs else why) if options.dkim else None,
+            "tls": ("smtpd_tls_security_level = may; smtp_tls_security_level = verify"
+                    if options.tls else None),
+        }
+    return out
+
+
+def summary(options: dict | None) -> str:
+    """One line for the terminal and the markdown: which options were on."""
+    if not options or not (options.get("dkim") or options.get("tls")):
+        return "options: none (no DKIM, no TLS)"
+    parts = []
+    if options.get("dkim"):
+        part = "DKIM (ed25519 + rsa-2048 signatures) on the relay"
+        postfix = (options.get("postfix") or {}).get("dkim")
+        if isinstance(postfix, str):
+            part += f"; Postfix {postfix}"
+        parts.append(part)
+    if options.get("tls"):
+        parts.append("STARTTLS on both hops (generator→server, server→sinks in verify mode)")
+    return "options: " + "; ".join(parts)
