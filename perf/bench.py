@@ -1,8 +1,8 @@
 """perf/bench: run one scenario against the relay (and Postfix), report the figures.
 
 Input: ``--scenario NAME`` (perf.scenarios), ``--quick``, ``--runs N``,
-``--vs-postfix``, ``--dkim``, ``--tls`` (perf.options), ``--json FILE``,
-``--connections N`` (idle-connections).
+``--vs-postfix``, ``--dkim``, ``--tls`` (perf.options), ``--ceiling``
+(perf.ceiling), ``--json FILE``, ``--connections N`` (idle-connections).
 Output: a progress bar on stderr, a table on stdout (medians over the
 runs, and the ratio relay/Postfix or 1M-deferred/empty), and the same as
 JSON: every run's figures, the medians, the ratios and the machine.
@@ -16,7 +16,9 @@ accepted recipient or the drain limit passes.  CPU seconds come from /proc
 is sampled every 250 ms.  With several variants (relay and Postfix, or an
 empty and a full spool, or SMTP and HTTP or AMQP intake) the runs
 alternate pair by pair, so load from other users of the machine hits both
-sides alike.
+sides alike.  With ``--ceiling`` each round ends with the C-pair
+(smtp-source -> smtp-sink, no server between) at the scenario's size and
+connections, and every side's delivered/s is reported as a fraction of it.
 
 http-inject and amqp-intake compare two intakes of one relay config, stream
 by stream (labels ``smtp/<stream>`` and ``http/<stream>`` or
@@ -46,7 +48,7 @@ import uuid
 
 import uvloop
 
-from perf import amqp_load, procstat, report, scenarios
+from perf import amqp_load, ceiling, procstat, report, scenarios
 from perf import options as bench_options
 from perf import deferred as deferred_spool
 from perf.http_load import HttpGenerator
@@ -502,6 +504,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tls", action="store_true",
                         help="STARTTLS on both hops: the server offers it to the generator (test"
                              " certificate), the sinks offer it (test CA) and delivery verifies it")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also measure smtp-source -> smtp-sink (Postfix's C test tools) at the"
+                             " scenario's size and connections; report delivered/s as a fraction")
     parser.add_argument("--json", metavar="FILE", help="write the figures here")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="relay workers (default: one per core)")
@@ -535,8 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.scenario == scenarios.IDLE:
         from perf import idle
 
-        if args.dkim or args.tls:
-            print("--dkim, --tls: not for idle-connections (it sends no mail)", file=sys.stderr)
+        if args.dkim or args.tls or args.ceiling:
+            print("--dkim, --tls, --ceiling: not for idle-connections (it sends no mail)", file=sys.stderr)
         return idle.main(args)
     scenario = scenarios.build(args.scenario, args.quick)
     sides = variants(scenario, args)
@@ -547,6 +552,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{scenario.name}: {exc}", file=sys.stderr)
             return 2
     options = bench_options.Options(dkim=args.dkim, tls=args.tls)
+    pair, tools = None, None
+    if args.ceiling:
+        tools = ceiling.postfix_tools()
+        if tools is None:
+            print("--ceiling: smtp-source/smtp-sink are not installed (Debian's postfix package):"
+                  " ceiling skipped", file=sys.stderr)
+        else:
+            pair = ceiling.shape(scenario)
     print(f"scenario {scenario.name}{' (quick)' if args.quick else ''}: {scenario.description}",
           file=sys.stderr)
     described = bench_options.describe(options, any(kind == "postfix" for _, kind, _ in sides))
@@ -554,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     top = tempfile.mkdtemp(prefix="relay-bench-")
     os.chmod(top, 0o755)  # Postfix's daemons (the postfix user) must reach their queue
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in sides}
+    ceiling_runs: list[dict] = []
     try:
         files = bench_options.make_files(top, options)
         template = None
@@ -571,6 +585,12 @@ def main(argv: list[str] | None = None) -> int:
                                             template if with_deferred else None, intake, files))
                 if not args.keep:
                     shutil.rmtree(workdir, ignore_errors=True)
+            if pair is not None:
+                found = ceiling.measure(tools, pair, free_port())
+                ceiling_runs.append(found)
+                print(f"{'C-pair #' + str(index + 1):<16} {pair.messages} messages in"
+                      f" {found['elapsed_seconds']:.2f}s: {found['delivered_per_s']:,.0f} delivered/s",
+                      file=sys.stderr)
     finally:
         if args.keep:
             print(f"kept: {top}", file=sys.stderr)
@@ -589,6 +609,14 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "median": medians,
     }
+    if ceiling_runs:
+        top_median = report.median(ceiling_runs)
+        fraction = ceiling.fractions(medians, top_median)
+        result["ceiling"] = {**ceiling.describe(tools, pair), "runs": ceiling_runs,
+                             "median": top_median, "fraction": fraction}
+        columns = {label: {**figures, "ceiling_fraction": fraction[label]}
+                   for label, figures in medians.items()}
+        columns[report.CEILING] = top_median
     pairs = []
     if scenario.intake:  # HTTP or AMQP / SMTP, stream by stream
         pairs = [(f"{scenario.intake}/{s.name}", f"smtp/{s.name}") for s in scenario.streams]
@@ -606,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{scenario.name}{' (quick)' if args.quick else ''}: median of {args.runs} run(s)")
     print(bench_options.summary(described))
     print(report.table(columns))
+    if ceiling_runs:
+        print(f"{report.CEILING}: {result['ceiling']['source_command']} (plaintext, unsigned)")
     if scenario.cluster:
         print("\ncluster: CPU per delivered message (every instance's process tree):")
         for label, figures in medians.items():

@@ -3,8 +3,9 @@
 Input: JSON files written by ``perf/bench --json``.  Output: on stdout,
 per file, the options the run had (--dkim, --tls: which side signed), a
 table of the medians (one column per side: relay, postfix, or
-relay-empty / relay-deferred) with the ratio column where there is one,
-and the per-run figures that show the spread.
+relay-empty / relay-deferred) with the ratio column where there is one
+and, after a --ceiling run, the C-pair's column and each side's fraction
+of it, and the per-run figures that show the spread.
 
 Usage: python -m perf.markdown FILE.json [...]
 """
@@ -47,6 +48,11 @@ ROWS = [
     # "runs that hit the drain limit" is counted over the runs (see render)
 ]
 
+CEILING_ROW = "delivered/s as a fraction of the C-pair ceiling"
+# The rows the C-pair has figures for (smtp-source is its generator, smtp-sink its sink).
+CEILING_ROWS = {"injected (messages)", "delivered (recipients)", "injected/s (messages)",
+                "delivered/s (recipients)", "CPU s: server / generator / sinks"}
+
 RATIO_KEYS = {
     "delivered/s (recipients)": "delivered_per_s",
     "injected/s (messages)": "injected_per_s",
@@ -58,7 +64,9 @@ def render(result: dict) -> str:
         return render_idle(result)
     sides = list(result["median"])
     ratio = result.get("ratio")
-    header = ["", *sides] + ([f"ratio {ratio['of']}"] if ratio else [])
+    pair = result.get("ceiling")
+    header = (["", *sides] + ([f"ratio {ratio['of']}"] if ratio else [])
+              + (["C-pair ceiling (smtp-source → smtp-sink)"] if pair else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, cell in ROWS:
         cells = []
@@ -81,10 +89,18 @@ def render(result: dict) -> str:
                 cells.append(f"server {_n(ratio.get('server_cpu_seconds'), 2)}")
             else:
                 cells.append("")
+        if pair:
+            cells.append(_ceiling_cell(name, cell, pair["median"]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if pair and name == "delivered/s (recipients)":
+            # Each side's share of the pair, under the figure it divides.
+            lines.append(f"| {CEILING_ROW} | " + " | ".join(
+                _n(pair["fraction"].get(side), 3) for side in sides)
+                + (" | " if ratio else "") + " | 1 |")
     drained = [f"{sum(r.get('timed_out') or 0 for r in result['runs'][side])} of {len(result['runs'][side])}"
                for side in sides]
-    lines.append("| runs that hit the drain limit | " + " | ".join(drained) + (" | |" if ratio else " |"))
+    lines.append("| runs that hit the drain limit | " + " | ".join(drained) + (" | " if ratio else "")
+                 + (" | " if pair else "") + " |")
     extra = []
     for side in sides:
         for section in ("by_stream", "by_group"):
@@ -102,7 +118,22 @@ def render(result: dict) -> str:
         spread.append(f"{side}: delivered/s " + ", ".join(_n(r["delivered_per_s"], 0) for r in runs)
                       + "; injected/s " + ", ".join(_n(r["injected_per_s"], 0) for r in runs)
                       + "; load average before each run " + ", ".join(_n(r["loadavg_before"], 1) for r in runs))
+    if pair:
+        spread.append("C-pair: delivered/s " + ", ".join(_n(r["delivered_per_s"], 0) for r in pair["runs"])
+                      + f" (`{pair['source_command']}`, plaintext, unsigned)")
     return "\n".join(lines) + "\n\nPer run — " + " · ".join(spread) + "\n"
+
+
+def _ceiling_cell(name: str, cell, figures: dict) -> str:
+    if name not in CEILING_ROWS:
+        return ""
+    if name.startswith("CPU"):
+        cpu = figures.get("cpu_seconds") or {}
+        return f"- / {_n(cpu.get('generator'), 1)} / {_n(cpu.get('sinks'), 1)}"
+    try:
+        return cell(figures)
+    except (KeyError, TypeError):
+        return "-"
 
 
 def render_idle(result: dict) -> str:

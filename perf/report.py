@@ -3,7 +3,8 @@
 Input: the generator's injections, the sinks' receipts, process figures.
 Output: one dict per run (the JSON the harness writes), the median of
 several runs field by field, the ratio of two medians, and a plain-text
-table for the terminal.
+table for the terminal (with --ceiling, a column for the C-pair and a row
+of each side's delivered/s as a fraction of it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import statistics
 from perf.loadgen import Injection, recipient_message
 
 MB = 1024 * 1024
+CEILING = "C-pair ceiling"  # the column of smtp-source -> smtp-sink (perf.ceiling)
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -162,6 +164,7 @@ ROWS = [
     ("injected/s", lambda r: _fmt(r["injected_per_s"])),
     ("accepted recipients/s", lambda r: _fmt(r["injected_recipients_per_s"])),
     ("delivered/s", lambda r: _fmt(r["delivered_per_s"])),
+    ("delivered/s / C-pair ceiling", lambda r: _fmt(r["ceiling_fraction"], digits=3)),
     ("inject->250 p50/p90/p99 ms", lambda r: "/".join(
         _ms(r["inject_to_250_ms"][p]) for p in ("p50", "p90", "p99"))),
     ("inject->delivered p50/p90/p99 ms", lambda r: "/".join(
@@ -176,6 +179,10 @@ ROWS = [
 ]
 
 
+# Shown only when some column has the figure.
+OPTIONAL = {"delivered/s / C-pair ceiling": "ceiling_fraction"}
+
+
 def table(columns: dict[str, dict]) -> str:
     """Rows of figures, one column per label (e.g. relay, postfix, ratio)."""
     labels = list(columns)
@@ -183,6 +190,9 @@ def table(columns: dict[str, dict]) -> str:
     width = max(len(name) for name, _ in ROWS) + 2
     lines.append("".ljust(width) + "".join(label.rjust(28) for label in labels))
     for name, render in ROWS:
+        key = OPTIONAL.get(name)
+        if key and not any(key in columns[label] for label in labels):
+            continue
         cells = []
         for label in labels:
             try:
