@@ -42,6 +42,17 @@ empty bulk uses every connection (idle capacity is not wasted); the next
 transactional job takes the first connection that frees, and from then on
 bulk gives the share back as its transactions end.
 
+Queueing receivers.  Each site's window (its adaptive concurrency) also
+follows the transaction time against the site's baseline, the fastest
+transaction lately, as TCP Vegas follows round trips: at QUEUEING_FACTOR
+times the baseline the receiver is queueing what it is sent (more
+connections carry no more mail, they only lengthen every message's wait,
+a sign-up mail's included), and the window shrinks in proportion, at most
+by half per window of transactions; between HOLD_ABOVE and that factor it
+holds; below, it grows.  A connection beyond the window stays idle (no
+job is sent while the window's worth are busy) and closes at its idle
+timeout unless the window grows back.
+
 What the driver reports moves the state: a connection that opened lets
 the next job go; one that failed lowers concurrency, counts towards the
 site's suspension and, when no other connection of the site is alive,
@@ -69,6 +80,16 @@ HOLD_IN_MEMORY = 60.0  # a suspension longer than this hands its jobs back to th
 # Connections are opened to carry the waiting jobs within this many seconds.
 DRAIN_HORIZON = 1.0
 TIMING_WEIGHT = 0.2  # of the newest transaction in the site's moving average
+# A site whose transactions take QUEUEING_FACTOR times its baseline (the
+# fastest one lately, never below BASELINE_FLOOR) is queueing them: more
+# connections carry no more mail there, they only make every message wait
+# longer, transactional ones too.  Its window then shrinks (see on_sent).
+QUEUEING_FACTOR = 3.0
+BASELINE_FLOOR = 0.05  # seconds: a transaction faster than this is never called slow
+BASELINE_DOUBLING = 60.0  # seconds: an unrefreshed baseline doubles in this long
+# Between HOLD_ABOVE and 1 of that slowdown the window neither grows nor
+# shrinks (TCP Vegas's band): growth stops before the receiver queues.
+HOLD_ABOVE = 0.5
 
 
 # -- actions -----------------------------------------------------------------
@@ -150,12 +171,37 @@ class Site:
     learned_deliveries: int | None = None
     resting: dict = field(default_factory=dict)  # host -> until (after a 421)
     transaction_time: float | None = None  # seconds per transaction, moving average
+    fastest: float | None = None  # the fastest transaction lately, and when
+    fastest_at: float = 0.0
 
     def count(self, state: str) -> int:
         return sum(1 for c in self.connections.values() if c.state == state)
 
     def busy_with(self, lane: str) -> int:
         return sum(1 for c in self.connections.values() if c.state == "busy" and c.lane == lane)
+
+    def time_transaction(self, took: float, now: float) -> None:
+        self.transaction_time = took if self.transaction_time is None else (
+            (1 - TIMING_WEIGHT) * self.transaction_time + TIMING_WEIGHT * took)
+        baseline = self.baseline(now)
+        if baseline is None or took <= baseline:
+            self.fastest, self.fastest_at = took, now
+
+    def baseline(self, now: float) -> float | None:
+        """The fastest transaction lately: it ages (doubles per
+        BASELINE_DOUBLING) so a receiver that became slower for good is
+        measured against its new pace within minutes."""
+        if self.fastest is None:
+            return None
+        return self.fastest * 2 ** (max(now - self.fastest_at, 0.0) / BASELINE_DOUBLING)
+
+    def slowdown(self, now: float) -> float:
+        """How many times slower than it should be the site's transactions
+        are (above 1: queueing; 0 before any is timed)."""
+        baseline = self.baseline(now)
+        if baseline is None or self.transaction_time is None:
+            return 0.0
+        return self.transaction_time / (QUEUEING_FACTOR * max(baseline, BASELINE_FLOOR))
 
     def allowed(self) -> int:
         """Connections the site may have now (its limit, its concurrency)."""
@@ -309,9 +355,7 @@ class Scheduler:
             fired = self.effects.on_reply(site.name, reply, now) or fired
         conn.deliveries += 1
         if site_failure is None and conn.state == "busy":
-            took = max(now - conn.since, 0.0)
-            site.transaction_time = took if site.transaction_time is None else (
-                (1 - TIMING_WEIGHT) * site.transaction_time + TIMING_WEIGHT * took)
+            site.time_transaction(max(now - conn.since, 0.0), now)
         if site_failure is not None:
             self._drop(conn)
             site.concurrency.decrease()
@@ -329,7 +373,11 @@ class Scheduler:
                 return RETRY
         else:
             if delivered:
-                site.concurrency.increase()
+                slowdown = site.slowdown(now)
+                if slowdown > 1.0:
+                    site.concurrency.ease(slowdown)
+                elif slowdown < HOLD_ABOVE:
+                    site.concurrency.increase()
                 site.failures = 0
             if conn.deliveries >= self.deliveries_per_connection(site):
                 conn.state = "closing"
@@ -432,7 +480,8 @@ class Scheduler:
         # Send on idle connections while message tokens are due.
         idle = sorted((c for c in site.connections.values() if c.state == "idle"),
                       key=lambda c: -c.since)  # the most recently used first: keeps it warm
-        while site.jobs and idle:
+        busy = site.count("busy")
+        while site.jobs and idle and busy < site.allowed():
             lane = self._next_lane(site)
             if lane is None:
                 break  # only bulk waits, and it has its connections: these are kept
@@ -452,6 +501,7 @@ class Scheduler:
                 del site.waiting[job.queue_id]
             site.messages.take(now)
             conn.state, conn.since = "busy", now
+            busy += 1
             out.append(Send(conn.id, job))
         # Open more connections for work the others will not carry soon.
         while site.jobs and self._wants_connection(site, now, wake):

@@ -297,7 +297,9 @@ class Concurrency:
     """Adaptive concurrency of one site, as TCP's congestion window: slow
     start (one more connection per success) until the receiver first
     pushes back, then halving on trouble and a careful probe upwards (one
-    more per PROBE_AFTER windows of successes), between 1 and the limit."""
+    more per PROBE_AFTER windows of successes), between 1 and the limit.
+    A receiver that queues (deliver.scheduler: transactions slower than its
+    baseline) eases it down in proportion (``ease``)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -314,6 +316,16 @@ class Concurrency:
 
     def decrease(self) -> None:
         self.value = max(1.0, self.value / 2)
+        self.threshold = self.value
+
+    def ease(self, slowdown: float) -> None:
+        """The receiver queues transactions: they take ``slowdown`` (> 1)
+        times what it should.  Over one window (``value`` transactions) the
+        window shrinks in that proportion, at most by half, so in-flight
+        work falls back to what the receiver carries at its pace; growth
+        beyond the new level is a careful probe again."""
+        per_window = max(0.5, 1.0 / slowdown)
+        self.value = max(1.0, self.value * per_window ** (1.0 / max(self.value, 1.0)))
         self.threshold = self.value
 
     def increase(self) -> None:

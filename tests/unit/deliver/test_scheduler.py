@@ -469,3 +469,40 @@ def test_connections_follow_the_measured_transaction_time():
     assert fast == 1  # 59 jobs x 5 ms: one connection carries them within the second
     # 59 jobs x 2 s: as many as the slow start allows so far (5, one more per success)
     assert slow == INITIAL_CONCURRENCY + 1
+
+
+def test_a_receiver_that_queues_gets_fewer_connections_and_one_at_its_pace_keeps_them():
+    """Transactions taking many times the site's baseline mean the receiver
+    queues them: the window shrinks (in-flight work falls, and with it every
+    message's wait) and the spare connections idle.  A receiver slow at its
+    own steady pace is not queueing: its window grows to the limit.  And one
+    that became slower for good is measured against its new pace within
+    minutes (the baseline ages)."""
+    def run(first: float, later: float, steps: int) -> tuple[int, int]:
+        """(transactions in flight at the last step, connections open)"""
+        clock = Clock()
+        s = scheduler(**{"example.net": {"connection_limit": 10}})
+        for i in range(5_000):
+            s.push(KEY, MX, "example.net", FakeJob(f"m{i}"), clock.now)
+        took, sends = first, []
+        for _ in range(steps):
+            sends, actions = [], s.actions(clock.now)
+            while actions:  # the driver performs everything asked, as dispatch does
+                for close in of(Close, actions):
+                    s.on_closed(close.conn)
+                for opened in of(Open, actions):
+                    s.on_opened(opened.conn, opened.hops[0], clock.now)
+                sends += of(Send, actions)
+                actions = s.actions(clock.now) if of(Open, actions) or of(Close, actions) else []
+            clock.advance(took)
+            for send in sends:
+                s.on_sent(send.conn, send.job, clock.now, [OK], True, None)
+            took = later
+        return len(sends), s.connection_count()
+
+    busy, opened = run(first=0.01, later=1.0, steps=8)
+    assert busy == 1 and opened == 10  # 100 x its baseline: one in flight, the rest idle
+    busy, _ = run(first=2.0, later=2.0, steps=8)
+    assert busy == 10  # the slow receiver's own pace: the whole limit
+    busy, _ = run(first=0.01, later=1.0, steps=600)
+    assert busy > 1  # ten minutes on, 1 s is this receiver's pace: it grows again
