@@ -344,6 +344,10 @@ class Consumer:
 
 
 PRUNE_INTERVAL = 3600.0  # seconds between prunes of the keys of spooled messages
+# The workers start together: a message taken before every peer serves
+# would be nacked (its key's owner or its recipients' is not reachable yet)
+# and come again, so consumers wait this long at most for them first.
+PEERS_WAIT = 10.0
 
 
 class AmqpIntake:
@@ -356,15 +360,20 @@ class AmqpIntake:
         self.consumers = [Consumer(c, state, router.claim_key, router.forget_key, taking)
                           for c in settings.amqp.consumers]
         self._prune = spool.prune_intake  # async (older_than) -> count
+        self._peers_reachable = router.wait_peers_reachable
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
         if not self.consumers:
             return
         for consumer in self.consumers:
-            self._tasks.append(asyncio.create_task(consumer.run(),
+            self._tasks.append(asyncio.create_task(self._run(consumer),
                                                    name=f"amqp-{consumer.settings.queue}"))
         self._tasks.append(asyncio.create_task(self._prune_keys(), name="amqp-prune"))
+
+    async def _run(self, consumer: Consumer) -> None:
+        await self._peers_reachable(PEERS_WAIT)
+        await consumer.run()
 
     async def _prune_keys(self) -> None:
         while True:

@@ -211,6 +211,10 @@ class PeerClient:
         finally:
             self._pending.pop(request_id, None)
 
+    async def connected(self) -> None:
+        """Connect now if not connected (OwnerUnavailable if it cannot)."""
+        await self._connection()
+
     async def _connection(self) -> asyncio.StreamWriter:
         async with self._connecting:
             if self._writer is None or self._writer.is_closing():
@@ -523,6 +527,22 @@ class Router:
                 await peer.request({"op": "done", "from": self.worker})
             except RelayError:
                 pass  # a peer that is gone needs no notice
+
+    async def wait_peers_reachable(self, timeout: float) -> bool:
+        """Start-up: wait (bounded) until every peer worker takes a connection."""
+        deadline = time.monotonic() + timeout
+        waiting = set(self.peers)
+        while waiting:
+            for owner in list(waiting):
+                try:
+                    await self.peers[owner].connected()
+                    waiting.discard(owner)
+                except OwnerUnavailable:
+                    pass
+            if not waiting or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        return not waiting
 
     async def wait_peers_done(self, timeout: float) -> bool:
         """Drain: serve peers until each said it is done (or the timeout)."""
