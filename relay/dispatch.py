@@ -51,6 +51,7 @@ from typing import Awaitable, Callable
 import orjson
 
 from relay.config import Settings
+from relay.deliver.fresh import FreshBodies
 from relay.deliver.queue import Job, jobs_from
 from relay.deliver.resolve import Destination, Resolver
 from relay.deliver.scheduler import BOUNCE, RETRY, Close, Fail, Hold, Open, Scheduler, Send
@@ -58,14 +59,15 @@ from relay.deliver.shaping import Effect, Effects
 from relay.deliver.schedule import RetrySchedule
 from relay.deliver.session import SmtpSession, Timeouts, TransactionResult
 from relay.errors import DeliveryError, RelayError, TlsUnavailable
-from relay.model import BULK, LANES, TRANSACTIONAL, Event, QueueIds, Reply, Stage, Transaction
+from relay.model import BULK, LANES, TRANSACTIONAL, Event, Part, QueueIds, Reply, Stage, Transaction
 from relay.outcome import transition
 from relay.outcome.bounce import FailedRecipient, build_dsn, should_bounce
 from relay.outcome.events import EventLog
 from relay.outcome.transition import Attempt, Rounds, Verdict
 from relay.spool.format import RecipientState
 from relay.stats.ring import Histogram
-from relay.spool.store import CANCELLED_TEXT, DROPPED_OUTCOMES, HELD_PREFIX, RecipientUpdate, Spool
+from relay.spool.store import (CANCELLED_TEXT, DROPPED_OUTCOMES, HELD_PREFIX, DueRecipient,
+                               RecipientUpdate, Spool)
 
 log = logging.getLogger("relay.deliver")
 trace_log = logging.getLogger("relay.trace")
@@ -165,6 +167,7 @@ class Dispatcher:
         # Per campaign: outcomes since the worker started (the busiest go to /metrics).
         self.campaign_counts: dict[str, collections.Counter] = {}
         self._crash_on = os.environ.get(TEST_CRASH_ON) or None  # test hook, see the docstring
+        self.fresh_bodies = FreshBodies()
 
     def reopen_log(self) -> None:
         """SIGUSR1: logrotate has renamed delivery-N.jsonl."""
@@ -202,6 +205,7 @@ class Dispatcher:
                 await step()
                 if step == self._start:
                     self.spool.on_ready = self.wake
+                    self.spool.fresh = self
                     self._spawn(self._drive())
                     self._spawn(self._prune_events())
                     step = self._once
@@ -236,14 +240,9 @@ class Dispatcher:
         if claimed:
             by_message: dict[str, list[Job]] = {}
             for job in jobs_from(claimed, self.traced):
-                self.rounds.claimed(job.queue_id, len(job.recipients))
-                if job.trace:
-                    self._trace(job, "claimed %d recipient(s), attempt %d: %s", len(job.recipients),
-                                job.recipients[0].attempts + 1,
-                                ", ".join(r.address for r in job.recipients))
                 by_message.setdefault(job.queue_id, []).append(job)
             for jobs in by_message.values():
-                self._spawn(self._route_message(jobs))
+                self._load(jobs, "claimed")
             if len(claimed) == room or (bulk and bulk == bulk_room):
                 await asyncio.sleep(0)  # more may be due: look again soon
                 return
@@ -256,6 +255,44 @@ class Dispatcher:
             await asyncio.wait_for(self._wakeup.wait(), wait)
         except asyncio.TimeoutError:
             pass
+
+    def _load(self, jobs: list[Job], how: str) -> None:
+        """One message's claimed jobs, on their way to their sites."""
+        for job in jobs:
+            self.rounds.claimed(job.queue_id, len(job.recipients))
+            if job.trace:
+                self._trace(job, "%s %d recipient(s), attempt %d: %s", how, len(job.recipients),
+                            job.recipients[0].attempts + 1,
+                            ", ".join(r.address for r in job.recipients))
+        self._spawn(self._route_message(jobs))
+
+    # -- fresh mail: claimed as the spool stores it (spool.store.FreshMail) ------
+
+    def take_fresh(self, part: Part) -> bool:
+        deliver = self.settings.deliver
+        count, bulk = len(part.recipients), part.lane == BULK
+        if self.stopping or self.loaded + count > deliver.max_loaded:
+            return False
+        if bulk and self.loaded_bulk + count > int(deliver.max_loaded * deliver.bulk_loaded_share):
+            return False
+        if not self.fresh_bodies.reserve(len(part.body)):
+            return False
+        self.loaded += count
+        self.loaded_bulk += count if bulk else 0
+        return True
+
+    def fresh_failed(self, part: Part) -> None:
+        self.fresh_bodies.unreserve(len(part.body))
+        self.loaded -= len(part.recipients)
+        self.loaded_bulk -= len(part.recipients) if part.lane == BULK else 0
+
+    def fresh_stored(self, due: list[DueRecipient], body: bytes) -> None:
+        holder = self.fresh_bodies.keep(due[0].queue_id, body)
+        jobs = jobs_from(due, self.traced)
+        for job in jobs:
+            job.body = holder
+        self.counters["claimed_at_intake"] += len(due)
+        self._load(jobs, "claimed at intake:")
 
     def _unload(self, recipients) -> None:
         """Claimed recipients done with (an outcome, held, or dropped): room
@@ -288,6 +325,7 @@ class Dispatcher:
         claimed and go out after the restart), let transactions in flight
         finish and record their outcome, within ``timeout``."""
         self.stopping = True
+        self.spool.fresh = None
         self._wakeup.set()
         for job in self.scheduler.take_all():
             self._unload(job.recipients)
@@ -580,11 +618,16 @@ class Dispatcher:
         or None when nothing was sent (the message is gone, or a reused
         connection turned out dead before the server said anything about
         this job: then job.retried is "again" and it should be tried anew)."""
-        try:
-            body = await self.spool.body(job.queue_id)
-        except RelayError as exc:
-            log.error("%s: body unreadable: %s", job.queue_id, exc)
-            body = None
+        # Fresh mail's first transaction sends the body kept from intake;
+        # any later one (next MX, a retry) reads it back from the spool.
+        fresh, job.body = job.body, None
+        body = fresh.body if fresh is not None else None
+        if body is None:
+            try:
+                body = await self.spool.body(job.queue_id)
+            except RelayError as exc:
+                log.error("%s: body unreadable: %s", job.queue_id, exc)
+                body = None
         if body is None:  # removed meanwhile (relayctl delete, say)
             self._unload(job.recipients)
             self.rounds.done(job.queue_id, len(job.recipients))
@@ -825,6 +868,8 @@ class Dispatcher:
     async def delete(self, queue_ids: list[str]) -> list[str]:
         """Remove messages from the queue; their ``deleted`` events go to the
         event log like any outcome.  Returns the ids this worker had."""
+        for queue_id in queue_ids:
+            self.fresh_bodies.forget(queue_id)
         found = await self.spool.delete(queue_ids, time.time())
         for queue_id, events in found.items():
             log.info("%s: deleted by the operator, %d recipient(s) not delivered",

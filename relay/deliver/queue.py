@@ -34,6 +34,7 @@ class Job:
     hosts_tried: set | None = None  # MX hosts that answered 421 to it (next MX)
     lane: str = TRANSACTIONAL  # the message's class (deliver.lanes)
     campaign: str = ""
+    body: object = None  # deliver.fresh.FreshBody: fresh mail's body, until its first transaction
 
 
 def jobs_from(due: list[DueRecipient], traced: frozenset[str] = frozenset()) -> list[Job]:

@@ -26,7 +26,7 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from relay.errors import SpoolError, SpoolFull
 from relay.model import BULK, EVENT_COLUMNS, LANES, TRANSACTIONAL, Event, Part
@@ -113,9 +113,12 @@ def connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-def insert_part(conn: sqlite3.Connection, part: Part, next_attempt: float) -> None:
+def insert_part(conn: sqlite3.Connection, part: Part, next_attempt: float,
+                sending: bool = False) -> dict[str, str]:
     """Write one part.  A queue id already in the spool is an error, never a
-    silent no-op: a 250 must not stand for someone else's rows."""
+    silent no-op: a 250 must not stand for someone else's rows.  With
+    ``sending`` its recipients are claimed at birth (Spool.fresh) and the
+    suppressed ones among them are returned (address -> reply)."""
     state = MessageState.ACTIVE if part.coordinator is None else MessageState.HELD
     # Plain INSERT (not OR IGNORE): a repeated key or a NULL where none
     # belongs fails the operation instead of half-writing it.
@@ -138,12 +141,12 @@ def insert_part(conn: sqlite3.Connection, part: Part, next_attempt: float) -> No
     )
     conn.execute("INSERT INTO body VALUES (?, ?)", (part.queue_id, part.body))
     lane = LANE_CODES[part.lane]
+    state = int(RecipientState.SENDING if sending else RecipientState.QUEUED)
     conn.executemany(
         "INSERT INTO recipient (message_id, idx, address, domain, slot, state,"
         " next_attempt, lane) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
-            (part.queue_id, r.index, r.address, r.domain, r.slot, int(RecipientState.QUEUED),
-             next_attempt, lane)
+            (part.queue_id, r.index, r.address, r.domain, r.slot, state, next_attempt, lane)
             for r in part.recipients
         ],
     )
@@ -153,6 +156,24 @@ def insert_part(conn: sqlite3.Connection, part: Part, next_attempt: float) -> No
             " ON CONFLICT (name) DO UPDATE SET last = excluded.last",
             (part.campaign, part.tenant, part.lane, part.received_at, part.received_at),
         )
+    return suppressed_of(conn, part) if sending else {}
+
+
+def suppressed_of(conn: sqlite3.Connection, part: Part) -> dict[str, str]:
+    """The part's recipients on the suppression list (address -> reply)."""
+    addresses = [r.address for r in part.recipients]
+    return dict(conn.execute(
+        f"SELECT address, reply FROM suppression WHERE address IN ({', '.join('?' * len(addresses))})",
+        addresses,
+    ).fetchall())
+
+
+def due_of(part: Part, suppressed: dict[str, str]) -> list[DueRecipient]:
+    """A part's recipients as a claim returns them (first attempt)."""
+    return [DueRecipient(part.queue_id, r.index, r.address, r.domain, 0, part.sender,
+                         part.received_at, part.smtputf8, len(part.body),
+                         suppressed.get(r.address), part.trace, part.lane, part.campaign)
+            for r in part.recipients]
 
 
 _INSERT_EVENT = (f"INSERT INTO event ({', '.join(EVENT_COLUMNS)})"
@@ -224,7 +245,23 @@ def _is_disk_full(exc: BaseException) -> bool:
     return code == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
 
 
+HELD_KEPT = 10_000  # held parts kept in memory for a fresh release; beyond, they are claimed
 HELD_PREFIX = "held: "  # the last reply of a recipient a shaping suspension handed back
+
+
+class FreshMail(Protocol):
+    """Who takes new mail straight from ``Spool.store`` (the worker's
+    dispatcher): its recipients are claimed in the transaction that stores
+    them, so no claim has to find them and no body is read back."""
+
+    def take_fresh(self, part: Part) -> bool:
+        """Room for this part now?  True reserves it."""
+
+    def fresh_failed(self, part: Part) -> None:
+        """The reserved part was not stored: give the room back."""
+
+    def fresh_stored(self, due: list[DueRecipient], body: bytes) -> None:
+        """The part is durable, its recipients claimed: deliver them."""
 
 
 class Spool:
@@ -240,6 +277,8 @@ class Spool:
         self._writer: asyncio.Task | None = None
         self.commits = 0  # how many group commits ran (for stats and tests)
         self.on_ready: Callable[[], None] | None = None  # new deliverable mail committed
+        self.fresh: FreshMail | None = None  # takes new mail at once (see store)
+        self._held: dict[str, Part] = {}  # parts stored held, until their decision (release)
         self._closing = False
         self._read_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"spool-read-{worker}")
         self._read_conn: sqlite3.Connection | None = None
@@ -279,10 +318,26 @@ class Spool:
     # -- writes (group committed) -----------------------------------------
 
     async def store(self, part: Part) -> None:
-        """Store a part durably; held if it belongs to a multi-owner transaction."""
+        """Store a part durably; held if it belongs to a multi-owner
+        transaction.  A part ready at once goes to ``fresh`` when it has
+        room: claimed as it is written, handed over with its body once
+        committed (recovery's unclaim_all returns it if the worker dies)."""
         now = time.time()
-        await self._submit(lambda conn: insert_part(conn, part, now),
-                           wakes=part.coordinator is None)
+        fresh = self.fresh if part.coordinator is None else None
+        if fresh is not None and not fresh.take_fresh(part):
+            fresh = None
+        try:
+            suppressed = await self._submit(
+                lambda conn: insert_part(conn, part, now, sending=fresh is not None),
+                wakes=part.coordinator is None and fresh is None)
+        except BaseException:
+            if fresh is not None:
+                fresh.fresh_failed(part)
+            raise
+        if fresh is not None:
+            fresh.fresh_stored(due_of(part, suppressed), part.body)
+        elif part.coordinator is not None and self.fresh is not None and len(self._held) < HELD_KEPT:
+            self._held[part.queue_id] = part  # for release, which may hand it over
 
     async def decide(self, queue_id: str) -> None:
         """As coordinator: record that every part of a transaction is durable."""
@@ -292,17 +347,41 @@ class Spool:
         )
 
     async def release(self, queue_id: str) -> None:
-        """Make a held part ready for delivery (its transaction was decided)."""
-        await self._submit(
-            lambda conn: conn.execute(
+        """Make a held part ready for delivery (its transaction was decided);
+        to ``fresh``, claimed in the same commit, when it has room and the
+        part stored here is still in memory."""
+        part = self._held.pop(queue_id, None)
+        fresh = self.fresh if part is not None else None
+        if fresh is not None and not fresh.take_fresh(part):
+            fresh = None
+
+        def apply(conn: sqlite3.Connection) -> dict[str, str] | None:
+            released = conn.execute(
                 "UPDATE message SET state = ? WHERE id = ? AND state = ?",
                 (int(MessageState.ACTIVE), queue_id, int(MessageState.HELD)),
-            ),
-            wakes=True,
-        )
+            ).rowcount
+            if not released or fresh is None:
+                return None
+            conn.execute("UPDATE recipient SET state = ? WHERE message_id = ? AND state = ?",
+                         (int(RecipientState.SENDING), queue_id, int(RecipientState.QUEUED)))
+            return suppressed_of(conn, part)
+
+        try:
+            suppressed = await self._submit(apply, wakes=fresh is None)
+        except BaseException:
+            if fresh is not None:
+                fresh.fresh_failed(part)
+            raise
+        if fresh is None:
+            return
+        if suppressed is None:  # released before (the held-part check and the coordinator)
+            fresh.fresh_failed(part)
+        else:
+            fresh.fresh_stored(due_of(part, suppressed), part.body)
 
     async def abort(self, queue_id: str) -> None:
         """Withdraw a held part whose transaction failed."""
+        self._held.pop(queue_id, None)
 
         def apply(conn: sqlite3.Connection) -> None:
             row = conn.execute("SELECT state FROM message WHERE id = ?", (queue_id,)).fetchone()
@@ -608,12 +687,14 @@ class Spool:
     async def requeue(self, *, code: str | None, sender: str | None, recipient: str | None,
                       now: float, dry_run: bool = False) -> int:
         """Bounced recipients matching every filter go back in the queue,
-        off the suppression list (pmq-publish); ``dry_run`` only counts them."""
+        off the suppression list (pmq-publish); ``dry_run`` only counts them.
+        A cancelled campaign's recipients (stored as bounced, with the
+        cancel as their last reply) stay cancelled."""
 
         def apply(conn: sqlite3.Connection) -> int:
             conn.create_function("regexp", 2, _regexp, deterministic=True)
-            where = ["r.state = ?"]
-            params: list = [int(RecipientState.BOUNCED)]
+            where = ["r.state = ?", "r.last_reply IS NOT ?"]
+            params: list = [int(RecipientState.BOUNCED), CANCELLED_TEXT]
             if code:
                 where.append("r.last_reply LIKE ?")
                 params.append(code + "%")

@@ -24,7 +24,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-MAGIC = b"RELAYST2"  # 2: lanes and campaigns
+MAGIC = b"RELAYST3"  # 2: lanes and campaigns; 3: claimed_at_intake
 HEADER = struct.Struct("<8sII")  # magic, workers, region size
 HEADER_SIZE = 64
 
@@ -57,6 +57,7 @@ COUNTERS = (
     "bounced_technical",
     "bounced_unknown",
     "dsn_queued",
+    "claimed_at_intake",  # recipients the dispatcher took as they were stored (no claim, no body read)
     "connections_out",
     "effects_throttle",
     "effects_suspend",

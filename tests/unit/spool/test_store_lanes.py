@@ -68,10 +68,13 @@ def test_paused_campaign_is_held_then_released_and_cancel_is_idempotent(tmp_path
         released = await spool.release_campaign("spring", now)
         cancelled = await spool.cancel_campaign("spring", now)
         again = await spool.cancel_campaign("spring", now)
+        # Cancelled is stored as bounced: a requeue of every bounce leaves it cancelled.
+        requeued = await spool.requeue(code=None, sender=None, recipient=None, now=now)
         after = (await spool.campaign_figures("spring"))[0]
-        return figures, released, cancelled, again, after
+        return figures, released, cancelled, again, after, requeued
 
-    figures, released, cancelled, again, after = run(tmp_path, scenario)
+    figures, released, cancelled, again, after, requeued = run(tmp_path, scenario)
+    assert requeued == 0
     assert figures["spring"]["held"] == 2 and figures["other"]["queued"] == 1
     assert released == 2
     assert {e.recipient for e in cancelled} == {"a@x.example", "b@x.example"}
