@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 
 from perf import procstat
 from perf.loadgen import SENDER
+from perf.mta import wait_greeting
 
 SINK_BACKLOG = 1024
 RECIPIENT = "ceiling@d0000.example"
@@ -80,21 +80,6 @@ def commands(tools: tuple[str, str], pair: Shape, port: int, root: bool) -> tupl
     return source_argv, sink_argv
 
 
-def _wait_greeting(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"smtp-sink exited: {proc.stderr.read().decode(errors='replace')[-500:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-                if sock.recv(100).startswith(b"220"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"smtp-sink does not greet on port {port}")
-
-
 def measure(tools: tuple[str, str], pair: Shape, port: int) -> dict:
     """One run of the pair: its figures (the keys perf.report's table reads)."""
     source_argv, sink_argv = commands(tools, pair, port, os.geteuid() == 0)
@@ -102,7 +87,11 @@ def measure(tools: tuple[str, str], pair: Shape, port: int) -> dict:
     sink = subprocess.Popen(sink_argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
-        _wait_greeting(port, sink)
+        try:
+            wait_greeting(port, 10.0, alive=lambda: sink.poll() is None)
+        except RuntimeError as exc:
+            raise RuntimeError(f"smtp-sink: {exc}: {sink.stderr.read().decode(errors='replace')[-500:]}"
+                               if sink.poll() is not None else f"smtp-sink: {exc}") from None
         sink_cpu = procstat.cpu_seconds(sink.pid)
         began = time.monotonic()
         source = subprocess.Popen(source_argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
