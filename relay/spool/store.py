@@ -326,17 +326,13 @@ class Spool:
         fresh = self.fresh if part.coordinator is None else None
         if fresh is not None and not fresh.take_fresh(part):
             fresh = None
-        try:
-            suppressed = await self._submit(
-                lambda conn: insert_part(conn, part, now, sending=fresh is not None),
-                wakes=part.coordinator is None and fresh is None)
-        except BaseException:
-            if fresh is not None:
-                fresh.fresh_failed(part)
-            raise
         if fresh is not None:
-            fresh.fresh_stored(due_of(part, suppressed), part.body)
-        elif part.coordinator is not None and self.fresh is not None and len(self._held) < HELD_KEPT:
+            await self._submit_fresh(
+                lambda conn: insert_part(conn, part, now, sending=True), fresh, part)
+            return
+        await self._submit(lambda conn: insert_part(conn, part, now),
+                           wakes=part.coordinator is None)
+        if part.coordinator is not None and self.fresh is not None and len(self._held) < HELD_KEPT:
             self._held[part.queue_id] = part  # for release, which may hand it over
 
     async def decide(self, queue_id: str) -> None:
@@ -366,18 +362,10 @@ class Spool:
                          (int(RecipientState.SENDING), queue_id, int(RecipientState.QUEUED)))
             return suppressed_of(conn, part)
 
-        try:
-            suppressed = await self._submit(apply, wakes=fresh is None)
-        except BaseException:
-            if fresh is not None:
-                fresh.fresh_failed(part)
-            raise
         if fresh is None:
-            return
-        if suppressed is None:  # released before (the held-part check and the coordinator)
-            fresh.fresh_failed(part)
+            await self._submit(apply, wakes=True)
         else:
-            fresh.fresh_stored(due_of(part, suppressed), part.body)
+            await self._submit_fresh(apply, fresh, part)
 
     async def abort(self, queue_id: str) -> None:
         """Withdraw a held part whose transaction failed."""
@@ -880,6 +868,25 @@ class Spool:
         )
 
     # -- the writer ---------------------------------------------------------
+
+    async def _submit_fresh(self, apply: Callable[[sqlite3.Connection], dict[str, str] | None],
+                            fresh: FreshMail, part: Part) -> None:
+        """Commit ``apply``, which claims ``part``'s recipients and returns
+        their suppressions (None: nothing claimed), and tell ``fresh``.
+        The outcome reaches it even if the caller is cancelled meanwhile
+        (a client gone): a commit that happens anyway must not leave
+        recipients claimed that nobody delivers until the next start."""
+
+        def settle(done: asyncio.Future) -> None:
+            suppressed = None if done.cancelled() or done.exception() else done.result()
+            if suppressed is None:
+                fresh.fresh_failed(part)
+            else:
+                fresh.fresh_stored(due_of(part, suppressed), part.body)
+
+        task = asyncio.ensure_future(self._submit(apply))
+        task.add_done_callback(settle)
+        await asyncio.shield(task)
 
     async def _submit(self, apply: Callable[[sqlite3.Connection], Any], wakes: bool = False) -> Any:
         if self._writer is None or self._closing:

@@ -4,6 +4,8 @@ taker has no room, and the room given back when the store fails."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from relay.errors import SpoolError
@@ -91,3 +93,22 @@ def test_a_failed_store_gives_the_room_back(tmp_path):
 
     with_spool(tmp_path, body)
     assert taker.failed == ["Q1"] and not taker.stored
+
+
+def test_a_store_whose_caller_is_cancelled_still_hands_its_commit_over(tmp_path):
+    """The client went away while its part was being committed: the commit
+    happens anyway, so its claimed recipients must reach the taker (or
+    nobody would deliver them before the next start)."""
+    taker = Taker(room=True)
+
+    async def body(spool):
+        spool.fresh = taker
+        storing = asyncio.ensure_future(spool.store(part("Q1", n=1)))
+        await asyncio.sleep(0)  # queued for the writer
+        storing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await storing
+        await spool.store(part("Q2", n=1))  # committed after Q1's batch
+
+    with_spool(tmp_path, body)
+    assert [due[0].queue_id for due, _ in taker.stored] == ["Q1", "Q2"] and not taker.failed
