@@ -226,14 +226,14 @@ class Dispatcher:
         limit = deliver.max_loaded
         self._wakeup.clear()
         room = limit - self.loaded
-        bulk_room = max(0, int(limit * deliver.bulk_loaded_share) - self.loaded_bulk)
+        bulk_room = max(0, self._bulk_limit() - self.loaded_bulk)
         claimed = await self.spool.claim_due(time.time(), room, bulk_room) if room > 0 else []
         if self.stopping:
             return  # claimed just now: queued again at the next start
         bulk = sum(1 for r in claimed if r.lane == BULK)
         self.loaded += len(claimed)
         self.loaded_bulk += bulk
-        bulk_full = self.loaded_bulk >= int(limit * deliver.bulk_loaded_share)
+        bulk_full = self.loaded_bulk >= self._bulk_limit()
         # Full: _unload wakes the loop once a tenth of the room is free again
         # (finished deliveries commit nothing that would wake it).
         self._full = bulk_full or self.loaded >= limit
@@ -256,6 +256,10 @@ class Dispatcher:
         except asyncio.TimeoutError:
             pass
 
+    def _bulk_limit(self) -> int:
+        """Recipients bulk mail may have loaded (``bulk_loaded_share``)."""
+        return int(self.settings.deliver.max_loaded * self.settings.deliver.bulk_loaded_share)
+
     def _load(self, jobs: list[Job], how: str) -> None:
         """One message's claimed jobs, on their way to their sites."""
         for job in jobs:
@@ -271,9 +275,9 @@ class Dispatcher:
     def take_fresh(self, part: Part) -> bool:
         deliver = self.settings.deliver
         count, bulk = len(part.recipients), part.lane == BULK
-        if self.stopping or self.loaded + count > deliver.max_loaded:
+        if self.loaded + count > deliver.max_loaded:  # (stop() unhooks this from the spool)
             return False
-        if bulk and self.loaded_bulk + count > int(deliver.max_loaded * deliver.bulk_loaded_share):
+        if bulk and self.loaded_bulk + count > self._bulk_limit():
             return False
         if not self.fresh_bodies.reserve(len(part.body)):
             return False

@@ -4,29 +4,17 @@ idle), campaigns served in turn.  No sockets, no sleeps."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from relay.deliver.lanes import CampaignRing, SiteQueue
 from relay.deliver.scheduler import Open, Send
-from tests.unit.deliver.test_scheduler import KEY, MX, OK, Clock, of, open_all, scheduler
+from tests.unit.deliver.test_scheduler import KEY, MX, OK, Clock, FakeJob, of, open_all, scheduler
 
 
-@dataclass
-class Job:
-    queue_id: str
-    lane: str = "transactional"
-    campaign: str = ""
-    domain: str = "example.net"
-    recipients: list = field(default_factory=lambda: ["r"])
-    trace: bool = False
-    queued: float = 0.0
-    size: int = 100
-    site_key: tuple = None
-    destination: object = None
+def job(queue_id: str, lane: str = "transactional", campaign: str = "") -> FakeJob:
+    return FakeJob(queue_id, lane=lane, campaign=campaign)
 
 
 def bulk(i, campaign="big"):
-    return Job(f"b{i}", "bulk", campaign)
+    return job(f"b{i}", "bulk", campaign)
 
 
 # -- the queue (pure) ---------------------------------------------------------------
@@ -37,7 +25,7 @@ def test_a_small_campaign_interleaves_with_a_big_one_pushed_first():
     for i in range(1000):
         ring.push(bulk(i, "big"))
     for i in range(3):
-        ring.push(Job(f"s{i}", "bulk", "small"))
+        ring.push(job(f"s{i}", "bulk", "small"))
     taken = [ring.pop().campaign for _ in range(6)]
     assert taken == ["big", "small", "big", "small", "big", "small"]
     assert ring.count == 997 and "small" not in ring.queues
@@ -47,14 +35,14 @@ def test_mail_without_a_campaign_takes_its_turn_too():
     ring = CampaignRing()
     for i in range(3):
         ring.push(bulk(i, "big"))
-    ring.push(Job("n", "bulk", ""))
+    ring.push(job("n", "bulk", ""))
     assert [ring.pop().queue_id for _ in range(4)] == ["b0", "n", "b1", "b2"]
 
 
 def test_a_job_pushed_at_the_front_goes_next_with_its_campaign():
     ring = CampaignRing()
     for name in ("a", "b", "c"):
-        ring.push(Job(name, "bulk", name))
+        ring.push(job(name, "bulk", name))
     first = ring.pop()  # a
     ring.push(first, front=True)  # its next MX: it was its turn
     assert ring.pop() is first and ring.pop().campaign == "b"
@@ -64,7 +52,7 @@ def test_taking_a_campaign_out_leaves_the_others_in_order():
     queue = SiteQueue()
     for i in range(4):
         queue.push(bulk(i, "big" if i % 2 else "paused"))
-    queue.push(Job("t"))
+    queue.push(job("t"))
     taken = queue.take(lambda job: job.campaign != "paused")
     assert [j.queue_id for j in taken] == ["b0", "b2"]
     assert len(queue) == 3 and [j.queue_id for j in queue] == ["t", "b1", "b3"]
@@ -80,7 +68,7 @@ def test_a_free_connection_takes_a_transactional_job_before_older_bulk_ones():
     for i in range(50):
         s.push(KEY, MX, "example.net", bulk(i), clock.now)
     clock.advance(1)
-    s.push(KEY, MX, "example.net", Job("signup"), clock.now)
+    s.push(KEY, MX, "example.net", job("signup"), clock.now)
     (send,) = of(Send, open_all(s, clock, s.actions(clock.now)))
     assert send.job.queue_id == "signup"
     s.on_sent(send.conn, send.job, clock.now, [OK], True, None)
@@ -92,7 +80,7 @@ def test_bulk_leaves_the_transactional_share_while_transactional_mail_is_in_flig
     clock = Clock()
     # 5 connections (the starting concurrency), 20%: one kept for transactional mail.
     s = scheduler(**{"example.net": {"connection_limit": 5, "transactional_share": 0.2}})
-    s.push(KEY, MX, "example.net", Job("t0"), clock.now)
+    s.push(KEY, MX, "example.net", job("t0"), clock.now)
     for i in range(500):
         s.push(KEY, MX, "example.net", bulk(i), clock.now)
     sends = of(Send, open_all(s, clock, s.actions(clock.now)))
@@ -101,7 +89,7 @@ def test_bulk_leaves_the_transactional_share_while_transactional_mail_is_in_flig
     # The transactional job ends, another arrives: it finds its connection
     # idle, while bulk still runs on four.
     t0 = next(send for send in sends if send.job.lane == "transactional")
-    s.push(KEY, MX, "example.net", Job("t1"), clock.now)
+    s.push(KEY, MX, "example.net", job("t1"), clock.now)
     s.on_sent(t0.conn, t0.job, clock.now, [OK], True, None)
     (send,) = of(Send, s.actions(clock.now))
     assert send.job.queue_id == "t1" and send.conn == t0.conn
@@ -125,7 +113,7 @@ def test_a_transactional_job_behind_bulk_opens_a_connection_at_once():
     sends = of(Send, open_all(s, clock, s.actions(clock.now)))
     assert len(sends) == 1  # three jobs, one connection carries them: no more
     clock.advance(0.01)
-    s.push(KEY, MX, "example.net", Job("signup"), clock.now)
+    s.push(KEY, MX, "example.net", job("signup"), clock.now)
     opens = of(Open, s.actions(clock.now))
     assert len(opens) == 1  # not after spawn_after: bulk holds the only connection
     (send,) = of(Send, open_all(s, clock, opens))
@@ -135,7 +123,7 @@ def test_a_transactional_job_behind_bulk_opens_a_connection_at_once():
 def test_with_the_share_kept_and_bulk_at_its_part_a_bulk_job_waits():
     clock = Clock()
     s = scheduler(spawn_after=0.0, **{"example.net": {"connection_limit": 2, "transactional_share": 0.5}})
-    s.push(KEY, MX, "example.net", Job("t0"), clock.now)
+    s.push(KEY, MX, "example.net", job("t0"), clock.now)
     for i in range(10):
         s.push(KEY, MX, "example.net", bulk(i), clock.now)
     sends = of(Send, open_all(s, clock, s.actions(clock.now)))
@@ -155,7 +143,7 @@ def test_campaigns_are_served_in_turn_at_a_site():
     for i in range(100):
         s.push(KEY, MX, "example.net", bulk(i, "big"), clock.now)
     for i in range(2):
-        s.push(KEY, MX, "example.net", Job(f"s{i}", "bulk", "small"), clock.now)
+        s.push(KEY, MX, "example.net", job(f"s{i}", "bulk", "small"), clock.now)
     order = []
     actions = open_all(s, clock, s.actions(clock.now))
     for _ in range(4):

@@ -30,6 +30,8 @@ class FakeJob:
     size: int = 100
     site_key: tuple = None
     destination: object = None
+    lane: str = "transactional"
+    campaign: str = ""
 
 
 class Clock:
