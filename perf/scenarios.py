@@ -11,6 +11,7 @@ that runs in seconds (the smoke test runs ``transactional --quick``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from perf.farm import Layout, layout
@@ -60,6 +61,16 @@ def hot_domain(quick: bool) -> Scenario:
         (Stream("hot-domain", messages, _domains(farm), sizes=((10 * KB, 1.0),), concurrency=50),),
         time_limit=30 if quick else 600, drain_limit=20 if quick else 120,
     )
+
+
+def hot_domain_spread(quick: bool) -> Scenario:
+    """hot-domain with the relay's ``[relay] spread_domains`` naming the
+    domain: every worker stores and delivers its mail (Postfix: unchanged)."""
+    scenario = hot_domain(quick)
+    return dataclasses.replace(
+        scenario, name="hot-domain-spread",
+        description=scenario.description + "; the relay spreads the domain over every worker",
+        relay_overrides={"relay": {"spread_domains": list(_domains(scenario.layout))}})
 
 
 def bulk(quick: bool) -> Scenario:
@@ -204,6 +215,7 @@ def cluster(quick: bool) -> Scenario:
 SCENARIOS = {
     "transactional": transactional,
     "hot-domain": hot_domain,
+    "hot-domain-spread": hot_domain_spread,
     "bulk": bulk,
     "mixed": mixed,
     "mixed-campaigns": mixed_campaigns,

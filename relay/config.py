@@ -160,6 +160,28 @@ def _optional_path(value: Any) -> str:
     return value
 
 
+_DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*"
+                     r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _routing_domains(value: Any) -> frozenset[str]:
+    """Domains as shard routing hashes them (intake.policy.routing_domain:
+    lower-cased A-labels)."""
+    import idna
+
+    domains = set()
+    for domain in _strs(value):
+        name = domain.lower()
+        try:
+            name = name if name.isascii() else idna.encode(name, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
+            name = ""
+        if not _DOMAIN.fullmatch(name):
+            raise ValueError(f"a list of domains ({domain!r} is not one)")
+        domains.add(name)
+    return frozenset(domains)
+
+
 # Keys parsed by these hold paths: a relative one is taken from the
 # directory of the config file (as nginx and Postfix do), not from
 # wherever the relay or relayctl happens to be started.
@@ -192,6 +214,10 @@ RELAY_KEYS = _keys(
     Key("shutdown_timeout", parse_duration, 30.0, "SIGTERM: how long sessions in flight may finish"),
     Key("listen_backlog", _int(1, 65535), 4096,
         "pending connections per listen socket (the kernel caps it at net.core.somaxconn)",
+        reload=False),
+    Key("spread_domains", _routing_domains, frozenset(),
+        "recipient domains whose mail every worker stores and delivers (by address),"
+        " their limits split between workers; any other domain has one owner worker",
         reload=False),
 )
 
@@ -932,6 +958,7 @@ _FORMATS: dict[Callable, Callable[[Any], Any]] = {
     parse_hostport: format_hostport,
     _hostports: lambda value: [format_hostport(v) for v in value],
     _networks: lambda value: [str(v) for v in value],
+    _routing_domains: sorted,
 }
 
 

@@ -200,7 +200,8 @@ class ControlPlane:
         return {"ok": True, "action": action, "count": count, "campaigns": campaigns}
 
     def _to_workers(self, request: dict) -> dict:
-        """A domain's command goes to its owner; the others to every worker."""
+        """A domain's command goes to its owner (every worker for a spread
+        domain); the others to every worker."""
         domain = request.get("domain")
         if domain:
             try:
@@ -212,7 +213,10 @@ class ControlPlane:
             if host != cluster.index:
                 return {"ok": False, "error": f"{domain} belongs to host {host} of the cluster,"
                                               f" not this one ({cluster.index}): run relayctl there"}
-            targets = [owner_of(slot_of(domain), self.workers, cluster.hosts)]
+            if domain in self.settings.relay.spread_domains:
+                targets = list(range(self.workers))  # every worker sends its mail
+            else:
+                targets = [owner_of(slot_of(domain), self.workers, cluster.hosts)]
         else:
             targets = list(range(self.workers))
         answers = {}

@@ -141,7 +141,8 @@ class Dispatcher:
                                    idle_timeout=deliver.connection_idle_timeout,
                                    spawn_after=deliver.spawn_after,
                                    max_sessions=deliver.max_sessions,
-                                   max_bytes_in_flight=deliver.max_bytes_in_flight)
+                                   max_bytes_in_flight=deliver.max_bytes_in_flight,
+                                   spread=settings.relay.spread_domains, host_workers=workers)
         self.sessions: dict[int, SmtpSession] = {}  # the scheduler's connection id -> session
         self._poke = asyncio.Event()  # the scheduler has news: look at its actions again
         self._sending = 0  # transactions in flight

@@ -320,7 +320,7 @@ def prepare(settings: config.Settings):
     try:
         os.makedirs(settings.relay.run_dir, exist_ok=True)
         recover(settings.relay.spool_dir, settings.worker_count, settings.cluster.hosts,
-                settings.cluster.index)
+                settings.cluster.index, settings.relay.spread_domains)
     except BaseException:
         if metrics_sock is not None:
             metrics_sock.close()

@@ -83,7 +83,8 @@ class Worker:
         self.seen = IntakeIndex(settings.relay.spool_dir, self.spool)
         self.router = Router(self.index, self.workers, self.spool, settings.relay.run_dir,
                              keys=self.seen, hosts=settings.cluster.hosts,
-                             host=settings.cluster.index)
+                             host=settings.cluster.index,
+                             spread=settings.relay.spread_domains)
         await self.router.serve()
         clients = None
         if self.clients is not None:

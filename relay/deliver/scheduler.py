@@ -243,9 +243,12 @@ def _rate_text(interval: float | None) -> str:
 class Scheduler:
     def __init__(self, shaping, workers: int, effects: Effects, *, idle_timeout: float,
                  spawn_after: float, max_sessions: int = 1000,
-                 max_bytes_in_flight: int = 256 * 1024**2) -> None:
+                 max_bytes_in_flight: int = 256 * 1024**2,
+                 spread: frozenset[str] = frozenset(), host_workers: int = 1) -> None:
         self.shaping = shaping  # config.ShapingSettings
         self.workers = workers
+        self.spread = spread  # [relay] spread_domains, sent by each of host_workers
+        self.host_workers = host_workers
         self.effects = effects
         self.idle_timeout = idle_timeout
         self.spawn_after = spawn_after
@@ -276,7 +279,8 @@ class Scheduler:
     def _refresh(self, site: Site, now: float) -> None:
         mx_hosts = [host.split(":")[0] for host in site.destination.key]
         limits = limits_for(self.shaping, site.domains, mx_hosts, self.workers,
-                            self.effects.overrides(site.name, now))
+                            self.effects.overrides(site.name, now),
+                            spread=self.spread, host_workers=self.host_workers)
         if limits == site.limits:
             return
         site.limits = limits

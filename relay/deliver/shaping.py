@@ -16,7 +16,9 @@ SUFFIX"]`` whose suffix ends one of the site's MX hosts, then
 ``[shaping."DOMAIN"]`` for the site's domains (KumoMTA's shaping.toml,
 merged key by key, most specific last).  A limit is for the whole relay.
 A domain lives in exactly one worker, so limits set for a domain are that
-worker's to enforce whole.  Limits from the default or an MX suffix belong
+worker's to enforce whole, except a domain in ``[relay] spread_domains``:
+every worker of its host sends its mail, so its own limits are split
+between them as a site's are.  Limits from the default or an MX suffix belong
 to the site, which domains of every worker may share: each worker takes
 1/N of it (rounded down, at least 1 connection), so the sum never exceeds
 it with no coordination (DESIGN.md, Traffic shaping).
@@ -71,10 +73,13 @@ def rate_interval(value) -> float | None:
     return period / count
 
 
-def limits_for(settings, site_domains, mx_hosts, workers: int, overrides: dict | None = None) -> SiteLimits:
+def limits_for(settings, site_domains, mx_hosts, workers: int, overrides: dict | None = None,
+               *, spread: frozenset[str] = frozenset(), host_workers: int = 1) -> SiteLimits:
     """The limits this worker enforces for a site (see the module docstring).
 
-    ``settings``: config.ShapingSettings; ``overrides``: keys an effect sets."""
+    ``settings``: config.ShapingSettings; ``overrides``: keys an effect sets;
+    ``workers``: every worker that may send to the site; ``host_workers``:
+    this host's, which share a spread domain's own limits."""
     shared = dict(settings.default)
     for suffix, values in settings.mx_suffixes:
         if any(host == suffix.lstrip(".") or host.endswith(suffix if suffix.startswith(".") else "." + suffix)
@@ -84,18 +89,19 @@ def limits_for(settings, site_domains, mx_hosts, workers: int, overrides: dict |
     for domain in site_domains:
         own.update(settings.domains.get(domain, {}))
     merged = {**shared, **own, **(overrides or {})}
-    # Only what the domain (or an effect on this worker's site) sets is this
-    # worker's whole; the rest is the site's and is split between workers.
-    split = {key: key not in own and key not in (overrides or {}) for key in merged}
-    connections = merged["connection_limit"]
-    if split["connection_limit"]:
-        connections = max(1, connections // workers)
+    # What an effect on this worker's site sets is this worker's whole; what
+    # the domain sets is shared by the workers that send its mail (one, or
+    # a spread domain's host's); the rest is the site's, split between all.
+    own_share = host_workers if any(domain in spread for domain in site_domains) else 1
+    share = {key: 1 if key in (overrides or {}) else own_share if key in own else workers
+             for key in merged}
+    connections = max(1, merged["connection_limit"] // share["connection_limit"])
     message_rate = rate_interval(merged["max_message_rate"])
-    if message_rate is not None and split["max_message_rate"]:
-        message_rate *= workers
+    if message_rate is not None:
+        message_rate *= share["max_message_rate"]
     connection_rate = rate_interval(merged["max_connection_rate"])
-    if connection_rate is not None and split["max_connection_rate"]:
-        connection_rate *= workers
+    if connection_rate is not None:
+        connection_rate *= share["max_connection_rate"]
     return SiteLimits(connections, message_rate, connection_rate,
                       merged["max_deliveries_per_connection"],
                       merged["consecutive_connection_failures"],

@@ -259,11 +259,13 @@ class Router:
     """The worker's side of routing: submit transactions, serve peers."""
 
     def __init__(self, worker: int, workers: int, spool: Store, run_dir: str,
-                 keys: IntakeKeys | None = None, hosts: int = 1, host: int = 0) -> None:
+                 keys: IntakeKeys | None = None, hosts: int = 1, host: int = 0,
+                 spread: frozenset[str] = frozenset()) -> None:
         self.worker = worker
         self.workers = workers
         self.hosts = hosts  # [cluster]: the slots of other hosts go through the broker
         self.host = host
+        self.spread = spread  # [relay] spread_domains: their recipients are hashed by address
         # async (host, Part) -> None, raising OwnerUnavailable when the broker
         # did not confirm (route.cluster.ClusterLink.publish); set by the worker.
         self.publish: Callable[[int, Part], Awaitable[None]] | None = None
@@ -294,7 +296,8 @@ class Router:
         the 451 makes no duplicate.  (A local store failing after the
         publishes leaves the other hosts' parts on their way: the retry
         sends those twice.)"""
-        recipients = [shard.recipient(address, i) for i, address in enumerate(txn.recipients)]
+        recipients = [shard.recipient(address, i, self.spread, self.hosts)
+                      for i, address in enumerate(txn.recipients)]
         if self.hosts > 1:
             by_host = shard.split_hosts(recipients, self.hosts)
             here = by_host.pop(self.host, [])

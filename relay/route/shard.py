@@ -8,6 +8,14 @@ recorded in every spool.  In a cluster of ``hosts`` relay hosts
 ``slot % workers``.  So one domain's mail, queues and limits live in
 exactly one worker of one host, and the slots of a host still spread over
 all its workers whatever the two counts are.
+
+A domain the operator lists in ``[relay] spread_domains`` is the one
+exception: each of its recipients gets a slot of its own, hashed from the
+address (lower-cased) but kept on the domain's host, so one very large
+domain's mail is stored and delivered by every worker of that host instead
+of one (its limits are then split between workers, as a site's are:
+deliver.shaping.limits_for).  One address still has exactly one owner, so
+its suppression entry and events live with the mail sent to it.
 The key of an AMQP message (intake.amqp_message.payload_key) has an owner
 worker the same way: the one that records, in one atomic step, which try
 of it is being spooled.
@@ -42,10 +50,24 @@ def key_owner(key: str, workers: int) -> int:
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % workers
 
 
-def recipient(address: str, index: int) -> Recipient:
+def address_slot(address: str, domain: str, spread: frozenset[str] = frozenset(),
+                 hosts: int = 1) -> int:
+    """Slot of a recipient at routing ``domain``: the domain's, or for a
+    spread domain one picked by the address among the domain host's slots."""
+    slot = slot_of(domain)
+    if domain not in spread:
+        return slot
+    key = f"{address.rpartition('@')[0]}@{domain}".lower().encode("utf-8", "surrogatepass")
+    # host_of(result) == host_of(slot): slot % hosts is kept, the rest is the address's.
+    return slot % hosts + hosts * (zlib.crc32(key) % (SLOT_COUNT // hosts))
+
+
+def recipient(address: str, index: int, spread: frozenset[str] = frozenset(),
+              hosts: int = 1) -> Recipient:
     """Build a routed recipient from an address intake accepted."""
     domain = routing_domain(address.rpartition("@")[2])
-    return Recipient(address=address, domain=domain, slot=slot_of(domain), index=index)
+    return Recipient(address=address, domain=domain,
+                     slot=address_slot(address, domain, spread, hosts), index=index)
 
 
 def split(recipients: list[Recipient], workers: int, hosts: int = 1) -> dict[int, tuple[Recipient, ...]]:

@@ -16,6 +16,10 @@ every spool database holding exactly the mail of its worker's slots.
    into every spool: they apply in every worker): copied and committed there first, then deleted
    at the source.  A crash in between leaves a copy on both sides, and the
    next run's INSERT OR IGNORE makes the copy a no-op before the delete.
+   When ``[relay] spread_domains`` changed, suppression entries and events
+   move the same way to their address's new owner (route.shard.address_slot);
+   mail already queued keeps the slot it was stored with, and its worker
+   sends it.
 4. The records of AMQP message keys (spool.seen) move to their key's owner
    (route.shard.key_owner) when the worker count changed since they were
    placed, or when a relay that kept them with the consuming worker wrote
@@ -32,9 +36,9 @@ import re
 
 import orjson
 
-from relay.intake.policy import BadDomain, routing_domain
 from relay.errors import SpoolError
-from relay.route.shard import key_owner, slot_of
+from relay.intake.policy import BadDomain, routing_domain
+from relay.route.shard import address_slot, key_owner
 from relay.spool.format import MessageState, RecipientState
 from relay.spool.schema import reporting
 from relay.spool.store import connect, spool_path
@@ -63,7 +67,8 @@ class ClusterMismatch(SpoolError):
     """The spool holds mail for slots this host no longer owns."""
 
 
-def recover(spool_dir: str, workers: int, hosts: int = 1, index: int = 0) -> dict[str, int]:
+def recover(spool_dir: str, workers: int, hosts: int = 1, index: int = 0,
+            spread: frozenset[str] = frozenset()) -> dict[str, int]:
     """Settle held parts, check the cluster's slots and re-home slots
     between workers; returns counts for the log."""
     os.makedirs(spool_dir, exist_ok=True)
@@ -75,23 +80,29 @@ def recover(spool_dir: str, workers: int, hosts: int = 1, index: int = 0) -> dic
     try:
         for worker, path in sorted(paths.items()):
             conns[worker] = connect(path)  # a damaged or newer file: SpoolError naming it
-            conns[worker].create_function("address_slot", 1, _address_slot, deterministic=True)
+            conns[worker].create_function(
+                "address_slot", 1, lambda address: _address_slot(address, spread, hosts),
+                deterministic=True)
             conns[worker].create_function("domain_slot", 1, _domain_slot, deterministic=True)
             conns[worker].create_function("key_owner", 2, key_owner, deterministic=True)
         _settle_held(conns, paths, counts)
         _check_cluster(conns, paths, hosts, index)
-        # Re-homing reads every row: only when the worker count changed.
+        # Re-homing reads every row: only when the worker count (or the
+        # list of spread domains) changed.
+        spread_text = ",".join(sorted(spread))
         recorded = {}
         for worker, conn in conns.items():
             with reporting(paths[worker]):
-                recorded[worker] = _recorded_workers(conn)
-        if any(count != workers for count in recorded.values()):
+                recorded[worker] = (_recorded_workers(conn), _recorded_spread(conn))
+        if any(recorded_as != (workers, spread_text) for recorded_as in recorded.values()):
             for source, conn in conns.items():
                 with reporting(paths[source]):  # targets were checked by connect() above
                     _rehome(source, conn, conns, workers, hosts, counts)
             _merge_campaign_states(conns)
             for conn in conns.values():
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('workers', ?)", (str(workers),))
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                             (SPREAD_DOMAINS, spread_text))
         placed = {}
         for worker, conn in conns.items():
             with reporting(paths[worker]):
@@ -152,6 +163,14 @@ def _recorded_workers(conn, key: str = "workers") -> int | None:
     return int(row[0]) if row else None
 
 
+SPREAD_DOMAINS = "spread_domains"  # meta: the list the rows were placed for, comma-separated
+
+
+def _recorded_spread(conn) -> str:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (SPREAD_DOMAINS,)).fetchone()
+    return row[0] if row else ""
+
+
 def _settle_held(conns: dict, paths: dict[int, str], counts: dict[str, int]) -> None:
     decided = set()
     for worker, conn in conns.items():
@@ -185,14 +204,16 @@ def _settle_held_in(conn, decided: set, counts: dict[str, int]) -> None:
     conn.execute("COMMIT")
 
 
-def _address_slot(address: str) -> int:
+def _address_slot(address: str, spread: frozenset[str] = frozenset(), hosts: int = 1) -> int:
     try:
-        return slot_of(routing_domain(address.rpartition("@")[2]))
+        return address_slot(address, routing_domain(address.rpartition("@")[2]), spread, hosts)
     except BadDomain:
         return 0
 
 
 def _domain_slot(domain: str) -> int:
+    # The daily roll-up is by domain: a spread domain's rows, made by every
+    # worker, are merged at its domain slot's owner (counts add up).
     return _address_slot("@" + domain)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import math
 import os
 import random
@@ -15,9 +16,9 @@ import time
 
 import pytest
 
-from relay.route.shard import slot_of
+from relay.route.shard import owner_of, recipient, slot_of
 from relay.testing.fakenet import Behaviour, Rule
-from support import deliver_relay, events, inject, read_spool, wait_events, wait_for
+from support import deliver_relay, events, inject, read_spool, relayctl, wait_events, wait_for
 
 
 BODY = (
@@ -219,6 +220,53 @@ def test_each_worker_sends_from_its_own_source_ips(relay_factory, net):
     for counts in seen.values():
         if counts:  # round robin: each of a worker's addresses equally often
             assert len(counts) == 2 and abs(max(counts.values()) - min(counts.values())) <= 1, seen
+
+
+def delivered_by_worker(relay, workers: int) -> dict[int, set[str]]:
+    found = {}
+    for worker in range(workers):
+        path = os.path.join(relay.directory, "log", f"delivery-{worker}.jsonl")
+        with open(path, "rb") as file:
+            found[worker] = {e["recipient"] for e in map(json.loads, file)
+                             if e["outcome"] == "delivered"}
+    return found
+
+
+def test_a_spread_domain_is_stored_and_delivered_by_every_worker(relay_factory, net):
+    [sink] = net.add_domain("hot.example", ["127.0.0.12"])
+    [other] = net.add_domain("calm.example", ["127.0.0.14"])
+    relay = deliver_relay(relay_factory, net, workers=2, relay={"spread_domains": ["Hot.Example"]})
+    addresses = [f"user{n}@hot.example" for n in range(24)]
+    with smtplib.SMTP("127.0.0.1", relay.port) as smtp:
+        for address in addresses:
+            smtp.sendmail("app@sender.example", [address], BODY)
+        smtp.sendmail("app@sender.example", ["a@calm.example", "b@calm.example"], BODY)
+    sink.wait_received(len(addresses), timeout=20)
+    other.wait_received(1, timeout=20)
+    spread = frozenset({"hot.example"})
+    expected = {w: {a for a in addresses if owner_of(recipient(a, 0, spread).slot, 2) == w}
+                for w in range(2)}
+    assert expected[0] and expected[1]  # the addresses fall to both workers
+    calm = owner_of(slot_of("calm.example"), 2)  # any other domain: one worker, as before
+    expected[calm] |= {"a@calm.example", "b@calm.example"}
+    wait_for(lambda: delivered_by_worker(relay, 2) == expected, 10, "every delivery event")
+
+    # A domain's operator commands reach every worker that holds its mail.
+    result = relayctl(relay, "suspend", "hot.example", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["workers"] == [0, 1]
+    held = [f"held{n}@hot.example" for n in range(8)]
+    queue_ids = [inject(relay, "app@sender.example", [address], BODY) for address in held]
+
+    def states() -> set[str]:
+        return {r["state"] for q in queue_ids
+                for r in json.loads(relayctl(relay, "show", q, "--json").stdout)["recipients"]}
+
+    wait_for(lambda: states() == {"held"}, 15, "every part held")
+    assert {m.worker for m in read_spool(relay.spool_dir)} == {0, 1}  # held by both workers
+    assert len(sink.received) == len(addresses), "a suspended domain got mail"
+    assert relayctl(relay, "resume", "hot.example").returncode == 0
+    sink.wait_received(len(addresses) + len(held), timeout=20)
 
 
 def reconnect(smtp: smtplib.SMTP, port: int, within: float = 20.0) -> None:

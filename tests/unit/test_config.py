@@ -440,6 +440,13 @@ def test_tls_policy_must_be_a_table():
     assert error({"tls_policy": ["b.example"]}) == "[tls_policy]: expected a table"
 
 
+def test_spread_domains_are_routing_domains():
+    s = from_dict({"relay": {"spread_domains": ["Gmail.COM", "bücher.example"]}})
+    assert s.relay.spread_domains == frozenset({"gmail.com", "xn--bcher-kva.example"})
+    assert from_dict({}).relay.spread_domains == frozenset()
+    assert error({"relay": {"spread_domains": ["a..b"]}}).startswith("[relay] spread_domains: expected ")
+
+
 def test_exclude_domains_are_lower_cased():
     s = from_dict({"deliver": {"exclude_domains": ["Spam.Example"]}})
     assert s.deliver.exclude_domains == ("spam.example",)

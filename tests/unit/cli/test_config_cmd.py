@@ -18,6 +18,7 @@ workers = 4
 spool_dir = "spool"
 source_ips = ["192.0.2.10", "2001:db8::10"]
 shutdown_timeout = "1m"
+spread_domains = ["Gmail.com", "bücher.example"]
 
 [[listen]]
 address = "127.0.0.1:2525"

@@ -93,6 +93,26 @@ def test_shared_site_limit_is_split_between_workers():
     assert len(of(Open, s2.actions(clock.now))) == 4
 
 
+def test_a_spread_domains_own_limits_are_split_between_its_hosts_workers():
+    # [relay] spread_domains: every worker of the host sends the domain's mail.
+    settings = shaping(**{"example.net": {"connection_limit": 8, "max_message_rate": "10/s"}},
+                       default={"connection_limit": 12})
+    s = Scheduler(settings, 4, Effects(settings.rules), idle_timeout=10.0, spawn_after=0.25,
+                  spread=frozenset({"example.net"}), host_workers=2)
+    clock = Clock()
+    for i in range(1000):
+        s.push(KEY, MX, "example.net", FakeJob(f"m{i}"), clock.now)
+    s.actions(clock.now)
+    [site] = s.sites.values()
+    assert site.limits.connection_limit == 4  # 8 over this host's 2 workers
+    assert site.limits.max_message_rate == 0.2  # 10/s over 2: one every 0.2 s
+    other = Scheduler(settings, 4, Effects(settings.rules), idle_timeout=10.0,
+                      spawn_after=0.25, spread=frozenset({"example.org"}), host_workers=2)
+    other.push(KEY, MX, "example.net", FakeJob("m"), clock.now)
+    other.actions(clock.now)
+    assert [site.limits.connection_limit for site in other.sites.values()] == [8]
+
+
 def test_message_rate_wakes_the_queue_when_a_token_is_due():
     clock = Clock()
     s = scheduler(**{"example.net": {"max_message_rate": "20/s", "connection_limit": 1}})

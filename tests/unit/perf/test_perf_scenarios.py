@@ -23,6 +23,13 @@ def test_hot_domain_sends_everything_to_one_domain(quick, messages):
     assert not (scenario.intake or scenario.cluster or scenario.deferred)
 
 
+def test_hot_domain_spread_differs_only_in_the_relays_spread_domains():
+    plain, spread = scenarios.build("hot-domain", False), scenarios.build("hot-domain-spread", False)
+    assert (spread.layout, spread.streams) == (plain.layout, plain.streams)
+    assert spread.relay_overrides == {"relay": {"spread_domains": [plain.layout.domains[0][0]]}}
+    assert not plain.relay_overrides
+
+
 def test_hot_domain_is_listed():
     assert "hot-domain" in scenarios.NAMES
 

@@ -131,3 +131,33 @@ def test_key_owner_is_a_stable_hash_of_the_key():
         1312159715, 616056789, 2796584855]
     assert key_owner("id:m1", 1) == 0
     assert {key_owner(f"id:{n}", 3) for n in range(100)} == {0, 1, 2}
+
+
+# -- [relay] spread_domains ------------------------------------------------------
+
+SPREAD = frozenset({"gmail.com"})
+
+
+def test_a_domain_not_spread_keeps_its_domain_slot():
+    assert recipient("a@example.com", 0, SPREAD).slot == PINNED["example.com"]
+
+
+def test_a_spread_domains_recipients_are_owned_by_every_worker_by_address():
+    owners = [owner_of(recipient(f"user{n}@gmail.com", 0, SPREAD).slot, 2) for n in range(1000)]
+    assert 400 < owners.count(0) < 600  # about half each
+    # Pinned like the domain slots: a change re-homes queued mail.
+    assert recipient("someone@gmail.com", 0, SPREAD).slot == 138
+
+
+def test_one_address_has_one_slot_whatever_its_case_or_form():
+    slots = {recipient(address, 0, frozenset({"xn--bcher-kva.example"})).slot
+             for address in ("U@bücher.example", "u@XN--BCHER-KVA.EXAMPLE", "u@Bücher.Example")}
+    assert len(slots) == 1
+
+
+@pytest.mark.parametrize("hosts", [1, 2, 3, 5])
+def test_a_spread_domain_stays_on_its_domains_host(hosts):
+    host = slot_of("gmail.com") % hosts
+    slots = {recipient(f"user{n}@gmail.com", 0, SPREAD, hosts).slot for n in range(500)}
+    assert all(0 <= slot < SLOT_COUNT and slot % hosts == host for slot in slots)
+    assert len({owner_of(slot, 4, hosts) for slot in slots}) == 4  # every worker of the host

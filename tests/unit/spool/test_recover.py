@@ -293,3 +293,39 @@ def test_amqp_key_records_move_to_their_keys_owner(tmp_path, before, after):
         w: sorted(k for k in keys if key_owner(k, after) == w) for w in range(after)}
     recover(spool_dir, after)
     assert keys_by_worker(spool_dir) == placed  # placed once: nothing moves again
+
+
+def suppressed_by_worker(spool_dir: str) -> dict[int, set[str]]:
+    out = {}
+    for worker, path in sorted(existing_spools(spool_dir).items()):
+        conn = sqlite3.connect(path)
+        out[worker] = {row[0] for row in conn.execute("SELECT address FROM suppression")}
+        conn.close()
+    return out
+
+
+def test_spreading_a_domain_moves_its_suppressions_to_their_addresses_owners(tmp_path):
+    from relay.route.shard import owner_of
+
+    spool_dir = str(tmp_path)
+    recover(spool_dir, 2)
+    domain = DOMAINS[0]
+    addresses = [f"user{n}@{domain}" for n in range(40)]
+    owner = owner_of(recipient(addresses[0], 0).slot, 2)
+    queued = make_part("Q", [domain] * 3)  # queued before the change: stays with its worker
+    write(spool_dir, owner, [queued])
+    conn = connect(spool_path(spool_dir, owner))
+    conn.executemany("INSERT INTO suppression VALUES (?, 1.0, '550 no such user')",
+                     [(address,) for address in addresses])
+    conn.close()
+    spread = frozenset({domain})
+    recover(spool_dir, 2, spread=spread)
+    placed = suppressed_by_worker(spool_dir)
+    assert placed == {w: {a for a in addresses if owner_of(recipient(a, 0, spread).slot, 2) == w}
+                      for w in range(2)}
+    assert placed[0] and placed[1]  # both workers own some of the domain's addresses now
+    assert [row[0] for row in snapshot(spool_dir)[owner]["message"]] == ["Q"]
+    recover(spool_dir, 2, spread=spread)
+    assert suppressed_by_worker(spool_dir) == placed  # placed once
+    recover(spool_dir, 2)  # and back to one owner when the list no longer names it
+    assert suppressed_by_worker(spool_dir) == {owner: set(addresses), 1 - owner: set()}
