@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import tomli_w
 
-from relay.intake.data import DataReader
+from relay.intake.data import DataReader, whole_lines
 from relay.spool import read
 from relay.stats import ring
 
@@ -650,6 +650,9 @@ class StreamModel:
         del self._buffer[:n]
         return data
 
+    def buffered(self) -> bytearray:
+        return self._buffer
+
     def unread(self) -> bytes:
         return bytes(self._buffer) + b"".join(self._chunks)
 
@@ -685,7 +688,8 @@ def transfer(
     max_received: int = 50,
     cuts=None,
 ) -> Outcome:
-    """Run RelaySMTP.smtp_DATA's loop over ``data``."""
+    """Run RelaySMTP.smtp_DATA's loop over ``data``: a line, then the whole
+    lines buffered behind it in one block."""
     reader = DataReader(max_size=max_size, normalize=normalize, max_received=max_received)
     stream = StreamModel(data, chunk, cuts=cuts)
     ended = False
@@ -698,6 +702,10 @@ def transfer(
         except _Eof:
             break
         if reader.feed_line(line):
+            ended = True
+            break
+        size = whole_lines(stream.buffered(), LIMIT)
+        if size and reader.feed_block(stream.read(size)):
             ended = True
             break
     verdict, body = reader.finish()

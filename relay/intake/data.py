@@ -1,8 +1,9 @@
 """The DATA transfer (sans-IO): lines in, a message or a refusal out.
 
 Input: the lines the client sends after ``354``, each ending in CRLF as the
-reader split them (``feed_line``), and the pieces of lines too long to
-buffer (``feed_overrun``).  Output: ``finish()`` -> (reply or None, body).
+reader split them (``feed_line``), runs of such lines already buffered
+(``feed_block``, sized by ``whole_lines``), and the pieces of lines too long
+to buffer (``feed_overrun``).  Output: ``finish()`` -> (reply or None, body).
 
 Theory of operation: the only end of data is CRLF "." CRLF (RFC 5321
 4.1.1.4), which the reader sees as a line that is exactly ``.\\r\\n`` at the
@@ -14,6 +15,13 @@ sequence as an end never gets one from us (SMTP smuggling).  NUL is always
 refused.  The first problem found is the verdict; from then on data is
 dropped as it arrives, so memory stays bounded whatever the client sends,
 and the reply is given after the final dot (RFC 5321 4.2.5).
+
+``feed_block`` is the fast path: the lines a client has already sent are
+taken in one call instead of one ``readuntil`` and one ``feed_line`` each
+(a 10 KB message is ~150 lines).  It gives exactly what feeding its lines
+one by one gives: a block of clean body lines is checked and unstuffed with
+a few passes of bytes methods, and anything else (headers, a verdict, a NUL,
+a bare CR or LF, a long line, the size limit) goes line by line.
 """
 
 from __future__ import annotations
@@ -26,6 +34,29 @@ from relay.intake import replies
 MAX_TEXT_LINE = 998
 
 _ANY_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def whole_lines(buffer: bytes | bytearray, limit: int) -> int:
+    """How many bytes at the start of ``buffer`` (a line starts there) are
+    whole lines ``feed_block`` may take: up to the end of data if it is
+    there, and never a line longer than ``limit`` (the stream reader's: such
+    a line must reach ``feed_overrun`` as it would through ``readuntil``)."""
+    if buffer[:3] == b".\r\n":
+        return 3
+    last = buffer.rfind(b"\r\n")
+    if last < 0:
+        return 0
+    end = buffer.find(b"\r\n.\r\n", 0, last + 2)
+    size = end + 5 if end >= 0 else last + 2
+    lines = bytes(buffer[:size]).split(b"\r\n")
+    if max(map(len, lines)) <= limit:
+        return size
+    offset = 0
+    for line in lines:  # rare: stop before the first long line
+        if len(line) > limit:
+            return offset
+        offset += len(line) + 2
+    return size  # not reached: some line was longer than limit
 
 
 class DataReader:
@@ -73,6 +104,42 @@ class DataReader:
             return False
         self._keep(line)
         return False
+
+    def feed_block(self, block: bytes) -> bool:
+        """Take whole CRLF lines at once (as ``whole_lines`` cut them): the
+        same as ``feed_line`` for each; True when the last was the end of data."""
+        ended, start = self._feed_lines(block, until_body=True)
+        rest = block[start:] if start else block
+        if ended or not rest:
+            return ended
+        ended = rest == b".\r\n" or rest.endswith(b"\r\n.\r\n")
+        lines = rest[:-3] if ended else rest
+        # RFC 5321 4.5.2: a line's leading dot goes (the first line's has no CRLF before it).
+        unstuffed = lines.replace(b"\r\n.", b"\r\n")
+        if unstuffed[:1] == b".":
+            unstuffed = unstuffed[1:]
+        crlf = lines.count(b"\r\n")
+        if (b"\0" in lines or lines.count(b"\r") != crlf or lines.count(b"\n") != crlf
+                or self._size + len(unstuffed) > self._max_size
+                or max(map(len, lines.split(b"\r\n"))) > MAX_TEXT_LINE):
+            return self._feed_lines(rest)[0]  # a problem somewhere: find it as feed_line would
+        self._size += len(unstuffed)
+        self._body += unstuffed
+        return ended
+
+    def _feed_lines(self, block: bytes, until_body: bool = False) -> tuple[bool, int]:
+        """``feed_line`` for each line of ``block`` (with ``until_body``, only
+        while the fast path cannot take them: headers, a verdict, the tail of
+        an over-long line); (end of data seen, where it stopped)."""
+        start = 0
+        while start < len(block):
+            if until_body and not (self._in_headers or self._mid_line or self.verdict is not None):
+                break
+            cut = block.index(b"\r\n", start) + 2
+            if self.feed_line(block[start:cut]):
+                return True, cut
+            start = cut
+        return False, start
 
     def _keep(self, line: bytes) -> bool:
         """Check one CRLF line and keep it; False once a verdict is reached."""

@@ -31,7 +31,7 @@ from relay.errors import RelayError
 from relay.intake import lane, policy, replies
 from relay.intake.auth import Authenticator, FailureLockout
 from relay.intake.clients import ClientView
-from relay.intake.data import DataReader
+from relay.intake.data import DataReader, whole_lines
 from relay.intake.received import protocol_name, received_header
 from relay.model import QueueIds, Transaction
 from relay.stats.ring import Histogram
@@ -548,6 +548,15 @@ class RelaySMTP(SMTP):
                     state.data_bytes += len(line)
                     if reader.feed_line(line):
                         break
+                    # The lines that arrived with it, in one call (the reader's
+                    # buffer: see _pipelined); readexactly returns at once.
+                    size = whole_lines(self._reader._buffer, self.line_length_limit)
+                    if size:
+                        block = await self._reader.readexactly(size)
+                        held += size
+                        state.data_bytes += size
+                        if reader.feed_block(block):
+                            break
             finally:
                 self._stop_data_watch()
             verdict, body = reader.finish()

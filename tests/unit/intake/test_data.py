@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.intake import replies
-from relay.intake.data import MAX_TEXT_LINE, DataReader
+from relay.intake.data import MAX_TEXT_LINE, DataReader, whole_lines
 from support import LIMIT, pieces, transfer
 
 CHUNKINGS = [None, 1, 7]  # whole, byte at a time, odd splits
@@ -436,3 +436,49 @@ def test_chunking_never_changes_the_outcome(data, chunk, normalize):
     if whole.verdict is None:
         assert BARE.search(whole.body) is None
         assert b"\0" not in whole.body
+
+
+# -- the fast path: feed_block --------------------------------------------------
+
+_line_piece = st.sampled_from([b"a", b".", b"..", b"\r", b"\n", b"\0", b"Received: x",
+                               b"x" * 500, b"y" * 998, b"z" * 999])
+
+
+def _by_lines(reader: DataReader, block: bytes) -> bool:
+    start = 0
+    while start < len(block):
+        cut = block.index(b"\r\n", start) + 2
+        if reader.feed_line(block[start:cut]):
+            return True
+        start = cut
+    return False
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lines=st.lists(st.lists(_line_piece, max_size=4).map(b"".join), max_size=12),
+    blank_at=st.integers(0, 12), end=st.booleans(), normalize=st.booleans(),
+    max_size=st.sampled_from([600, 3000, 10**6]), split_at=st.integers(0, 13),
+)
+def test_a_block_gives_what_its_lines_give_one_by_one(lines, blank_at, end, normalize,
+                                                       max_size, split_at):
+    lines = [b".." if line == b"." else line for line in lines]  # the end comes last only
+    lines.insert(min(blank_at, len(lines)), b"")  # the end of the headers, somewhere
+    block = b"".join(line + b"\r\n" for line in lines) + (b".\r\n" if end else b"")
+    by_block = DataReader(max_size=max_size, normalize=normalize, max_received=2)
+    by_line = DataReader(max_size=max_size, normalize=normalize, max_received=2)
+    # Two blocks, cut at a line boundary, as two reads of the buffer would give.
+    cut = sum(len(line) + 2 for line in lines[:split_at])
+    ended = by_block.feed_block(block[:cut]) or by_block.feed_block(block[cut:])
+    assert ended == _by_lines(by_line, block) == end
+    assert by_block.finish() == by_line.finish()
+
+
+def test_whole_lines_stops_at_the_end_of_data_and_before_a_long_line():
+    assert whole_lines(b".\r\nMAIL FROM:<a@b>\r\n", 1001) == 3
+    assert whole_lines(b"a\r\nb\r\n.\r\nQUIT\r\n", 1001) == 9
+    assert whole_lines(b"a\r\nb\r\npartial", 1001) == 6
+    assert whole_lines(b"partial", 1001) == 0
+    assert whole_lines(b"a\r\n" + b"x" * 1002 + b"\r\nb\r\n", 1001) == 3  # for feed_overrun
+    assert whole_lines(b"a\r\n" + b"x" * 1001 + b"\r\n", 1001) == 1006  # readuntil returns it whole
+    assert whole_lines(b"a\r\n.x\r\n..\r\n", 1001) == 11  # stuffed dots are not the end
