@@ -454,8 +454,9 @@ class Dispatcher:
             wake = self.scheduler.next_wake()
             timeout = MAX_WAIT if wake is None else min(max(wake - time.time(), 0.001), MAX_WAIT)
             try:
-                await asyncio.wait_for(self._poke.wait(), timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):  # no task per wait, unlike wait_for
+                    await self._poke.wait()
+            except TimeoutError:
                 pass
             self._forget_tls_failures()
 

@@ -158,7 +158,8 @@ class Site:
     name: str
     destination: object  # deliver.resolve.Destination: its hops
     domains: set = field(default_factory=set)
-    limits: SiteLimits | None = None
+    limits: SiteLimits | None = None  # None: to be computed (domains or settings changed)
+    limits_overrides: dict | None = None  # the effects' overrides the limits were computed with
     concurrency: Concurrency | None = None
     jobs: SiteQueue = field(default_factory=SiteQueue)
     waiting: dict = field(default_factory=dict)  # queue id -> job not started (to merge into)
@@ -274,12 +275,16 @@ class Scheduler:
         self.max_sessions = max_sessions or self.max_sessions
         self.max_bytes_in_flight = max_bytes_in_flight or self.max_bytes_in_flight
         for site in self.sites.values():
+            site.limits = None
             self._refresh(site, now)
 
     def _refresh(self, site: Site, now: float) -> None:
+        overrides = self.effects.overrides(site.name, now)
+        if site.limits is not None and overrides == site.limits_overrides:
+            return  # the usual case, on every actions() call: nothing changed
+        site.limits_overrides = overrides
         mx_hosts = [host.split(":")[0] for host in site.destination.key]
-        limits = limits_for(self.shaping, site.domains, mx_hosts, self.workers,
-                            self.effects.overrides(site.name, now),
+        limits = limits_for(self.shaping, site.domains, mx_hosts, self.workers, overrides,
                             spread=self.spread, host_workers=self.host_workers)
         if limits == site.limits:
             return

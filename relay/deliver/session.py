@@ -252,7 +252,9 @@ class SmtpSession:
 
     async def _drain(self, stage: Stage) -> None:
         with map_exceptions(stage, self.hop.host):
-            await asyncio.wait_for(self._writer.drain(), self.timeouts.data)
+            # asyncio.timeout, not wait_for: no task per call (3.11's wait_for makes one).
+            async with asyncio.timeout(self.timeouts.data):
+                await self._writer.drain()
 
     async def _read(self, stage: Stage, timeout: float) -> Reply:
         with map_exceptions(stage, self.hop.host):
@@ -267,7 +269,8 @@ class SmtpSession:
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0:
                     raise asyncio.TimeoutError
-                data = await asyncio.wait_for(self._reader.read(65536), remaining)
+                async with asyncio.timeout(remaining):
+                    data = await self._reader.read(65536)
                 if not data:
                     raise EOFError("connection closed by server")
                 self._parser.receive_data(data)

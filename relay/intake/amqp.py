@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import email.utils
-import functools
 import logging
 import re
 import time
@@ -55,9 +53,9 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from relay.broker import SETTLE_ERRORS, BrokerLink, stop_consuming
 from relay.errors import RelayError
-from relay.intake import amqp_message
-from relay.intake import lane
+from relay.intake import amqp_message, lane
 from relay.intake.handler import IntakeState, wants_trace
+from relay.intake.received import date_of_second
 from relay.model import Transaction
 
 log = logging.getLogger("relay.amqp")
@@ -85,15 +83,9 @@ def not_send_name(name: str) -> str:
     return f"{name}.not.send"
 
 
-@functools.lru_cache(maxsize=4)
-def _date(second: int) -> str:
-    # Once a second, not once a message: formatdate showed in the profile.
-    return email.utils.formatdate(second, localtime=True)
-
-
 def received_line(queue: str, hostname: str, queue_id: str, when: float) -> bytes:
     """``Received: from amqp queue Q by HOST (relay) with AMQP id QID; date``."""
-    date = _date(int(when))
+    date = date_of_second(int(when))
     return (f"Received: from amqp queue {_UNSAFE.sub('?', queue)[:200]}\r\n"
             f"\tby {hostname} (relay) with AMQP id {queue_id};\r\n\t{date}\r\n").encode(
                 "ascii", "replace")

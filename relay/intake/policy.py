@@ -134,8 +134,10 @@ def _valid_literal(text: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4096)
 def is_trusted(peer_ip: str, mynetworks: tuple) -> bool:
-    """Whether a client address is inside ``intake.mynetworks``."""
+    """Whether a client address is inside ``intake.mynetworks`` (asked per
+    recipient; cached, as parsing the address showed in the profile)."""
     try:
         address = ipaddress.ip_address(peer_ip)
     except ValueError:

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
+
+
+@functools.lru_cache(maxsize=4)
+def date_of_second(second: int) -> str:
+    """RFC 5322 date of a second, local time: once a second, not once a
+    message (formatdate showed in the profile; it has no sub-second part)."""
+    return email.utils.formatdate(second, localtime=True)
 
 
 def received_header(
@@ -25,7 +33,7 @@ def received_header(
         f"Received: from {helo} ([{address}])",
         f"\tby {hostname} (relay) with {protocol} id {queue_id}",
     ]
-    date = email.utils.formatdate(when, localtime=True)
+    date = date_of_second(int(when))
     if len(recipients) == 1 and recipients[0].isascii():
         lines.append(f"\tfor <{_UNSAFE.sub('?', recipients[0])}>; {date}")
     else:

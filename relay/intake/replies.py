@@ -9,6 +9,7 @@ what a client sees.
 
 from __future__ import annotations
 
+import functools
 import re
 
 S221_BYE = "221 2.0.0 Bye"
@@ -82,9 +83,11 @@ _DEFAULTS = {
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 
 
+@functools.lru_cache(maxsize=1024)
 def enhance(reply: str) -> str:
     """Our catalogue's wording for aiosmtpd's replies; an enhanced status
-    code for any other one-line reply that has none."""
+    code for any other one-line reply that has none.  Cached: the same few
+    replies come back for every command (a 250 with a queue id is a miss)."""
     for start, ours in _REWRITES:
         if reply.startswith(start):
             return ours

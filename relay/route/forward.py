@@ -203,7 +203,8 @@ class PeerClient:
         self._pending[request_id] = (future, writer)
         try:
             await _write_frame(writer, {**header, "rid": request_id}, body)
-            return await asyncio.wait_for(future, REQUEST_TIMEOUT)
+            async with asyncio.timeout(REQUEST_TIMEOUT):  # no task per request, unlike wait_for
+                return await future
         except (OSError, asyncio.TimeoutError) as exc:
             self._pending.pop(request_id, None)  # answered here, not by _fail
             self._fail(writer, exc)
