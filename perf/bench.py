@@ -182,6 +182,8 @@ async def drive(scenario: Scenario, server, farm: Farm, label: str, run_tag: str
         progress.update(len(generator.injections), farm.received())
         if injecting.done():
             injecting.result()
+            if scenario.held:  # nothing is delivered: intake alone is measured
+                break
             if drain_deadline is None:
                 drain_deadline = time.monotonic() + scenario.drain_limit
             if farm.received() >= accepted_recipients() or time.monotonic() > drain_deadline:
@@ -196,7 +198,8 @@ async def drive(scenario: Scenario, server, farm: Farm, label: str, run_tag: str
     figures = report.summarise(generator.injections, farm.receipts(), scenario.layout.group_of())
     figures.update({
         "elapsed_seconds": round(elapsed, 2),
-        "timed_out": int(farm.received() < accepted_recipients()),  # 1: the drain limit passed first
+        # 1: the drain limit passed first
+        "timed_out": int(not scenario.held and farm.received() < accepted_recipients()),
         "cpu_seconds": {
             "server": round(server.cpu_seconds() - cpu_server, 2),
             "generator": round(usage.ru_utime + usage.ru_stime - cpu_generator - sampler_cpu, 2),
@@ -361,7 +364,8 @@ def run_once(scenario: Scenario, kind: str, args, workdir: str, index: int,
             server = Postfix(workdir, routes=routes,
                              concurrency=RELAY_CONNECTIONS_PER_DESTINATION * args.workers,
                              messages_per_connection=100,
-                             main_cf=bench_options.postfix_main_cf(options, files, farm.ca_path),
+                             main_cf={**bench_options.postfix_main_cf(options, files, farm.ca_path),
+                                      **({"defer_transports": "smtp"} if scenario.held else {})},
                              tls_policy=(bench_options.postfix_tls_policy(
                                  routes, scenario.layout.mx_names()) if options.tls else ""))
         else:
@@ -380,6 +384,9 @@ def run_once(scenario: Scenario, kind: str, args, workdir: str, index: int,
         began = time.monotonic()
         server.start()
         startup = time.monotonic() - began
+        if scenario.held and isinstance(server, Relay):
+            for domain, _ in scenario.layout.domains:
+                server.relayctl("suspend", domain)
         try:
             if http is not None:
                 wait_listening(http[0])

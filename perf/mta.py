@@ -119,6 +119,17 @@ class Relay:
         wait_greeting(self.port, READY_TIMEOUT, lambda: self.proc.poll() is None)
         return self
 
+    def relayctl(self, *args: str) -> str:
+        """Run ``relayctl`` (of the same tree) against this relay; its output."""
+        done = subprocess.run(
+            [sys.executable, "-m", "relay.cli", "-c", self.config_path, *args],
+            capture_output=True, text=True, timeout=60, cwd=self.directory,
+            env={**os.environ,
+                 "PYTHONPATH": self.tree + os.pathsep + os.environ.get("PYTHONPATH", "")})
+        if done.returncode != 0:
+            raise RuntimeError(f"relayctl {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
     def log(self) -> str:
         try:
             with open(self.log_path, "rb") as file:

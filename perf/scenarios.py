@@ -33,6 +33,7 @@ class Scenario:
     intake: str = ""  # http or amqp: run that intake against SMTP with the same messages
     workers: int = 0  # relay workers when the scenario fixes them; 0 = --workers
     cluster: int = 0  # cluster: run 1, 2, ... this many relay instances sharing the broker
+    held: bool = False  # delivery held (intake): only taking mail in is measured
 
 
 def _domains(farm: Layout) -> tuple[str, ...]:
@@ -71,6 +72,22 @@ def hot_domain_spread(quick: bool) -> Scenario:
         scenario, name="hot-domain-spread",
         description=scenario.description + "; the relay spreads the domain over every worker",
         relay_overrides={"relay": {"spread_domains": list(_domains(scenario.layout))}})
+
+
+def intake(quick: bool) -> Scenario:
+    """Intake alone (the foundation issue: 2,500 msg/s at 10 KB with fsync):
+    every domain is suspended on the relay (relayctl suspend, before the
+    run) and Postfix defers its smtp transport (defer_transports), so
+    nothing is delivered and each side only takes mail in and keeps it."""
+    farm = layout(domains=20, sites=4)
+    messages = 2_000 if quick else 20_000
+    return Scenario(
+        "intake", "intake alone: 1 recipient, 10 KB, 20 domains, 50 connections; delivery held"
+        " (the relay's domains suspended, Postfix's defer_transports = smtp)",
+        farm,
+        (Stream("intake", messages, _domains(farm), sizes=((10 * KB, 1.0),), concurrency=50),),
+        time_limit=30 if quick else 600, drain_limit=0, held=True,
+    )
 
 
 def bulk(quick: bool) -> Scenario:
@@ -216,6 +233,7 @@ SCENARIOS = {
     "transactional": transactional,
     "hot-domain": hot_domain,
     "hot-domain-spread": hot_domain_spread,
+    "intake": intake,
     "bulk": bulk,
     "mixed": mixed,
     "mixed-campaigns": mixed_campaigns,

@@ -42,3 +42,13 @@ def test_every_scenario_builds_both_variants(name):
         assert scenario.streams and all(s.messages > 0 for s in scenario.streams)
         domains = {domain for domain, _ in scenario.layout.domains}
         assert all(set(s.domains) <= domains for s in scenario.streams)
+
+
+def test_intake_holds_delivery_and_sends_10_kb_to_several_domains():
+    scenario = scenarios.build("intake", False)
+    assert scenario.held and scenario.drain_limit == 0
+    (stream,) = scenario.streams
+    assert stream.sizes == ((10 * KB, 1.0),) and stream.recipients == 1
+    assert len(stream.domains) == 20  # spread over both workers' shards
+    assert not any(other.held for name, other in
+                   ((n, scenarios.build(n, False)) for n in scenarios.SCENARIOS) if name != "intake")
