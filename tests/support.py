@@ -690,7 +690,8 @@ def transfer(
 ) -> Outcome:
     """Run RelaySMTP.smtp_DATA's loop over ``data``: a line, then the whole
     lines buffered behind it in one block."""
-    reader = DataReader(max_size=max_size, normalize=normalize, max_received=max_received)
+    reader = DataReader(max_size=max_size, normalize=normalize, max_received=max_received,
+                        reader_limit=LIMIT)
     stream = StreamModel(data, chunk, cuts=cuts)
     ended = False
     while True:
@@ -704,7 +705,7 @@ def transfer(
         if reader.feed_line(line):
             ended = True
             break
-        size = whole_lines(stream.buffered(), LIMIT)
+        size = whole_lines(stream.buffered())
         if size and reader.feed_block(stream.read(size)):
             ended = True
             break

@@ -36,31 +36,26 @@ MAX_TEXT_LINE = 998
 _ANY_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
-def whole_lines(buffer: bytes | bytearray, limit: int) -> int:
+def whole_lines(buffer: bytes | bytearray) -> int:
     """How many bytes at the start of ``buffer`` (a line starts there) are
     whole lines ``feed_block`` may take: up to the end of data if it is
-    there, and never a line longer than ``limit`` (the stream reader's: such
-    a line must reach ``feed_overrun`` as it would through ``readuntil``)."""
+    there, else up to the last CRLF."""
     if buffer[:3] == b".\r\n":
         return 3
     last = buffer.rfind(b"\r\n")
     if last < 0:
         return 0
     end = buffer.find(b"\r\n.\r\n", 0, last + 2)
-    size = end + 5 if end >= 0 else last + 2
-    lines = bytes(buffer[:size]).split(b"\r\n")
-    if max(map(len, lines)) <= limit:
-        return size
-    offset = 0
-    for line in lines:  # rare: stop before the first long line
-        if len(line) > limit:
-            return offset
-        offset += len(line) + 2
-    return size  # not reached: some line was longer than limit
+    return end + 5 if end >= 0 else last + 2
 
 
 class DataReader:
-    def __init__(self, *, max_size: int, normalize: bool, max_received: int) -> None:
+    def __init__(self, *, max_size: int, normalize: bool, max_received: int,
+                 reader_limit: int = 1001) -> None:
+        # reader_limit: the stream reader's (aiosmtpd's line_length_limit): a
+        # longer line reaches feed_overrun when lines are read one by one, and
+        # feed_block treats it the same way.
+        self._reader_limit = reader_limit
         self._max_size = max_size
         self._normalize = normalize
         self._max_received = max_received
@@ -107,7 +102,9 @@ class DataReader:
 
     def feed_block(self, block: bytes) -> bool:
         """Take whole CRLF lines at once (as ``whole_lines`` cut them): the
-        same as ``feed_line`` for each; True when the last was the end of data."""
+        same as reading them one by one (``feed_line``, or ``feed_overrun``
+        for a line over the reader's limit); True when the last was the end
+        of data."""
         ended, start = self._feed_lines(block, until_body=True)
         rest = block[start:] if start else block
         if ended or not rest:
@@ -136,7 +133,10 @@ class DataReader:
             if until_body and not (self._in_headers or self._mid_line or self.verdict is not None):
                 break
             cut = block.index(b"\r\n", start) + 2
-            if self.feed_line(block[start:cut]):
+            if cut - start - 2 > self._reader_limit:  # as readuntil would hand it over
+                self.feed_overrun(block[start:cut - 2])
+                self.feed_line(b"\r\n")  # the tail of a long line: never the end
+            elif self.feed_line(block[start:cut]):
                 return True, cut
             start = cut
         return False, start

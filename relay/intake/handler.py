@@ -530,6 +530,7 @@ class RelaySMTP(SMTP):
             max_size=intake.max_message_size,
             normalize=intake.bare_line_endings == "normalize",
             max_received=intake.max_received_headers,
+            reader_limit=self.line_length_limit,
         )
         self._start_data_watch()
         held = 0  # what this session adds to state.data_bytes, given back below
@@ -550,7 +551,7 @@ class RelaySMTP(SMTP):
                         break
                     # The lines that arrived with it, in one call (the reader's
                     # buffer: see _pipelined); readexactly returns at once.
-                    size = whole_lines(self._reader._buffer, self.line_length_limit)
+                    size = whole_lines(self._reader._buffer)
                     if size:
                         block = await self._reader.readexactly(size)
                         held += size

@@ -441,44 +441,38 @@ def test_chunking_never_changes_the_outcome(data, chunk, normalize):
 # -- the fast path: feed_block --------------------------------------------------
 
 _line_piece = st.sampled_from([b"a", b".", b"..", b"\r", b"\n", b"\0", b"Received: x",
-                               b"x" * 500, b"y" * 998, b"z" * 999])
-
-
-def _by_lines(reader: DataReader, block: bytes) -> bool:
-    start = 0
-    while start < len(block):
-        cut = block.index(b"\r\n", start) + 2
-        if reader.feed_line(block[start:cut]):
-            return True
-        start = cut
-    return False
+                               b"x" * 500, b"y" * 998, b"z" * 999, b"w" * 1001])
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     lines=st.lists(st.lists(_line_piece, max_size=4).map(b"".join), max_size=12),
-    blank_at=st.integers(0, 12), end=st.booleans(), normalize=st.booleans(),
-    max_size=st.sampled_from([600, 3000, 10**6]), split_at=st.integers(0, 13),
+    blank_at=st.integers(0, 12), normalize=st.booleans(),
+    max_size=st.sampled_from([600, 3000, 10**6]), cuts=st.lists(st.integers(0, 6000), max_size=4),
 )
-def test_a_block_gives_what_its_lines_give_one_by_one(lines, blank_at, end, normalize,
-                                                       max_size, split_at):
+def test_blocks_give_what_reading_line_by_line_gives(lines, blank_at, normalize, max_size, cuts):
     lines = [b".." if line == b"." else line for line in lines]  # the end comes last only
     lines.insert(min(blank_at, len(lines)), b"")  # the end of the headers, somewhere
-    block = b"".join(line + b"\r\n" for line in lines) + (b".\r\n" if end else b"")
-    by_block = DataReader(max_size=max_size, normalize=normalize, max_received=2)
-    by_line = DataReader(max_size=max_size, normalize=normalize, max_received=2)
-    # Two blocks, cut at a line boundary, as two reads of the buffer would give.
-    cut = sum(len(line) + 2 for line in lines[:split_at])
-    ended = by_block.feed_block(block[:cut]) or by_block.feed_block(block[cut:])
-    assert ended == _by_lines(by_line, block) == end
-    assert by_block.finish() == by_line.finish()
+    wire = b"".join(line + b"\r\n" for line in lines) + b".\r\n" + TRAILER
+    # Byte by byte nothing is ever buffered behind a line: no block at all.
+    by_line = transfer(wire, chunk=1, normalize=normalize, max_size=max_size, max_received=2)
+    whole = transfer(wire, normalize=normalize, max_size=max_size, max_received=2)
+    split = transfer(wire, cuts=cuts, normalize=normalize, max_size=max_size, max_received=2)
+    for out in (whole, split):
+        assert (out.verdict, out.body, out.ended, out.unread) == (
+            by_line.verdict, by_line.body, by_line.ended, by_line.unread)
 
 
-def test_whole_lines_stops_at_the_end_of_data_and_before_a_long_line():
-    assert whole_lines(b".\r\nMAIL FROM:<a@b>\r\n", 1001) == 3
-    assert whole_lines(b"a\r\nb\r\n.\r\nQUIT\r\n", 1001) == 9
-    assert whole_lines(b"a\r\nb\r\npartial", 1001) == 6
-    assert whole_lines(b"partial", 1001) == 0
-    assert whole_lines(b"a\r\n" + b"x" * 1002 + b"\r\nb\r\n", 1001) == 3  # for feed_overrun
-    assert whole_lines(b"a\r\n" + b"x" * 1001 + b"\r\n", 1001) == 1006  # readuntil returns it whole
-    assert whole_lines(b"a\r\n.x\r\n..\r\n", 1001) == 11  # stuffed dots are not the end
+def test_whole_lines_stops_at_the_end_of_data():
+    assert whole_lines(b".\r\nMAIL FROM:<a@b>\r\n") == 3
+    assert whole_lines(b"a\r\nb\r\n.\r\nQUIT\r\n") == 9
+    assert whole_lines(b"a\r\nb\r\npartial") == 6
+    assert whole_lines(b"partial") == 0
+    assert whole_lines(b"a\r\n.x\r\n..\r\n") == 11  # stuffed dots are not the end
+    assert whole_lines(bytearray(b"a\r\n" + b"x" * 2000 + b"\r\n")) == 2005
+
+
+def test_a_block_with_a_line_over_the_readers_limit_is_refused_as_an_overrun():
+    reader = DataReader(max_size=10**6, normalize=False, max_received=5, reader_limit=1001)
+    assert reader.feed_block(b"X: 1\r\n\r\nok\r\n" + b"\0" * 1002 + b"\r\n.\r\n")
+    assert reader.finish() == (replies.S500_LINE_TOO_LONG, b"")  # not the NUL inside it
