@@ -217,7 +217,8 @@ RELAY_KEYS = _keys(
         reload=False),
     Key("spread_domains", _routing_domains, frozenset(),
         "recipient domains whose mail every worker stores and delivers (by address),"
-        " their limits split between workers; any other domain has one owner worker",
+        " their limits split between workers; any other domain has one owner worker"
+        " (the same list on every host of a cluster)",
         reload=False),
 )
 

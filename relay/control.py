@@ -26,7 +26,7 @@ from relay.config import Settings
 from relay.intake.lane import valid_name as campaign_name_ok
 from relay.intake.policy import BadDomain, routing_domain
 from relay.route.forward import request_blocking, socket_path
-from relay.route.shard import host_of, owner_of, slot_of
+from relay.route.shard import host_of, slot_of
 from relay.stats import prometheus, ring
 
 log = logging.getLogger("relay.control")
@@ -200,8 +200,8 @@ class ControlPlane:
         return {"ok": True, "action": action, "count": count, "campaigns": campaigns}
 
     def _to_workers(self, request: dict) -> dict:
-        """A domain's command goes to its owner (every worker for a spread
-        domain); the others to every worker."""
+        """A command goes to every worker (a domain's only after checking
+        that this host of the cluster owns the domain)."""
         domain = request.get("domain")
         if domain:
             try:
@@ -213,20 +213,12 @@ class ControlPlane:
             if host != cluster.index:
                 return {"ok": False, "error": f"{domain} belongs to host {host} of the cluster,"
                                               f" not this one ({cluster.index}): run relayctl there"}
-            if domain in self.settings.relay.spread_domains:
-                targets = list(range(self.workers))  # every worker sends its mail
-            else:
-                targets = [owner_of(slot_of(domain), self.workers, cluster.hosts)]
-        else:
-            targets = list(range(self.workers))
+        # Every worker, even for a domain's command: a spread domain's mail
+        # ([relay] spread_domains) is in all of them, and a suspension each
+        # records stays right when the list changes.
+        targets = list(range(self.workers))
         answers = {}
-        # Each worker keeps the suspensions of its own domains: after a
-        # suspend or resume the others are asked too, so the list shown is
-        # everyone's, not just the owner's.
-        asks = [(w, request) for w in targets]
-        if request["op"] in ("suspend", "resume"):
-            asks += [(w, {"op": "suspensions"}) for w in range(self.workers) if w not in targets]
-        for worker, message in asks:
+        for worker, message in [(w, request) for w in targets]:
             path = socket_path(self.settings.relay.run_dir, worker)
             try:
                 answers[worker] = request_blocking(path, message, WORKER_TIMEOUT)

@@ -54,15 +54,15 @@ class LogFormatter(logging.Formatter):
 
     def __init__(self, fmt: str) -> None:
         super().__init__(fmt)
-        self._second = -1
-        self._date = ""
+        self._dated = (-1, "")  # (second, its date): one tuple, as threads log too
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)
-        if second != self._second:
-            self._second, self._date = second, time.strftime(self.default_time_format,
-                                                              self.converter(second))
-        return self.default_msec_format % (self._date, record.msecs)
+        dated = self._dated
+        if dated[0] != second:
+            dated = self._dated = (second, time.strftime(self.default_time_format,
+                                                          self.converter(second)))
+        return self.default_msec_format % (dated[1], record.msecs)
 
 
 def setup_logging(level: str, worker: int | None = None) -> None:

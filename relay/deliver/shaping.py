@@ -92,6 +92,8 @@ def limits_for(settings, site_domains, mx_hosts, workers: int, overrides: dict |
     # What an effect on this worker's site sets is this worker's whole; what
     # the domain sets is shared by the workers that send its mail (one, or
     # a spread domain's host's); the rest is the site's, split between all.
+    # A site serving a spread domain splits all its domains' own limits (their
+    # tables are merged: which domain set a key is not kept).
     own_share = host_workers if any(domain in spread for domain in site_domains) else 1
     share = {key: 1 if key in (overrides or {}) else own_share if key in own else workers
              for key in merged}

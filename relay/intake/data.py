@@ -118,7 +118,7 @@ class DataReader:
         crlf = lines.count(b"\r\n")
         if (b"\0" in lines or lines.count(b"\r") != crlf or lines.count(b"\n") != crlf
                 or self._size + len(unstuffed) > self._max_size
-                or max(map(len, lines.split(b"\r\n"))) > MAX_TEXT_LINE):
+                or max(map(len, lines.split(b"\r\n"))) > min(MAX_TEXT_LINE, self._reader_limit)):
             return self._feed_lines(rest)[0]  # a problem somewhere: find it as feed_line would
         self._size += len(unstuffed)
         self._body += unstuffed

@@ -41,7 +41,7 @@ def queue(config_path: str, by: str = "domain", top: int | None = None,
     destination) and age, like qshape."""
     with spoolread.open_spools(_Args(config_path, offline)) as spools:
         now = time.time()
-        waiting, destinations, held_parts = [], {}, 0
+        waiting, attempts, held_parts = [], [], 0
         quarantined, quarantined_ids = 0, []
         for reader in spools.readers:
             waiting.extend(reader.waiting())
@@ -50,8 +50,10 @@ def queue(config_path: str, by: str = "domain", top: int | None = None,
             quarantined += count
             quarantined_ids += ids
             if by == "destination":
-                destinations.update(spoolread.latest_destinations(reader.destinations()))
-    # A domain lives in exactly one spool, so merging per-spool maps loses nothing.
+                attempts.extend(reader.destinations())
+    # Every spool's attempts at once: a spread domain ([relay] spread_domains)
+    # has mail in several, and its latest attempt wins wherever it is.
+    destinations = spoolread.latest_destinations(attempts)
     group = (lambda domain: destinations.get(domain, domain)) if by == "destination" else None
     shape = spoolread.queue_shape(waiting, now, group)
     rows = shape.rows[:top] if top else shape.rows

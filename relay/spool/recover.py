@@ -16,10 +16,11 @@ every spool database holding exactly the mail of its worker's slots.
    into every spool: they apply in every worker): copied and committed there first, then deleted
    at the source.  A crash in between leaves a copy on both sides, and the
    next run's INSERT OR IGNORE makes the copy a no-op before the delete.
-   When ``[relay] spread_domains`` changed, suppression entries and events
-   move the same way to their address's new owner (route.shard.address_slot);
-   mail already queued keeps the slot it was stored with, and its worker
-   sends it.
+   When ``[relay] spread_domains`` changed, the recipients of the domains
+   that were or are spread first take the slot the list gives them now
+   (route.shard.address_slot), so they move with their addresses'
+   suppression entries and events.  The suspensions every spool recorded
+   (relayctl suspend) are merged into every spool, as campaign states are.
 4. The records of AMQP message keys (spool.seen) move to their key's owner
    (route.shard.key_owner) when the worker count changed since they were
    placed, or when a relay that kept them with the consuming worker wrote
@@ -95,10 +96,15 @@ def recover(spool_dir: str, workers: int, hosts: int = 1, index: int = 0,
             with reporting(paths[worker]):
                 recorded[worker] = (_recorded_workers(conn), _recorded_spread(conn))
         if any(recorded_as != (workers, spread_text) for recorded_as in recorded.values()):
+            was_spread = {d for _, text in recorded.values() for d in text.split(",") if d}
+            for worker, conn in conns.items():
+                with reporting(paths[worker]):
+                    _reslot(conn, was_spread | spread)
             for source, conn in conns.items():
                 with reporting(paths[source]):  # targets were checked by connect() above
                     _rehome(source, conn, conns, workers, hosts, counts)
             _merge_campaign_states(conns)
+            _merge_suspensions(conns)
             for conn in conns.values():
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('workers', ?)", (str(workers),))
                 conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
@@ -229,6 +235,30 @@ def _merge_campaign_states(conns: dict) -> None:
         for conn in conns.values():
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('campaigns', ?)",
                          (orjson.dumps(states).decode(),))
+
+
+def _reslot(conn, domains: set[str]) -> None:
+    """Recipients of domains spread or no longer spread take the slot the
+    list gives them now, so they move with their addresses' suppressions and
+    events (re-homing follows the slot)."""
+    if domains:
+        marks = ", ".join("?" * len(domains))
+        conn.execute(f"UPDATE recipient SET slot = address_slot(address) WHERE domain IN ({marks})",
+                     sorted(domains))
+
+
+def _merge_suspensions(conns: dict) -> None:
+    """relayctl suspend, as every spool recorded it, into every spool: a
+    domain's mail may have moved to a worker that never saw the command."""
+    domains: set[str] = set()
+    for conn in conns.values():
+        row = conn.execute("SELECT value FROM meta WHERE key = 'suspended'").fetchone()
+        if row:
+            domains.update(orjson.loads(row[0]))
+    if domains:
+        for conn in conns.values():
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('suspended', ?)",
+                         (orjson.dumps(sorted(domains)).decode(),))
 
 
 def _rehome(source: int, conn, conns: dict, workers: int, hosts: int,

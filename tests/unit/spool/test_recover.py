@@ -304,28 +304,55 @@ def suppressed_by_worker(spool_dir: str) -> dict[int, set[str]]:
     return out
 
 
-def test_spreading_a_domain_moves_its_suppressions_to_their_addresses_owners(tmp_path):
+def recipients_by_worker(spool_dir: str) -> dict[int, set[tuple[str, int]]]:
+    out = {}
+    for worker, path in sorted(existing_spools(spool_dir).items()):
+        conn = sqlite3.connect(path)
+        out[worker] = set(conn.execute("SELECT address, slot FROM recipient").fetchall())
+        conn.close()
+    return out
+
+
+def test_spreading_a_domain_moves_its_mail_and_suppressions_to_their_addresses_owners(tmp_path):
     from relay.route.shard import owner_of
 
     spool_dir = str(tmp_path)
     recover(spool_dir, 2)
-    domain = DOMAINS[0]
+    domain, other = DOMAINS[0], DOMAINS[1]
     addresses = [f"user{n}@{domain}" for n in range(40)]
     owner = owner_of(recipient(addresses[0], 0).slot, 2)
-    queued = make_part("Q", [domain] * 3)  # queued before the change: stays with its worker
+    queued = dataclasses.replace(make_part("Q", [domain] * 12 + [other]), recipients=tuple(
+        recipient(a, i) for i, a in enumerate(addresses[:12] + [f"u@{other}"])))
     write(spool_dir, owner, [queued])
     conn = connect(spool_path(spool_dir, owner))
     conn.executemany("INSERT INTO suppression VALUES (?, 1.0, '550 no such user')",
                      [(address,) for address in addresses])
+    conn.execute("""INSERT INTO meta VALUES ('suspended', '["%s"]')""" % domain)
     conn.close()
+
     spread = frozenset({domain})
     recover(spool_dir, 2, spread=spread)
+
+    def home(address: str, spread=spread) -> int:
+        return owner_of(recipient(address, 0, spread).slot, 2)
+
     placed = suppressed_by_worker(spool_dir)
-    assert placed == {w: {a for a in addresses if owner_of(recipient(a, 0, spread).slot, 2) == w}
-                      for w in range(2)}
+    assert placed == {w: {a for a in addresses if home(a) == w} for w in range(2)}
     assert placed[0] and placed[1]  # both workers own some of the domain's addresses now
-    assert [row[0] for row in snapshot(spool_dir)[owner]["message"]] == ["Q"]
+    # Queued mail moved with its addresses (each with the slot the list gives it);
+    # the other domain's recipient stayed.
+    rows = recipients_by_worker(spool_dir)
+    assert {a for w in rows for a, slot in rows[w] if slot != recipient(a, 0, spread).slot} == set()
+    assert {a: w for w in rows for a, _ in rows[w]} == {
+        a: home(a) for a in addresses[:12] + [f"u@{other}"]}
+    for worker, path in existing_spools(spool_dir).items():  # the suspension holds everywhere
+        conn = sqlite3.connect(path)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'suspended'").fetchone() == (
+            f'["{domain}"]',)
+        conn.close()
     recover(spool_dir, 2, spread=spread)
     assert suppressed_by_worker(spool_dir) == placed  # placed once
     recover(spool_dir, 2)  # and back to one owner when the list no longer names it
     assert suppressed_by_worker(spool_dir) == {owner: set(addresses), 1 - owner: set()}
+    assert {a for w, found in recipients_by_worker(spool_dir).items() for a, _ in found
+            if w == owner} >= set(addresses[:12])
