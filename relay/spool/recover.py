@@ -34,6 +34,7 @@ import glob
 import logging
 import os
 import re
+from typing import Any, Callable
 
 import orjson
 
@@ -103,8 +104,8 @@ def recover(spool_dir: str, workers: int, hosts: int = 1, index: int = 0,
             for source, conn in conns.items():
                 with reporting(paths[source]):  # targets were checked by connect() above
                     _rehome(source, conn, conns, workers, hosts, counts)
-            _merge_campaign_states(conns)
-            _merge_suspensions(conns)
+            _merge_meta(conns, "campaigns", _campaign_states)
+            _merge_meta(conns, "suspended", _suspended)
             for conn in conns.values():
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('workers', ?)", (str(workers),))
                 conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
@@ -223,18 +224,29 @@ def _domain_slot(domain: str) -> int:
     return _address_slot("@" + domain)
 
 
-def _merge_campaign_states(conns: dict) -> None:
-    """relayctl campaign pause|cancel, as every spool recorded it, into every
-    spool: a worker new after a worker-count change applies them too."""
-    states: dict[str, str] = {}
+def _merge_meta(conns: dict, key: str, combine: Callable[[list], Any]) -> None:
+    """A JSON meta value, as every spool recorded it, combined into one and
+    written to every spool: what the operator set applies in every worker,
+    a worker new after a worker-count change included.  Campaign states
+    (relayctl campaign pause|cancel) and suspensions (relayctl suspend: a
+    domain's mail may have moved to a worker that never saw the command)."""
+    values = []
     for conn in conns.values():
-        row = conn.execute("SELECT value FROM meta WHERE key = 'campaigns'").fetchone()
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         if row:
-            states.update(orjson.loads(row[0]))
-    if states:
+            values.append(orjson.loads(row[0]))
+    merged = combine(values)
+    if merged:
         for conn in conns.values():
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('campaigns', ?)",
-                         (orjson.dumps(states).decode(),))
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, orjson.dumps(merged).decode()))
+
+
+def _campaign_states(values: list[dict]) -> dict:
+    return {name: state for states in values for name, state in states.items()}
+
+
+def _suspended(values: list[list]) -> list:
+    return sorted({domain for domains in values for domain in domains})
 
 
 def _reslot(conn, domains: set[str]) -> None:
@@ -245,20 +257,6 @@ def _reslot(conn, domains: set[str]) -> None:
         marks = ", ".join("?" * len(domains))
         conn.execute(f"UPDATE recipient SET slot = address_slot(address) WHERE domain IN ({marks})",
                      sorted(domains))
-
-
-def _merge_suspensions(conns: dict) -> None:
-    """relayctl suspend, as every spool recorded it, into every spool: a
-    domain's mail may have moved to a worker that never saw the command."""
-    domains: set[str] = set()
-    for conn in conns.values():
-        row = conn.execute("SELECT value FROM meta WHERE key = 'suspended'").fetchone()
-        if row:
-            domains.update(orjson.loads(row[0]))
-    if domains:
-        for conn in conns.values():
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('suspended', ?)",
-                         (orjson.dumps(sorted(domains)).decode(),))
 
 
 def _rehome(source: int, conn, conns: dict, workers: int, hosts: int,
