@@ -5,7 +5,8 @@ Input: the environment, read once at import.
   RELAY_REQUIRE_EXTENSIONS=1  a missing or broken _fast is fatal (CI, deploys);
                               it does not override RELAY_NO_EXTENSIONS
 Output: ``IMPLEMENTATION`` ("fast" or "ref") and the chosen names:
-``canon_header_relaxed``, ``canon_header_simple``, ``BodyHasher``.
+``canon_header_relaxed``, ``canon_header_simple``, ``BodyHasher``,
+``unstuff_clean``.
 
 The choice is made per module, so a build that lacks one extension still
 uses the others; ``IMPLEMENTATION`` is "fast" only when every module is.
@@ -27,6 +28,7 @@ __all__ = [
     "BodyHasher",
     "canon_header_relaxed",
     "canon_header_simple",
+    "unstuff_clean",
 ]
 
 log = logging.getLogger("relay.accel")
@@ -56,7 +58,11 @@ def _load(name: str, *, use_fast: bool, require: bool):
     return importlib.import_module(f"relay._ref.{name}"), "ref"
 
 
-def _choose() -> tuple[dict[str, str], str, object, object]:
+# The modules with a _fast build and a _ref twin.
+_NAMES = ("canon", "bodyhash", "datalines")
+
+
+def _choose() -> tuple[dict[str, str], str, dict[str, object]]:
     require = _flag("RELAY_REQUIRE_EXTENSIONS")
     if _flag("RELAY_NO_EXTENSIONS"):
         use_fast, reason = False, "RELAY_NO_EXTENSIONS=1"
@@ -66,18 +72,18 @@ def _choose() -> tuple[dict[str, str], str, object, object]:
         use_fast, reason = True, ""
     # Disabling is an explicit choice, so it wins over RELAY_REQUIRE_EXTENSIONS
     # (which guards against a *missing* build, not against asking for _ref).
-    canon, canon_impl = _load("canon", use_fast=use_fast, require=require)
-    bodyhash, bodyhash_impl = _load("bodyhash", use_fast=use_fast, require=require)
-    modules = {"canon": canon_impl, "bodyhash": bodyhash_impl}
-    return modules, reason, canon, bodyhash
+    loaded = {name: _load(name, use_fast=use_fast, require=require) for name in _NAMES}
+    modules = {name: impl for name, (_module, impl) in loaded.items()}
+    return modules, reason, {name: module for name, (module, _impl) in loaded.items()}
 
 
-MODULES, _reason, _canon, _bodyhash = _choose()
+MODULES, _reason, _chosen = _choose()
 IMPLEMENTATION = "fast" if all(impl == "fast" for impl in MODULES.values()) else "ref"
 
-canon_header_relaxed = _canon.canon_header_relaxed
-canon_header_simple = _canon.canon_header_simple
-BodyHasher = _bodyhash.BodyHasher
+canon_header_relaxed = _chosen["canon"].canon_header_relaxed
+canon_header_simple = _chosen["canon"].canon_header_simple
+BodyHasher = _chosen["bodyhash"].BodyHasher
+unstuff_clean = _chosen["datalines"].unstuff_clean
 
 log.info(
     "hot paths: %s (%s)%s",

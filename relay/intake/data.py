@@ -19,15 +19,17 @@ and the reply is given after the final dot (RFC 5321 4.2.5).
 ``feed_block`` is the fast path: the lines a client has already sent are
 taken in one call instead of one ``readuntil`` and one ``feed_line`` each
 (a 10 KB message is ~150 lines).  It gives exactly what feeding its lines
-one by one gives: a block of clean body lines is checked and unstuffed with
-a few passes of bytes methods, and anything else (headers, a verdict, a NUL,
-a bare CR or LF, a long line, the size limit) goes line by line.
+one by one gives: a block of clean body lines is checked and unstuffed in
+one pass (relay.accel.unstuff_clean, in C), and anything else (headers, a
+verdict, a NUL, a bare CR or LF, a long line, the size limit) goes line by
+line.
 """
 
 from __future__ import annotations
 
 import re
 
+from relay.accel import unstuff_clean
 from relay.intake import replies
 
 # RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF.
@@ -111,14 +113,9 @@ class DataReader:
             return ended
         ended = rest == b".\r\n" or rest.endswith(b"\r\n.\r\n")
         lines = rest[:-3] if ended else rest
-        # RFC 5321 4.5.2: a line's leading dot goes (the first line's has no CRLF before it).
-        unstuffed = lines.replace(b"\r\n.", b"\r\n")
-        if unstuffed[:1] == b".":
-            unstuffed = unstuffed[1:]
-        crlf = lines.count(b"\r\n")
-        if (b"\0" in lines or lines.count(b"\r") != crlf or lines.count(b"\n") != crlf
-                or self._size + len(unstuffed) > self._max_size
-                or max(map(len, lines.split(b"\r\n"))) > min(MAX_TEXT_LINE, self._reader_limit)):
+        # RFC 5321 4.5.2: each line's leading dot goes.
+        unstuffed = unstuff_clean(lines, min(MAX_TEXT_LINE, self._reader_limit))
+        if unstuffed is None or self._size + len(unstuffed) > self._max_size:
             return self._feed_lines(rest)[0]  # a problem somewhere: find it as feed_line would
         self._size += len(unstuffed)
         self._body += unstuffed

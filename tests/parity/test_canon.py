@@ -119,6 +119,7 @@ def test_fast_really_loaded():
     assert accel.IMPLEMENTATION == "fast"
     assert accel.canon_header_relaxed is importlib.import_module("relay._fast.canon").canon_header_relaxed
     assert accel.BodyHasher is importlib.import_module("relay._fast.bodyhash").BodyHasher
+    assert accel.unstuff_clean is importlib.import_module("relay._fast.datalines").unstuff_clean
 
 
 def _accel_in_subprocess(env: dict[str, str], block_fast: bool = False) -> subprocess.CompletedProcess:

@@ -1,0 +1,3 @@
+"""Types of relay._fast.datalines (mirrors relay._ref.datalines)."""
+
+def unstuff_clean(lines: bytes, max_line: int) -> bytes | None: ...
