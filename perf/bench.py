@@ -62,7 +62,9 @@ SAMPLE_INTERVAL = 0.25  # progress and end-of-run checks
 PSS_INTERVAL = 1.0  # smaps_rollup of a few hundred Postfix processes costs real CPU
 PROGRESS_INTERVAL_TTY = 0.25
 PROGRESS_INTERVAL_PIPE = 5.0
-RELAY_CONNECTIONS_PER_DESTINATION = 20  # the relay's default, matched by Postfix
+# The relay's default connection_limit per site, for the whole relay (split
+# between the workers that send there); Postfix gets the same per destination.
+RELAY_CONNECTIONS_PER_DESTINATION = 20
 HTTP_TOKEN_NAME = "bench"
 AMQP_START_LIMIT = 60.0  # seconds for the relay to start and take its first messages
 
@@ -362,7 +364,7 @@ def run_once(scenario: Scenario, kind: str, args, workdir: str, index: int,
                              tree=args.relay_tree)
         elif kind == "postfix":
             server = Postfix(workdir, routes=routes,
-                             concurrency=RELAY_CONNECTIONS_PER_DESTINATION * args.workers,
+                             concurrency=RELAY_CONNECTIONS_PER_DESTINATION,
                              messages_per_connection=100,
                              main_cf={**bench_options.postfix_main_cf(options, files, farm.ca_path),
                                       **({"defer_transports": "smtp"} if scenario.held else {})},

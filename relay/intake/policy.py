@@ -87,27 +87,35 @@ def parse_path(text: str, *, utf8: bool) -> tuple[Path | None, str]:
     if match is None:
         raise PathError(replies.S553_BAD_RCPT)
     local, domain = match.group("local"), match.group("domain")
+    octets = len if inner.isascii() else _utf8_length  # the limits are in octets
     if (
-        len(local.encode("utf-8")) > MAX_LOCAL_PART
-        or len(domain.encode("utf-8")) > MAX_DOMAIN
-        or len(inner.encode("utf-8")) + 2 > MAX_PATH
+        octets(local) > MAX_LOCAL_PART
+        or octets(domain) > MAX_DOMAIN
+        or octets(inner) + 2 > MAX_PATH
     ):
         raise PathError(replies.S553_BAD_RCPT)
-    if domain.startswith("[") and not _valid_literal(domain[1:-1]):
-        raise PathError(replies.S553_BAD_RCPT)
-    if not domain.startswith("["):
+    if domain.startswith("["):
+        if not _valid_literal(domain[1:-1]):
+            raise PathError(replies.S553_BAD_RCPT)
+    else:
         try:  # a label's limit (63 octets) is on its A-label form
-            routing_domain(domain)
+            a_labels = routing_domain(domain)
         except BadDomain:
             raise PathError(replies.S553_BAD_RCPT) from None
-        if any(len(label) > 63 for label in routing_domain(domain).split(".")):
+        if any(len(label) > 63 for label in a_labels.split(".")):
             raise PathError(replies.S553_BAD_RCPT)
     return Path(f"{local}@{domain}", local, domain, match.group("route") or ""), rest.strip()
+
+
+def _utf8_length(text: str) -> int:
+    return len(text.encode("utf-8"))
 
 
 def _closing_bracket(text: str) -> int:
     """Index of the ">" that closes a path starting with "<", skipping
     quoted strings and quoted pairs (``<"a>b"@x>``); -1 if none."""
+    if '"' not in text:  # nearly every path: nothing to skip
+        return text.find(">")
     quoted = escaped = False
     for index, char in enumerate(text):
         if escaped:
