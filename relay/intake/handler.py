@@ -604,6 +604,24 @@ class RelaySMTP(SMTP):
             return
         self._data_watch = self.loop.call_later(DATA_WATCH_INTERVAL, self._check_data_progress)
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """The idle limit starts again (aiosmtpd calls this for every
+        command).  aiosmtpd cancels its timer and makes a new one each time;
+        here the timer is moved only when it would fire too late, and when
+        it fires early it is set again for the new limit (_idle_check)."""
+        self._idle_until = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > self._idle_until:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(self._idle_until, self._idle_check)
+
+    def _idle_check(self) -> None:
+        if self.loop.time() < self._idle_until:
+            self._timeout_handle = self.loop.call_at(self._idle_until, self._idle_check)
+            return
+        self._timeout_cb()
+
     def _timeout_cb(self) -> None:
         # aiosmtpd closes silently; RFC 5321 4.5.3.2 wants a 421 first.
         self._close_with(replies.S421_IDLE)

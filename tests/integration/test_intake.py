@@ -286,8 +286,15 @@ def test_idle_and_slow_clients_are_dropped(relay_factory):
         intake={"idle_timeout": "2s", "min_data_rate": 1000, "data_rate_grace": "1s", "min_free_space": 0},
     ).start()
     idle = open_session(relay)
-    time.sleep(2.5)
+    busy = open_session(relay)
+    time.sleep(1.5)
+    assert busy.command("NOOP")[0] == 250  # its idle limit starts again
+    time.sleep(1.0)
     assert idle.read_all(timeout=3).startswith(b"421 4.4.2")
+    assert busy.command("NOOP")[0] == 250  # 2.5 s after it opened, 1 s after its last command
+    started = time.monotonic()
+    assert busy.read_all(timeout=4).startswith(b"421 4.4.2")
+    assert 1.0 <= time.monotonic() - started < 3.5
     slow = open_session(relay)
     slow.command("MAIL FROM:<app@sender.example>")
     slow.command("RCPT TO:<rcpt@alpha.example>")

@@ -2,11 +2,12 @@
 
 intake.handler subclasses ``aiosmtpd.smtp.SMTP``: it overrides methods
 aiosmtpd calls (``_getaddr``, ``push``, ``handle_exception``, the
-``smtp_*`` verbs, ``_timeout_cb``, ``_authenticate`` and the ``auth_*``
-mechanisms), calls its helpers (``_call_handler_hook``,
-``_set_post_data_state``, ``_reset_timeout``, ``check_*_needed``), reads its
-attributes (``session``, ``envelope``, ``transport``, ``loop``, ``_reader``,
-``_writer``) and peeks into asyncio's ``StreamReader._buffer``.
+``smtp_*`` verbs, ``_timeout_cb``, ``_reset_timeout``, ``_authenticate`` and
+the ``auth_*`` mechanisms), calls its helpers (``_call_handler_hook``,
+``_set_post_data_state``, ``check_*_needed``), reads its attributes
+(``session``, ``envelope``, ``transport``, ``loop``, ``_reader``,
+``_writer``, ``_timeout_handle``, ``_timeout_duration``) and peeks into
+asyncio's ``StreamReader._buffer``.
 intake.replies rewrites aiosmtpd's reply wording.  A new aiosmtpd release may
 change any of these without notice; this file names each one so that the
 change fails here, not in production.  (relay.testing.fakenet's
@@ -44,10 +45,10 @@ SMTP_METHODS = {
     "auth_PLAIN": (True, ["_", "args"]),
     "auth_LOGIN": (True, ["_", "args"]),
     "_timeout_cb": (False, []),
+    "_reset_timeout": (False, ["duration"]),
     # called
     "_call_handler_hook": (True, ["command", "args"]),
     "_set_post_data_state": (False, []),
-    "_reset_timeout": (False, ["duration"]),
     "check_helo_needed": (True, ["helo"]),
     "check_auth_needed": (True, ["caller_method"]),
 }
@@ -66,7 +67,9 @@ CALL_SITES = [
     ("smtp_RCPT", "self._getaddr(arg)"),
     ("_handle_client", "self.handle_exception(error)"),
     ("_handle_client", "self.push("),
-    ("_reset_timeout", "self._timeout_cb"),
+    # RelaySMTP._reset_timeout keeps one timer in the attribute aiosmtpd cancels when the connection goes
+    ("connection_lost", "self._timeout_handle.cancel()"),
+    ("_handle_client", "self._reset_timeout()"),
     # RelaySMTP._authenticate returns a coroutine that its auth_PLAIN/LOGIN
     # await: aiosmtpd's must hand back what _authenticate returned, as is.
     ("auth_PLAIN", 'return self._authenticate("PLAIN", LoginPassword(login, password))'),
@@ -145,8 +148,9 @@ class _Transport(asyncio.Transport):
 def test_instance_attributes_we_read():
     loop = asyncio.new_event_loop()
     try:
-        server = SMTP(object(), loop=loop)
-        for name in ("loop", "transport", "session", "envelope", "_original_transport"):
+        server = SMTP(object(), loop=loop, timeout=42)
+        assert server._timeout_duration == 42  # RelaySMTP._reset_timeout's default limit
+        for name in ("loop", "transport", "session", "envelope", "_original_transport", "_timeout_handle"):
             assert hasattr(server, name), name
         assert server.transport is None  # RelaySMTP.connection_made tells TCP from STARTTLS by it
         transport = _Transport()
