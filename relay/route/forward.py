@@ -165,11 +165,42 @@ def request_blocking(path: str, header: dict, timeout: float) -> dict:
         return orjson.loads(data[FRAME.size:FRAME.size + header_len])
 
 
-async def _write_frame(writer: asyncio.StreamWriter, header: dict, body: bytes = b"") -> None:
-    encoded = orjson.dumps(header)
-    writer.write(FRAME.pack(len(encoded), len(body)) + encoded)
-    if body:
-        writer.write(body)
+class FrameWriter:
+    """Frames out on one connection, those of one turn of the event loop in
+    one write (writev) at its end: a worker's stores to a peer come from
+    many intake sessions at once, and the owner's acks from one group
+    commit, so one system call carries many of them (each was two)."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._chunks: list[bytes] = []
+
+    def send(self, header: dict, body: bytes = b"") -> None:
+        encoded = orjson.dumps(header)
+        if not self._chunks:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._chunks.append(FRAME.pack(len(encoded), len(body)) + encoded)
+        if body:
+            self._chunks.append(body)
+
+    def _flush(self) -> None:
+        chunks, self._chunks = self._chunks, []
+        if not self._writer.is_closing():
+            self._writer.writelines(chunks)
+
+    async def drain(self) -> None:
+        """Raises when the connection is lost; waits while the peer lags."""
+        await self._writer.drain()
+
+    def is_closing(self) -> bool:
+        return self._writer.is_closing()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+async def _write_frame(writer: FrameWriter, header: dict, body: bytes = b"") -> None:
+    writer.send(header, body)
     await writer.drain()
 
 
@@ -190,9 +221,9 @@ class PeerClient:
     def __init__(self, owner: int, path: str) -> None:
         self.owner = owner
         self.path = path
-        self._writer: asyncio.StreamWriter | None = None
+        self._writer: FrameWriter | None = None
         self._reader_tasks: set[asyncio.Task] = set()
-        self._pending: dict[int, tuple[asyncio.Future, asyncio.StreamWriter]] = {}
+        self._pending: dict[int, tuple[asyncio.Future, FrameWriter]] = {}
         self._ids = itertools.count(1)
         self._connecting = asyncio.Lock()
 
@@ -216,20 +247,20 @@ class PeerClient:
         """Connect now if not connected (OwnerUnavailable if it cannot)."""
         await self._connection()
 
-    async def _connection(self) -> asyncio.StreamWriter:
+    async def _connection(self) -> FrameWriter:
         async with self._connecting:
             if self._writer is None or self._writer.is_closing():
                 try:
-                    reader, writer = await asyncio.open_unix_connection(self.path)
+                    reader, stream = await asyncio.open_unix_connection(self.path)
                 except OSError:
                     raise OwnerUnavailable(f"worker {self.owner} is not reachable") from None
-                self._writer = writer
+                writer = self._writer = FrameWriter(stream)
                 task = asyncio.create_task(self._read_replies(reader, writer))
                 self._reader_tasks.add(task)
                 task.add_done_callback(self._reader_tasks.discard)
             return self._writer
 
-    async def _read_replies(self, reader: asyncio.StreamReader, writer) -> None:
+    async def _read_replies(self, reader: asyncio.StreamReader, writer: FrameWriter) -> None:
         try:
             while True:
                 header, _ = await _read_frame(reader)
@@ -239,7 +270,7 @@ class PeerClient:
         except (OSError, asyncio.IncompleteReadError, orjson.JSONDecodeError) as exc:
             self._fail(writer, exc)
 
-    def _fail(self, writer: asyncio.StreamWriter, exc: BaseException) -> None:
+    def _fail(self, writer: FrameWriter, exc: BaseException) -> None:
         """A connection broke: every request that went out on it failed."""
         writer.close()
         if self._writer is writer:
@@ -454,7 +485,8 @@ class Router:
         self._server = await asyncio.start_unix_server(self._serve_peer, path=path)
         self._held_task = asyncio.create_task(self._settle_held_parts())
 
-    async def _serve_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_peer(self, reader: asyncio.StreamReader, stream: asyncio.StreamWriter) -> None:
+        writer = FrameWriter(stream)
         tasks: set[asyncio.Task] = set()
         try:
             while True:
@@ -471,7 +503,7 @@ class Router:
                 await asyncio.gather(*tasks, return_exceptions=True)
             writer.close()
 
-    async def _answer(self, writer: asyncio.StreamWriter, header: dict, body: bytes) -> None:
+    async def _answer(self, writer: FrameWriter, header: dict, body: bytes) -> None:
         reply = {"rid": header.get("rid"), "ok": True}
         try:
             if header["op"] == "store":
