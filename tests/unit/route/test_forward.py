@@ -426,3 +426,40 @@ def test_status_answers(run_dir):
 def test_routed_recipient_matches_shard():
     rcpt = recipient(f"u@{OWNER1[0]}", 5)
     assert rcpt.slot == slot_of(OWNER1[0]) and rcpt.index == 5
+
+
+def test_the_frames_of_one_loop_turn_go_out_in_one_write_in_order():
+    class Recording:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+
+        def writelines(self, chunks) -> None:
+            self.writes.append(b"".join(chunks))
+
+        def is_closing(self) -> bool:
+            return False
+
+    async def run():
+        stream = Recording()
+        writer = forward.FrameWriter(stream)
+        writer.send({"rid": 1, "op": "store"}, b"a body")
+        writer.send({"rid": 2, "op": "release"})
+        before = list(stream.writes)
+        await asyncio.sleep(0)
+        writer.send({"rid": 3, "op": "status"})
+        await asyncio.sleep(0)
+        return before, stream.writes
+
+    before, writes = asyncio.run(run())
+    assert before == []  # nothing is written until the turn ends
+    assert len(writes) == 2
+
+    def frames(data: bytes):
+        while data:
+            header_len, body_len = forward.FRAME.unpack(data[:forward.FRAME.size])
+            start = forward.FRAME.size
+            yield orjson.loads(data[start:start + header_len])["rid"], data[start + header_len:start + header_len + body_len]
+            data = data[start + header_len + body_len:]
+
+    assert list(frames(writes[0])) == [(1, b"a body"), (2, b"")]
+    assert list(frames(writes[1])) == [(3, b"")]
