@@ -96,9 +96,11 @@ class SiteQueue:
 
     def __init__(self) -> None:
         self.lanes = {lane: CampaignRing() for lane in LANES}
+        self._size = 0  # every ring's count: asked at each scheduler pass, for every site
 
     def push(self, job, front: bool = False) -> None:
         self.lanes[lane_of(job)].push(job, front)
+        self._size += 1
 
     def count(self, lane: str) -> int:
         return self.lanes[lane].count
@@ -107,20 +109,24 @@ class SiteQueue:
         return self.lanes[lane].peek()
 
     def pop(self, lane: str):
-        return self.lanes[lane].pop()
+        job = self.lanes[lane].pop()
+        self._size -= 1
+        return job
 
     def oldest(self, lanes: tuple = LANES) -> float | None:
         return min((t for t in (self.lanes[lane].oldest() for lane in lanes) if t is not None),
                    default=None)
 
     def take(self, keep: Callable[[object], bool]) -> list:
-        return [job for lane in LANES for job in self.lanes[lane].take(keep)]
+        taken = [job for lane in LANES for job in self.lanes[lane].take(keep)]
+        self._size -= len(taken)
+        return taken
 
     def clear(self) -> list:
         return self.take(lambda job: False)
 
     def __len__(self) -> int:
-        return sum(ring.count for ring in self.lanes.values())
+        return self._size
 
     def __iter__(self) -> Iterator:
         for lane in LANES:

@@ -486,6 +486,8 @@ class Scheduler:
                                 site.name, tuple(sorted(site.domains))))
             wake.append(held)
             return min(wake)
+        if not site.jobs:
+            return min(wake) if wake else None
         # Send on idle connections while message tokens are due.
         idle = sorted((c for c in site.connections.values() if c.state == "idle"),
                       key=lambda c: -c.since)  # the most recently used first: keeps it warm

@@ -4,6 +4,9 @@ idle), campaigns served in turn.  No sockets, no sleeps."""
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from relay.deliver.lanes import CampaignRing, SiteQueue
 from relay.deliver.scheduler import Open, Send
 from tests.unit.deliver.test_scheduler import KEY, MX, OK, Clock, FakeJob, of, open_all, scheduler
@@ -18,6 +21,28 @@ def bulk(i, campaign="big"):
 
 
 # -- the queue (pure) ---------------------------------------------------------------
+
+OPERATIONS = st.lists(st.one_of(
+    st.tuples(st.just("push"), st.sampled_from(["transactional", "bulk"]), st.sampled_from(["", "a", "b"]),
+              st.booleans()),
+    st.tuples(st.just("pop"), st.sampled_from(["transactional", "bulk"])),
+    st.tuples(st.just("take"), st.sampled_from(["", "a", "b"])),
+), max_size=60)
+
+
+@given(OPERATIONS)
+def test_the_queue_s_length_is_what_it_holds(operations):
+    # SiteQueue keeps its length as a counter (asked for every site at each pass).
+    queue, ids = SiteQueue(), iter(range(10**6))
+    for operation in operations:
+        if operation[0] == "push":
+            queue.push(job(f"j{next(ids)}", operation[1], operation[2]), front=operation[3])
+        elif operation[0] == "pop" and queue.count(operation[1]):
+            queue.pop(operation[1])
+        elif operation[0] == "take":
+            queue.take(lambda kept, campaign=operation[1]: kept.campaign != campaign)
+        assert len(queue) == len(list(queue)) == sum(queue.count(lane) for lane in ("transactional", "bulk"))
+        assert bool(queue) is (len(queue) > 0)
 
 
 def test_a_small_campaign_interleaves_with_a_big_one_pushed_first():
