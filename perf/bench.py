@@ -63,7 +63,7 @@ PSS_INTERVAL = 1.0  # smaps_rollup of a few hundred Postfix processes costs real
 PROGRESS_INTERVAL_TTY = 0.25
 PROGRESS_INTERVAL_PIPE = 5.0
 # The relay's default connection_limit per site, for the whole relay (split
-# between the workers that send there); Postfix gets the same per destination.
+# evenly between its workers); Postfix gets the same per destination.
 RELAY_CONNECTIONS_PER_DESTINATION = 20
 HTTP_TOKEN_NAME = "bench"
 AMQP_START_LIMIT = 60.0  # seconds for the relay to start and take its first messages

@@ -93,10 +93,11 @@ class ReadDeadline:
     cancelled, and ``timed_out`` tells that cancellation from any other, as
     asyncio.timeout does (Task.uncancel)."""
 
-    __slots__ = ("_timer", "_when", "_task", "_cancelling", "_expired")
+    __slots__ = ("_timer", "_timer_at", "_when", "_task", "_cancelling", "_expired")
 
     def __init__(self) -> None:
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0  # when the timer fires (loop time)
         self._when: float | None = None
         self._task: asyncio.Task | None = None
         self._cancelling = 0
@@ -106,11 +107,10 @@ class ReadDeadline:
         """The current task's read must end by ``when`` (loop time)."""
         task = asyncio.current_task()
         self._task, self._cancelling, self._when = task, task.cancelling(), when
-        timer = self._timer
-        if timer is None or timer.when() > when:
-            if timer is not None:
-                timer.cancel()
-            self._timer = asyncio.get_running_loop().call_at(when, self._fire)
+        if self._timer is None or self._timer_at > when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._arm(when)
 
     def stop(self) -> None:
         self._when = self._task = None
@@ -123,20 +123,28 @@ class ReadDeadline:
         return self._task is not None and self._task.uncancel() <= self._cancelling
 
     def cancel(self) -> None:
-        """The connection is closed: drop the timer."""
-        if self._timer is not None:
+        """The connection is closed: drop the timer, unless a read still
+        waits (it ends with the connection, or at its deadline)."""
+        if self._timer is not None and self._when is None:
             self._timer.cancel()
             self._timer = None
-        self.stop()
+
+    def _arm(self, at: float) -> None:
+        # The time is kept here: uvloop hands back a plain Handle (no when())
+        # for a delay under half a millisecond.
+        self._timer_at = at
+        self._timer = asyncio.get_running_loop().call_at(at, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
         when = self._when
         if when is None or self._task is None:
             return
-        loop = asyncio.get_running_loop()
-        if loop.time() < when:
-            self._timer = loop.call_at(when, self._fire)
+        now = asyncio.get_running_loop().time()
+        if now < when:
+            # At least a millisecond on: uvloop's clock is in milliseconds,
+            # and a shorter delay would only run this again at once.
+            self._arm(max(when, now + 0.001))
             return
         self._expired = True
         self._task.cancel()

@@ -330,6 +330,8 @@ class RelaySMTP(SMTP):
         self._data_started = 0.0
         self._data_start_bytes = 0
         self._data_seen = 0
+        self._idle_until = 0.0  # the idle limit (loop time); _reset_timeout moves it
+        self._idle_check_at = 0.0  # when the idle timer fires (loop time)
 
     # -- connection life ----------------------------------------------------
 
@@ -611,14 +613,22 @@ class RelaySMTP(SMTP):
         it fires early it is set again for the new limit (_idle_check)."""
         self._idle_until = self.loop.time() + (duration or self._timeout_duration)
         handle = self._timeout_handle
-        if handle is None or handle.cancelled() or handle.when() > self._idle_until:
+        if handle is None or handle.cancelled() or self._idle_check_at > self._idle_until:
             if handle is not None:
                 handle.cancel()
-            self._timeout_handle = self.loop.call_at(self._idle_until, self._idle_check)
+            self._arm_idle_check(self._idle_until)
+
+    def _arm_idle_check(self, at: float) -> None:
+        # The time is kept here: uvloop hands back a plain Handle (no when())
+        # for a delay under half a millisecond.
+        self._idle_check_at = at
+        self._timeout_handle = self.loop.call_at(at, self._idle_check)
 
     def _idle_check(self) -> None:
-        if self.loop.time() < self._idle_until:
-            self._timeout_handle = self.loop.call_at(self._idle_until, self._idle_check)
+        now = self.loop.time()
+        if now < self._idle_until:
+            # At least a millisecond on: uvloop's clock is in milliseconds.
+            self._arm_idle_check(max(self._idle_until, now + 0.001))
             return
         self._timeout_cb()
 

@@ -13,8 +13,9 @@ import asyncio
 import time
 
 import pytest
+import uvloop
 
-from relay.deliver.session import Hop, SmtpSession, Timeouts
+from relay.deliver.session import Hop, ReadDeadline, SmtpSession, Timeouts
 from relay.errors import DeliveryError
 from relay.model import Stage
 
@@ -36,9 +37,18 @@ async def _server(answers: list[bytes]):
     return server, server.sockets[0].getsockname()[1]
 
 
-def _bounded(coro):
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}  # the workers run uvloop
+
+
+@pytest.fixture(params=list(LOOPS))
+def loop_factory(request):
+    return LOOPS[request.param]
+
+
+def _run(coro, loop_factory):
     """Run a test's coroutine; a read that never times out fails it in 10 s."""
-    return asyncio.run(asyncio.wait_for(coro, 10.0))
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(asyncio.wait_for(coro, 10.0))
 
 
 async def _open(port: int, command: float) -> SmtpSession:
@@ -48,7 +58,7 @@ async def _open(port: int, command: float) -> SmtpSession:
     return session
 
 
-def test_a_silent_server_times_out_after_earlier_reads_moved_the_deadline():
+def test_a_silent_server_times_out_after_earlier_reads_moved_the_deadline(loop_factory):
     async def run():
         server, port = await _server([b"250 stall.example\r\n", b"250 2.1.0 ok\r\n"])
         async with server:
@@ -64,13 +74,13 @@ def test_a_silent_server_times_out_after_earlier_reads_moved_the_deadline():
             session.close()
         return caught.value, waited
 
-    error, waited = _bounded(run())
+    error, waited = _run(run(), loop_factory)
     assert error.stage is Stage.RCPT
     assert (error.reply.code, error.reply.enhanced, error.reply.text) == (0, "4.4.2", "timeout at rcpt")
     assert 0.25 <= waited < 2.0  # its own 0.3 s, not the earlier reads' nor never
 
 
-def test_a_shorter_deadline_than_the_pending_timer_is_kept():
+def test_a_shorter_deadline_than_the_pending_timer_is_kept(loop_factory):
     async def run():
         server, port = await _server([b"250 stall.example\r\n"])
         async with server:
@@ -83,10 +93,10 @@ def test_a_shorter_deadline_than_the_pending_timer_is_kept():
             session.close()
         return waited
 
-    assert _bounded(run()) < 2.0
+    assert _run(run(), loop_factory) < 2.0
 
 
-def test_a_cancellation_from_outside_is_not_a_timeout():
+def test_a_cancellation_from_outside_is_not_a_timeout(loop_factory):
     async def run():
         server, port = await _server([b"250 stall.example\r\n"])
         async with server:
@@ -100,4 +110,25 @@ def test_a_cancellation_from_outside_is_not_a_timeout():
             session.close()
             return reading.cancelled()
 
-    assert _bounded(run()) is True
+    assert _run(run(), loop_factory) is True
+
+
+def test_a_timer_due_within_a_millisecond_is_no_trouble_on_uvloop(loop_factory):
+    # uvloop hands back a plain Handle (no when()) for a delay under 0.5 ms.
+    async def run():
+        loop = asyncio.get_running_loop()
+        deadline = ReadDeadline()
+        deadline.start(loop.time() + 0.0001)
+        deadline.stop()
+        deadline.start(loop.time() + 5.0)  # compares with the armed time
+        deadline.stop()
+        await asyncio.sleep(0.01)  # the first timer fires with no read waiting: it lapses
+        deadline.start(loop.time() + 0.0001)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.sleep(1.0)  # a read that takes too long
+        timed_out = deadline.timed_out()
+        deadline.stop()
+        deadline.cancel()
+        return timed_out
+
+    assert _run(run(), loop_factory) is True
