@@ -22,18 +22,7 @@ from support import implementation
 CANONS = ("simple", "relaxed")
 
 
-def _module(package: str):
-    return implementation(package, "bodyhash")
-
-
-@pytest.fixture(params=["_ref", "_fast"])
-def impl(request):
-    return _module(request.param)
-
-
-@pytest.fixture(scope="module")
-def both():
-    return _module("_ref"), _module("_fast")
+TWIN = "bodyhash"  # the impl and both fixtures (conftest.py)
 
 
 def run(module, canon, chunks, limit=None):
@@ -164,7 +153,7 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 @SETTINGS
 @given(body=BODIES, canon=st.sampled_from(CANONS))
 def test_ref_matches_the_oracle(body, canon):
-    ref = _module("_ref")
+    ref = implementation("_ref", TWIN)
     assert run(ref, canon, [body])[1] == hashlib.sha256(oracle(canon, body)).digest()
 
 

@@ -17,23 +17,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from support import implementation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _module(package: str):
-    return implementation(package, "canon")
-
-
-@pytest.fixture(params=["_ref", "_fast"])
-def impl(request):
-    return _module(request.param)
-
-
-@pytest.fixture(scope="module")
-def both():
-    return _module("_ref"), _module("_fast")
+TWIN = "canon"  # the impl and both fixtures (conftest.py)
 
 
 # -- the RFC's rules, on both implementations --------------------------------

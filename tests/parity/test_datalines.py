@@ -11,21 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from support import implementation
 
 
-def _module(package: str):
-    return implementation(package, "datalines")
-
-
-@pytest.fixture(params=["_ref", "_fast"])
-def impl(request):
-    return _module(request.param)
-
-
-@pytest.fixture(scope="module")
-def both():
-    return _module("_ref"), _module("_fast")
+TWIN = "datalines"  # the impl and both fixtures (conftest.py)
 
 
 CASES = [
