@@ -65,6 +65,12 @@ log = logging.getLogger("relay.amqp")
 COMMITTED = "committed"
 
 NACK_DELAY = 1.0  # seconds before a message we could not store goes back to the queue
+# A try that failed gives its key back; when the key's owner cannot be
+# reached (it died, and the supervisor restarts it) this is tried again
+# every FORGET_RETRY seconds for up to FORGET_FOR (spool.seen's
+# IN_FLIGHT_LIMIT: after that the record counts as abandoned anyway).
+FORGET_RETRY = 0.5
+FORGET_FOR = 60.0
 FAILURE_CLASSES = ("recipient", "technical", "connection", "unknown")
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
@@ -146,6 +152,7 @@ class Consumer:
         self._failures: dict = {}
         self.counts: collections.Counter[str] = collections.Counter()  # this consumer's own
         self._settling: set[asyncio.Task] = set()
+        self._forgetting: set[asyncio.Task] = set()  # keys given back in the background
 
     def count(self, name: str) -> None:
         """One more ``amqp_<name>``: in the worker's stats and this consumer's status."""
@@ -191,6 +198,8 @@ class Consumer:
         if self.link is not None:
             self.link.closing = True  # a first connection still being tried gives up
         await stop_consuming(self._queue, self._consumer_tag, lambda: self.in_flight, timeout)
+        for task in list(self._forgetting):
+            task.cancel()  # the records left count as abandoned after IN_FLIGHT_LIMIT
         if self.link is not None:
             await self.link.close()
 
@@ -266,6 +275,9 @@ class Consumer:
             state.counters["rejected_spool"] += 1
             log.warning("%s: not accepted from amqp %s: cannot record its key: %s", queue_id,
                         consumer.queue, exc)
+            # The owner may have recorded the claim before it failed to answer
+            # (it died): until that record goes, every copy would wait for it.
+            self._forget_later(parsed.key, queue_id)
             return False
         if holder is not None and holder[0] == COMMITTED:
             self.count("duplicates")
@@ -308,8 +320,28 @@ class Consumer:
     async def _forget(self, key: str, queue_id: str) -> None:
         try:
             await self.forget(key, queue_id)
-        except RelayError:  # left as it is, retries wait for IN_FLIGHT_LIMIT
-            log.error("%s: could not drop its intake record", queue_id)
+        except RelayError as exc:
+            log.warning("%s: could not drop its intake record yet (%s): trying again", queue_id, exc)
+            self._forget_later(key, queue_id)
+
+    def _forget_later(self, key: str, queue_id: str) -> None:
+        """Give the key back in the background, as soon as its owner answers
+        (forgetting a queue id that has no record changes nothing)."""
+        task = asyncio.ensure_future(self._forget_until_answered(key, queue_id))
+        self._forgetting.add(task)
+        task.add_done_callback(self._forgetting.discard)
+
+    async def _forget_until_answered(self, key: str, queue_id: str) -> None:
+        deadline = time.monotonic() + FORGET_FOR
+        while time.monotonic() < deadline:
+            await asyncio.sleep(FORGET_RETRY)
+            try:
+                await self.forget(key, queue_id)
+                return
+            except RelayError:
+                continue
+        log.error("%s: could not drop its intake record: copies wait until it is %.0f s old",
+                  queue_id, FORGET_FOR)
 
     async def _technical_failure(self, message: AbstractIncomingMessage,
                                  bad: amqp_message.BadMessage) -> bool:

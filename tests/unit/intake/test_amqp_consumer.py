@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from relay import config
+from relay.errors import OwnerUnavailable
 from relay.intake import amqp
 from relay.intake.handler import IntakeState
 from relay.route.forward import Router
@@ -166,3 +167,45 @@ def test_many_messages_each_taken_twice_at_once_are_each_stored_once(directory, 
     assert pending == []  # every copy was acked in the end
     assert len(stored(directory, 2)) == 40
     assert sum(c.get("duplicates", 0) for c in counts) == 40
+
+
+def test_a_claim_whose_answer_was_lost_gives_the_key_back_once_the_owner_answers(
+        directory, monkeypatch):
+    # The key's owner recorded the claim, then died before answering: the
+    # record names a live worker, so without being given back every copy
+    # would wait for spool.seen.IN_FLIGHT_LIMIT (60 s) before being stored.
+    monkeypatch.setattr(amqp, "NACK_DELAY", 0.0)
+    monkeypatch.setattr(amqp, "FORGET_RETRY", 0.05)
+
+    async def body(consumers):
+        consumer = consumers[0]
+        real_claim, real_forget = consumer.claim, consumer.forget
+        owner_down_for = [2]  # forgets refused while the owner restarts
+
+        async def claim_then_lose_the_answer(*args):
+            await real_claim(*args)
+            raise OwnerUnavailable("worker 1 went away")
+
+        async def forget_while_the_owner_restarts(*args):
+            if owner_down_for[0]:
+                owner_down_for[0] -= 1
+                raise OwnerUnavailable("worker 1 is not reachable")
+            await real_forget(*args)
+
+        consumer.claim, consumer.forget = claim_then_lose_the_answer, forget_while_the_owner_restarts
+        first = FakeMessage(payload(7))
+        await consumer._settle(first)
+        consumer.claim = real_claim
+        for _ in range(200):  # the key given back in the background: bounded wait
+            if not consumer._forgetting:
+                break
+            await asyncio.sleep(0.01)
+        again = FakeMessage(payload(7))  # the broker's redelivery
+        await consumer._settle(again)
+        return first.settled, again.settled, owner_down_for[0]
+
+    first, again, refused_left = run_workers(directory, body)
+    assert first == ["nack"]
+    assert refused_left == 0  # given back only after two refusals
+    assert again == ["ack"]  # stored at once, not after 60 s
+    assert len(stored(directory, 2)) == 1
