@@ -35,6 +35,7 @@ from relay.intake.data import DataReader, whole_lines
 from relay.intake.received import protocol_name, received_header
 from relay.model import QueueIds, Transaction
 from relay.stats.ring import Histogram
+from relay.timers import LazyTimer
 
 log = logging.getLogger("relay.intake")
 
@@ -330,8 +331,7 @@ class RelaySMTP(SMTP):
         self._data_started = 0.0
         self._data_start_bytes = 0
         self._data_seen = 0
-        self._idle_until = 0.0  # the idle limit (loop time); _reset_timeout moves it
-        self._idle_check_at = 0.0  # when the idle timer fires (loop time)
+        self._idle = LazyTimer(self._timeout_cb)  # the idle limit; _reset_timeout moves it
 
     # -- connection life ----------------------------------------------------
 
@@ -608,29 +608,10 @@ class RelaySMTP(SMTP):
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """The idle limit starts again (aiosmtpd calls this for every
-        command).  aiosmtpd cancels its timer and makes a new one each time;
-        here the timer is moved only when it would fire too late, and when
-        it fires early it is set again for the new limit (_idle_check)."""
-        self._idle_until = self.loop.time() + (duration or self._timeout_duration)
-        handle = self._timeout_handle
-        if handle is None or handle.cancelled() or self._idle_check_at > self._idle_until:
-            if handle is not None:
-                handle.cancel()
-            self._arm_idle_check(self._idle_until)
-
-    def _arm_idle_check(self, at: float) -> None:
-        # The time is kept here: uvloop hands back a plain Handle (no when())
-        # for a delay under half a millisecond.
-        self._idle_check_at = at
-        self._timeout_handle = self.loop.call_at(at, self._idle_check)
-
-    def _idle_check(self) -> None:
-        now = self.loop.time()
-        if now < self._idle_until:
-            # At least a millisecond on: uvloop's clock is in milliseconds.
-            self._arm_idle_check(max(self._idle_until, now + 0.001))
-            return
-        self._timeout_cb()
+        command, and made a new timer each time): one timer for the session,
+        in the attribute aiosmtpd cancels when the connection goes."""
+        self._idle.set(self.loop.time() + (duration or self._timeout_duration))
+        self._timeout_handle = self._idle
 
     def _timeout_cb(self) -> None:
         # aiosmtpd closes silently; RFC 5321 4.5.3.2 wants a 421 first.

@@ -27,6 +27,8 @@ for rank, names in enumerate(
         ("stats",),
         # The connection to RabbitMQ that AMQP intake and the cluster share.
         ("broker",),
+        # The per-connection timeout timer of intake and delivery.
+        ("timers",),
         ("_ref", "_fast", "accel"),
         ("intake",),
         ("dkim",),
