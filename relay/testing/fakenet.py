@@ -38,8 +38,9 @@ reply strings, which is exactly what the reply rules need.  The few
 behaviours a handler cannot express are small overrides in ``_SinkSMTP``:
 ``push`` (delays; a 421 closes the connection, as RFC 5321 3.8 says),
 ``data_received`` (the drop after N bytes of DATA), ``_handle_client``
-(a 5xx greeting, after which only QUIT is served, RFC 5321 3.1) and
-``smtp_STARTTLS`` (the abort and 454 modes).  A protocol of our own would
+(a 5xx greeting, after which only QUIT is served, RFC 5321 3.1),
+``smtp_STARTTLS`` (the abort and 454 modes) and ``smtp_DATA`` (aiosmtpd's
+rules, read a block at a time: relay.testing.sinkdata).  A protocol of our own would
 have duplicated aiosmtpd's parser to gain nothing.
 
 Runtime: each service runs either on the caller's event loop
@@ -94,7 +95,9 @@ import dns.rdtypes.ANY.TXT
 import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
 import dns.rrset
-from aiosmtpd.smtp import DATA_SIZE_DEFAULT, SMTP, TLSSetupException
+from aiosmtpd.smtp import DATA_SIZE_DEFAULT, MISSING, SMTP, TLSSetupException
+
+from relay.testing.sinkdata import NOMINAL, TOO_LONG, DataCollector, read_data
 
 __all__ = [
     "Behaviour",
@@ -1129,6 +1132,38 @@ class _SinkSMTP(SMTP):
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             if self.transport is not None:
                 self.transport.close()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, read a block at a time (relay.testing.sinkdata
+        says why and checks that it reads what aiosmtpd reads)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        collector = DataCollector(self.data_size_limit, self.line_length_limit,
+                                  self._reader._limit)  # noqa: SLF001 - the limit readuntil overruns at
+        try:
+            ended = await read_data(self._reader, collector)
+        except asyncio.CancelledError:  # the connection went during DATA (eof_received)
+            self._writer.close()
+            raise
+        if not ended:
+            self._writer.close()
+            return
+        if collector.state != NOMINAL:
+            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)" if collector.state == TOO_LONG
+                            else "552 Error: Too much mail data")
+            self._set_post_data_state()
+            return
+        self.envelope.content = self.envelope.original_content = collector.content()
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
 
     async def smtp_EHLO(self, hostname: str) -> None:
         if self._tls_protocol is None:  # a STARTTLS mode set since the connection opened
