@@ -6,10 +6,15 @@ with the spool's column names (``class`` for the failure class) — the
 record operators grep and log shippers follow — and one log line per
 recipient outcome.  The file is reopened after logrotate (SIGUSR1) or a
 reload that moves it.
+
+Lines written in one turn of the event loop reach the file in one write at
+its end (a group commit completes many deliveries at once); without a
+running loop, at once.  The spool, not this file, is what survives a crash.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -25,6 +30,7 @@ class EventLog:
         self.worker = worker
         self.directory = directory
         self._file = None
+        self._flush_due = False
         self.reopen(directory)
 
     def reopen(self, directory: str | None = None) -> None:
@@ -35,12 +41,11 @@ class EventLog:
         new = open(os.path.join(self.directory, f"delivery-{self.worker}.jsonl"), "ab")
         old, self._file = self._file, new
         if old is not None:
-            old.close()
+            old.close()  # flushes what the old file still buffers
 
     def write(self, events: list[Event]) -> None:
-        self._file.write(b"".join(orjson.dumps(dict(zip(EVENT_COLUMNS, event))) + b"\n"
-                                  for event in events))
-        self._file.flush()
+        self._write(b"".join(orjson.dumps(dict(zip(EVENT_COLUMNS, event))) + b"\n"
+                             for event in events))
         for event in events:
             log.info("%s: to=<%s> relay=%s code=%s %s", event.queue_id, event.recipient, event.mx,
                      event.code, event.outcome)
@@ -57,8 +62,24 @@ class EventLog:
             record.update(time=now, destination=effect.site, outcome=f"effect_{what}",
                           text=effect.reason, effect=effect.to_json())
             records.append(orjson.dumps(record) + b"\n")
-        self._file.write(b"".join(records))
-        self._file.flush()
+        self._write(b"".join(records))
+
+    def _write(self, lines: bytes) -> None:
+        self._file.write(lines)
+        if self._flush_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._file.flush()
+            return
+        self._flush_due = True
+        loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if not self._file.closed:
+            self._file.flush()
 
     def close(self) -> None:
         self._file.close()
