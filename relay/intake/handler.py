@@ -24,6 +24,7 @@ import ssl
 import time
 from typing import Awaitable, Callable
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from relay.config import Settings
@@ -41,6 +42,24 @@ log = logging.getLogger("relay.intake")
 
 # aiosmtpd logs every command at INFO; our own log says what matters.
 logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR, "exception": logging.ERROR, "critical": logging.CRITICAL}
+_aiosmtpd_sanitized_log = aiosmtpd.smtp.sanitized_log
+
+
+def _sanitized_log_if_enabled(func, msg, *args, **kwargs) -> None:
+    """aiosmtpd's sanitized_log, asked first whether the record would be
+    logged at all: it matches every command line against its AUTH pattern
+    (twice per command) before the logger drops the record."""
+    logger = getattr(func, "__self__", None)
+    if isinstance(logger, logging.Logger) and not logger.isEnabledFor(
+            _LEVELS.get(func.__name__, logging.CRITICAL)):
+        return
+    _aiosmtpd_sanitized_log(func, msg, *args, **kwargs)
+
+
+aiosmtpd.smtp.sanitized_log = _sanitized_log_if_enabled
 
 NULL_SENDER = "<>"  # how an empty reverse-path sits in envelope.mail_from
 DATA_WATCH_INTERVAL = 1.0  # seconds between checks of a DATA transfer's progress

@@ -6,8 +6,9 @@ aiosmtpd calls (``_getaddr``, ``push``, ``handle_exception``, the
 the ``auth_*`` mechanisms), calls its helpers (``_call_handler_hook``,
 ``_set_post_data_state``, ``check_*_needed``), reads its attributes
 (``session``, ``envelope``, ``transport``, ``loop``, ``_reader``,
-``_writer``, ``_timeout_handle``, ``_timeout_duration``) and peeks into
-asyncio's ``StreamReader._buffer``.
+``_writer``, ``_timeout_handle``, ``_timeout_duration``), replaces the
+module's ``sanitized_log`` with one that first asks the logger, and peeks
+into asyncio's ``StreamReader._buffer``.
 intake.replies rewrites aiosmtpd's reply wording.  A new aiosmtpd release may
 change any of these without notice; this file names each one so that the
 change fails here, not in production.  (relay.testing.fakenet's
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 
 import aiosmtpd.smtp
 import pytest
@@ -75,6 +77,9 @@ CALL_SITES = [
     ("auth_PLAIN", 'return self._authenticate("PLAIN", LoginPassword(login, password))'),
     ("auth_LOGIN", 'return self._authenticate("LOGIN", LoginPassword(login, password))'),
     ("smtp_DATA", "self.envelope.content"),
+    # handler._sanitized_log_if_enabled replaces the module's sanitized_log
+    ("_handle_client", "sanitized_log(log.debug, '_handle_client readline: %r', line)"),
+    ("_handle_client", "sanitized_log(log.info, '%r >> %r', self.session.peer, line)"),
     # handler._SENT_AT_ONCE: the reply after which aiosmtpd hangs up
     ("_handle_client", '"502 5.5.1 Too many unrecognized commands, goodbye."'),
 ]
@@ -107,6 +112,19 @@ def test_the_overrides_table_covers_the_subclass():
     inherited = {name for name in vars(handler.RelaySMTP) if hasattr(SMTP, name)} - {"__init__", "__doc__", "__module__"}
     assert inherited <= set(SMTP_METHODS)
     assert len(OVERRIDDEN) >= 12
+
+
+def test_sanitized_log_is_ours_and_still_masks_what_it_logs(caplog):
+    assert aiosmtpd.smtp.sanitized_log is handler._sanitized_log_if_enabled
+    signature = inspect.signature(handler._aiosmtpd_sanitized_log)
+    assert list(signature.parameters) == ["func", "msg", "args", "kwargs"]
+    logger = logging.getLogger("mail.log")
+    line = b"AUTH PLAIN c2VjcmV0\r\n"
+    aiosmtpd.smtp.sanitized_log(logger.info, "%r >> %r", "peer", line)
+    assert caplog.records == []  # mail.log is at WARNING: nothing to mask, nothing made
+    with caplog.at_level(logging.DEBUG, logger="mail.log"):
+        aiosmtpd.smtp.sanitized_log(logger.info, "%r >> %r", "peer", line)
+    assert [r.getMessage() for r in caplog.records] == ["'peer' >> b'AUTH PLAIN ********\\r\\n'"]
 
 
 @pytest.mark.parametrize("caller, call", CALL_SITES)
