@@ -6,7 +6,7 @@ Input: the environment, read once at import.
                               it does not override RELAY_NO_EXTENSIONS
 Output: ``IMPLEMENTATION`` ("fast" or "ref") and the chosen names:
 ``canon_header_relaxed``, ``canon_header_simple``, ``BodyHasher``,
-``unstuff_clean``.
+``unstuff_clean``, ``whole_lines``, ``dot_stuffed``.
 
 The choice is made per module, so a build that lacks one extension still
 uses the others; ``IMPLEMENTATION`` is "fast" only when every module is.
@@ -28,7 +28,9 @@ __all__ = [
     "BodyHasher",
     "canon_header_relaxed",
     "canon_header_simple",
+    "dot_stuffed",
     "unstuff_clean",
+    "whole_lines",
 ]
 
 log = logging.getLogger("relay.accel")
@@ -84,6 +86,8 @@ canon_header_relaxed = _chosen["canon"].canon_header_relaxed
 canon_header_simple = _chosen["canon"].canon_header_simple
 BodyHasher = _chosen["bodyhash"].BodyHasher
 unstuff_clean = _chosen["datalines"].unstuff_clean
+whole_lines = _chosen["datalines"].whole_lines
+dot_stuffed = _chosen["datalines"].dot_stuffed
 
 log.info(
     "hot paths: %s (%s)%s",

@@ -1,15 +1,17 @@
-"""A block of DATA lines checked and dot-unstuffed at once, in C.
+"""DATA's lines, in and out, in C: intake's block check and unstuffing,
+the end of a block of whole lines, delivery's dot-stuffing.
 
-Input: DATA lines and the longest line content allowed.  Output: the lines
-dot-unstuffed, or None when a line is not clean text.  The specification is
-relay/_ref/datalines.py; this module must return the same for every input
-(tests/parity).
+The specification is relay/_ref/datalines.py; this module must return the
+same for every input (tests/parity).
 
-How it is fast: one memchr for each line's CR (glibc's is vectorised), two
-more over the line for a stray LF or NUL, and the unstuffed lines copied
-into one bytes object; a block with no line starting with a dot (nearly
-all of them) is returned as it is, with no copy.  The Python version makes
-six passes over the block and a list of its lines.
+How it is fast: memchr (glibc's is vectorised) finds each line's end, and
+the few bytes around it are looked at directly.  ``unstuff_clean`` makes
+two more memchr passes over each line for a stray LF or NUL and copies the
+unstuffed lines into one bytes object; a block with no line starting with
+a dot (nearly all of them) is returned as it is, with no copy.  The Python
+versions search for the three- and five-byte patterns (CRLF ".", CRLF "."
+CRLF) with str.find's general algorithm, which stops at every CRLF: 40 to
+90 microseconds per 100 KB, against a few here.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -68,4 +70,82 @@ cdef bytes _unstuffed(const char *data, const char *end, Py_ssize_t size):
         memcpy(o, p, next_line - p)
         o += next_line - p
         p = next_line
+    return out
+
+
+cpdef Py_ssize_t whole_lines(buffer) except -1:
+    """Bytes of whole lines at the start of ``buffer`` (bytes or bytearray),
+    the end of data included."""
+    cdef const unsigned char[::1] view = buffer
+    cdef Py_ssize_t size = view.shape[0]
+    if size == 0:
+        return 0
+    cdef const char *data = <const char *>&view[0]
+    if size >= 3 and data[0] == DOT and data[1] == CR and data[2] == LF:
+        return 3
+    cdef Py_ssize_t last = size - 1  # the LF of the last CRLF
+    while last >= 1 and not (data[last] == LF and data[last - 1] == CR):
+        last -= 1
+    if last < 1:
+        return 0
+    cdef const char *stop = data + last + 1  # the end of data must end by here
+    cdef const char *p = data + 1
+    cdef const char *lf
+    while True:
+        lf = <const char *>memchr(p, LF, stop - p)
+        if lf == NULL or lf + 4 > stop:
+            return last + 1
+        # lf is the LF of CRLF "." CRLF when its neighbours say so.
+        if lf[-1] == CR and lf[1] == DOT and lf[2] == CR and lf[3] == LF:
+            return lf - data + 4
+        p = lf + 1
+
+
+cpdef bytes dot_stuffed(bytes body):
+    """``body`` dot-stuffed and terminated, as sent after 354."""
+    if body is None:
+        raise TypeError("body must be bytes")
+    cdef const char *data = PyBytes_AS_STRING(body)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(body)
+    cdef const char *end = data + size
+    cdef const char *p = data
+    cdef const char *lf
+    cdef bint first_dot = size > 0 and data[0] == DOT
+    cdef Py_ssize_t dots = first_dot
+    while True:
+        lf = <const char *>memchr(p, LF, end - p)
+        if lf == NULL:
+            break
+        dots += lf > data and lf[-1] == CR and lf + 1 < end and lf[1] == DOT
+        p = lf + 1
+    cdef bint add_crlf = not (size >= 2 and end[-2] == CR and end[-1] == LF)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, size + dots + 2 * add_crlf + 3)
+    cdef char *o = PyBytes_AS_STRING(out)
+    if dots == 0:
+        memcpy(o, data, size)
+        o += size
+    else:
+        if first_dot:
+            o[0] = DOT
+            o += 1
+        p = data
+        while True:
+            lf = <const char *>memchr(p, LF, end - p)
+            if lf == NULL:
+                memcpy(o, p, end - p)
+                o += end - p
+                break
+            memcpy(o, p, lf + 1 - p)
+            o += lf + 1 - p
+            if lf > data and lf[-1] == CR and lf + 1 < end and lf[1] == DOT:
+                o[0] = DOT
+                o += 1
+            p = lf + 1
+    if add_crlf:
+        o[0] = CR
+        o[1] = LF
+        o += 2
+    o[0] = DOT
+    o[1] = CR
+    o[2] = LF
     return out

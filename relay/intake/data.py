@@ -29,26 +29,17 @@ from __future__ import annotations
 
 import re
 
+from relay import accel
 from relay.accel import unstuff_clean
 from relay.intake import replies
+
+# How much of the buffer a block takes (relay._ref.datalines says; in C).
+whole_lines = accel.whole_lines
 
 # RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF.
 MAX_TEXT_LINE = 998
 
 _ANY_LINE_END = re.compile(rb"\r\n|\r|\n")
-
-
-def whole_lines(buffer: bytes | bytearray) -> int:
-    """How many bytes at the start of ``buffer`` (a line starts there) are
-    whole lines ``feed_block`` may take: up to the end of data if it is
-    there, else up to the last CRLF."""
-    if buffer[:3] == b".\r\n":
-        return 3
-    last = buffer.rfind(b"\r\n")
-    if last < 0:
-        return 0
-    end = buffer.find(b"\r\n.\r\n", 0, last + 2)
-    return end + 5 if end >= 0 else last + 2
 
 
 class DataReader:

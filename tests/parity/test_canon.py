@@ -107,7 +107,9 @@ def test_fast_really_loaded():
     assert accel.IMPLEMENTATION == "fast"
     assert accel.canon_header_relaxed is importlib.import_module("relay._fast.canon").canon_header_relaxed
     assert accel.BodyHasher is importlib.import_module("relay._fast.bodyhash").BodyHasher
-    assert accel.unstuff_clean is importlib.import_module("relay._fast.datalines").unstuff_clean
+    datalines = importlib.import_module("relay._fast.datalines")
+    assert accel.unstuff_clean is datalines.unstuff_clean
+    assert accel.whole_lines is datalines.whole_lines and accel.dot_stuffed is datalines.dot_stuffed
 
 
 def _accel_in_subprocess(env: dict[str, str], block_fast: bool = False) -> subprocess.CompletedProcess:

@@ -1,7 +1,7 @@
 """relay._fast.datalines against relay._ref.datalines (the specification).
 
-The ``impl`` cases run on both implementations; the differential test
-compares them on random blocks built from the bytes that matter (CR, LF,
+The ``impl`` cases run on both implementations; the differential tests
+compare them on random blocks built from the bytes that matter (CR, LF,
 NUL, dots) and lines around the length limit.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-
 
 TWIN = "datalines"  # the impl and both fixtures (conftest.py)
 
@@ -61,3 +59,53 @@ BLOCKS = st.lists(PIECES, max_size=40).map(b"".join)
 def test_fast_equals_ref(both, lines, max_line):
     ref, fast = both
     assert fast.unstuff_clean(lines, max_line) == ref.unstuff_clean(lines, max_line)
+
+
+WHOLE_LINES = [
+    # (buffer, bytes of whole lines, the end of data included)
+    (b"", 0),
+    (b"partial", 0),
+    (b".\r\nMAIL FROM:<a@b>\r\n", 3),  # the end of data right away
+    (b"a\r\nb\r\n.\r\nQUIT\r\n", 9),
+    (b"a\r\nb\r\npartial", 6),
+    (b"a\r\n.x\r\n..\r\n", 11),  # stuffed dots are not the end
+    (b"a\r\n.\r", 3),  # the end of data not whole yet
+    (b"\r\n", 2),
+    (b"\n.\r\n", 4),  # a bare LF before the dot: no end of data, one whole line
+    (b"a\r\n" + b"x" * 2000 + b"\r\n", 2005),
+]
+
+
+@pytest.mark.parametrize("buffer,size", WHOLE_LINES)
+def test_whole_lines(impl, buffer, size):
+    assert impl.whole_lines(buffer) == size
+    assert impl.whole_lines(bytearray(buffer)) == size  # what StreamReader buffers
+
+
+DOT_STUFFED = [
+    (b"", b"\r\n.\r\n"),  # an empty message is one empty line
+    (b"a\r\n", b"a\r\n.\r\n"),
+    (b".a\r\n.\r\nb\r\n", b"..a\r\n..\r\nb\r\n.\r\n"),
+    (b"a\r\n.", b"a\r\n..\r\n.\r\n"),
+    (b"no end", b"no end\r\n.\r\n"),
+    (b"a\n.b\r\n", b"a\n.b\r\n.\r\n"),  # only a dot after CRLF starts a line
+]
+
+
+@pytest.mark.parametrize("body,sent", DOT_STUFFED)
+def test_dot_stuffed(impl, body, sent):
+    assert impl.dot_stuffed(body) == sent
+
+
+def test_dot_stuffed_takes_bytes_only(impl):
+    with pytest.raises(TypeError):
+        impl.dot_stuffed(bytearray(b"a\r\n"))
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=BLOCKS)
+def test_fast_whole_lines_and_dot_stuffed_equal_ref(both, data):
+    ref, fast = both
+    assert fast.whole_lines(data) == ref.whole_lines(data)
+    assert fast.whole_lines(bytearray(data)) == ref.whole_lines(data)
+    assert fast.dot_stuffed(data) == ref.dot_stuffed(data)

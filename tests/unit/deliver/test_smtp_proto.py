@@ -4,6 +4,8 @@ with trailing data (h11's three ways); commands and dot-stuffing."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.deliver import smtp_proto
 from relay.errors import RemoteProtocolError
@@ -45,6 +47,36 @@ def test_replies_parse_however_the_bytes_arrive(chunking):
     if chunking == "trailing":
         parser.receive_data(b"ad\r\n")
         assert drain(parser) == [Reply(354, None, "go ahead", "mx")]
+
+
+# Lines a server repeats, alone or as the last line of a longer reply.
+REPEATED = [b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n", b"354 go ahead\r\n",
+            b"250-first\r\n250 2.1.0 Ok\r\n", b"550 5.1.1 <a@b> no such user\r\n",
+            b"250 ok\n", b"250 ok\r\n", b"421 4.3.2 closing\r\n"]
+
+
+@given(st.lists(st.sampled_from(REPEATED), max_size=40))
+def test_a_parser_that_remembers_replies_gives_what_a_fresh_one_gives(replies):
+    remembering = smtp_proto.ReplyParser("mx")
+    for wire in replies:
+        remembering.receive_data(wire)
+    fresh = []
+    for wire in replies:
+        parser = smtp_proto.ReplyParser("mx")
+        parser.receive_data(wire)
+        fresh += drain(parser)
+    assert drain(remembering) == fresh
+
+
+def test_a_remembered_line_is_the_same_reply_and_the_memory_is_bounded():
+    parser = smtp_proto.ReplyParser("mx")
+    parser.receive_data(b"250 2.1.0 Ok\r\n250 2.1.0 Ok\r\n")
+    first, second = drain(parser)
+    assert first is second and first == Reply(250, "2.1.0", "Ok", "mx")
+    for n in range(3 * smtp_proto.SEEN_MAX):
+        parser.receive_data(b"250 2.0.0 queued as %d\r\n" % n)
+    assert [r.text for r in drain(parser)] == [f"queued as {n}" for n in range(3 * smtp_proto.SEEN_MAX)]
+    assert len(parser._seen) == smtp_proto.SEEN_MAX
 
 
 def test_enhanced_code_of_another_class_is_not_taken():

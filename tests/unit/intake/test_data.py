@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.intake import replies
-from relay.intake.data import MAX_TEXT_LINE, DataReader, whole_lines
+from relay.intake.data import MAX_TEXT_LINE, DataReader
 from support import LIMIT, pieces, transfer
 
 CHUNKINGS = [None, 1, 7]  # whole, byte at a time, odd splits
@@ -461,15 +461,6 @@ def test_blocks_give_what_reading_line_by_line_gives(lines, blank_at, normalize,
     for out in (whole, split):
         assert (out.verdict, out.body, out.ended, out.unread) == (
             by_line.verdict, by_line.body, by_line.ended, by_line.unread)
-
-
-def test_whole_lines_stops_at_the_end_of_data():
-    assert whole_lines(b".\r\nMAIL FROM:<a@b>\r\n") == 3
-    assert whole_lines(b"a\r\nb\r\n.\r\nQUIT\r\n") == 9
-    assert whole_lines(b"a\r\nb\r\npartial") == 6
-    assert whole_lines(b"partial") == 0
-    assert whole_lines(b"a\r\n.x\r\n..\r\n") == 11  # stuffed dots are not the end
-    assert whole_lines(bytearray(b"a\r\n" + b"x" * 2000 + b"\r\n")) == 2005
 
 
 def test_a_block_with_a_line_over_the_readers_limit_is_refused_as_an_overrun():
