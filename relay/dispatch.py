@@ -323,6 +323,7 @@ class Dispatcher:
             # the claimed recipients are queued again (a job's own bug was
             # charged to its message first: _charged).
             log.error("delivery task failed", exc_info=task.exception())
+            self.event_log.flush()  # this turn's committed outcomes
             os._exit(70)
 
     async def stop(self, timeout: float) -> None:

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import time
+from typing import Callable
 
 import orjson
 import uvloop
@@ -105,7 +106,8 @@ class Worker:
         self.dispatcher = Dispatcher(settings, self.index, self.workers, self.spool,
                                      self.router.submit, self.intake.queue_ids)
         dispatching = asyncio.create_task(self.dispatcher.run(), name="dispatch")
-        dispatching.add_done_callback(_fatal_if_failed)
+        dispatching.add_done_callback(
+            functools.partial(_fatal_if_failed, before_exit=self.dispatcher.event_log.flush))
         self.router.control = self.control
         traced = await self.spool.get_meta("traced")  # relayctl trace, kept across restarts
         self.intake.traced = frozenset(orjson.loads(traced)) if traced else frozenset()
@@ -287,11 +289,13 @@ def _log_tasks() -> None:
         log.warning("task %s:\n%s", task.get_name(), out.getvalue())
 
 
-def _fatal_if_failed(task: asyncio.Task) -> None:
+def _fatal_if_failed(task: asyncio.Task, before_exit: Callable[[], None] | None = None) -> None:
     """A background task that dies of a bug takes the worker with it: the
     supervisor restarts it, rather than it going on half alive."""
     if not task.cancelled() and task.exception() is not None:
         log.critical("%s failed", task.get_name(), exc_info=task.exception())
+        if before_exit is not None:
+            before_exit()
         os._exit(70)
 
 

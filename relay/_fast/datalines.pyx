@@ -76,6 +76,8 @@ cdef bytes _unstuffed(const char *data, const char *end, Py_ssize_t size):
 cpdef Py_ssize_t whole_lines(buffer) except -1:
     """Bytes of whole lines at the start of ``buffer`` (bytes or bytearray),
     the end of data included."""
+    if buffer is None:
+        raise TypeError("buffer must be bytes or bytearray")
     cdef const unsigned char[::1] view = buffer
     cdef Py_ssize_t size = view.shape[0]
     if size == 0:

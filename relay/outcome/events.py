@@ -7,9 +7,12 @@ record operators grep and log shippers follow — and one log line per
 recipient outcome.  The file is reopened after logrotate (SIGUSR1) or a
 reload that moves it.
 
-Lines written in one turn of the event loop reach the file in one write at
-its end (a group commit completes many deliveries at once); without a
-running loop, at once.  The spool, not this file, is what survives a crash.
+The lines of one turn of the event loop reach the file in one write, early
+in the next turn (a group commit completes many deliveries at once), so a
+log shipper never sees half a line; without a running loop, at once.  A
+worker that dies of a bug writes them first (``flush``).  The spool, not
+this file, is what survives a crash; a file that cannot be written (a full
+disk) costs its lines and an error in the log, never a delivery.
 """
 
 from __future__ import annotations
@@ -25,23 +28,27 @@ from relay.model import EVENT_COLUMNS, Event
 
 log = logging.getLogger("relay.deliver")
 
+
 class EventLog:
     def __init__(self, directory: str, worker: int) -> None:
         self.worker = worker
         self.directory = directory
         self._file = None
-        self._flush_due = False
+        self._pending: list[bytes] = []  # this turn's lines, not written yet
+        self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is due on
         self.reopen(directory)
 
     def reopen(self, directory: str | None = None) -> None:
         """(Re)open the file: at start, after a reload that moves it, and
         on SIGUSR1 once logrotate has renamed the old one."""
+        self.flush()  # what is pending belongs to the old file
         self.directory = directory or self.directory
         os.makedirs(self.directory, exist_ok=True)
-        new = open(os.path.join(self.directory, f"delivery-{self.worker}.jsonl"), "ab")
+        # Unbuffered: the one write of a turn's lines is all the buffering.
+        new = open(os.path.join(self.directory, f"delivery-{self.worker}.jsonl"), "ab", buffering=0)
         old, self._file = self._file, new
         if old is not None:
-            old.close()  # flushes what the old file still buffers
+            old.close()
 
     def write(self, events: list[Event]) -> None:
         self._write(b"".join(orjson.dumps(dict(zip(EVENT_COLUMNS, event))) + b"\n"
@@ -65,21 +72,33 @@ class EventLog:
         self._write(b"".join(records))
 
     def _write(self, lines: bytes) -> None:
-        self._file.write(lines)
-        if self._flush_due:
-            return
+        self._pending.append(lines)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._file.flush()
+            self.flush()
             return
-        self._flush_due = True
-        loop.call_soon(self._flush)
+        if self._flush_on is not loop:  # none due on this loop (one that stopped never ran)
+            self._flush_on = loop
+            loop.call_soon(self._flush_due)
 
-    def _flush(self) -> None:
-        self._flush_due = False
-        if not self._file.closed:
-            self._file.flush()
+    def _flush_due(self) -> None:
+        self._flush_on = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the pending lines now."""
+        if not self._pending or self._file is None:
+            return
+        data, self._pending = b"".join(self._pending), []
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self._file.write(view):]
+        except (OSError, ValueError) as exc:  # ValueError: written after close()
+            log.error("delivery log %s: %d bytes of events not written: %s", self._file.name,
+                      len(view), exc)
 
     def close(self) -> None:
+        self.flush()
         self._file.close()

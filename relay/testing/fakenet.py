@@ -95,7 +95,7 @@ import dns.rdtypes.ANY.TXT
 import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
 import dns.rrset
-from aiosmtpd.smtp import DATA_SIZE_DEFAULT, MISSING, SMTP, TLSSetupException
+from aiosmtpd.smtp import DATA_SIZE_DEFAULT, MISSING, SMTP, TLSSetupException, syntax
 
 from relay.testing.sinkdata import NOMINAL, TOO_LONG, DataCollector, read_data
 
@@ -1133,6 +1133,7 @@ class _SinkSMTP(SMTP):
             if self.transport is not None:
                 self.transport.close()
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA, read a block at a time (relay.testing.sinkdata
         says why and checks that it reads what aiosmtpd reads)."""

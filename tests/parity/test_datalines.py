@@ -97,7 +97,9 @@ def test_dot_stuffed(impl, body, sent):
     assert impl.dot_stuffed(body) == sent
 
 
-def test_dot_stuffed_takes_bytes_only(impl):
+def test_bad_arguments_of_whole_lines_and_dot_stuffed(impl):
+    with pytest.raises(TypeError):
+        impl.whole_lines(None)
     with pytest.raises(TypeError):
         impl.dot_stuffed(bytearray(b"a\r\n"))
 

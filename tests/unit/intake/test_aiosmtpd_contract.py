@@ -114,16 +114,20 @@ def test_the_overrides_table_covers_the_subclass():
     assert len(OVERRIDDEN) >= 12
 
 
-def test_sanitized_log_is_ours_and_still_masks_what_it_logs(caplog):
+def test_sanitized_log_is_ours_and_still_masks_what_it_logs(caplog, monkeypatch):
     assert aiosmtpd.smtp.sanitized_log is handler._sanitized_log_if_enabled
     signature = inspect.signature(handler._aiosmtpd_sanitized_log)
     assert list(signature.parameters) == ["func", "msg", "args", "kwargs"]
+    sanitized = []
+    real = aiosmtpd.smtp.sanitize
+    monkeypatch.setattr(aiosmtpd.smtp, "sanitize", lambda text: sanitized.append(text) or real(text))
     logger = logging.getLogger("mail.log")
     line = b"AUTH PLAIN c2VjcmV0\r\n"
     aiosmtpd.smtp.sanitized_log(logger.info, "%r >> %r", "peer", line)
-    assert caplog.records == []  # mail.log is at WARNING: nothing to mask, nothing made
+    assert sanitized == []  # mail.log is at WARNING: nothing logged, nothing to mask
     with caplog.at_level(logging.DEBUG, logger="mail.log"):
         aiosmtpd.smtp.sanitized_log(logger.info, "%r >> %r", "peer", line)
+    assert sanitized == [line]
     assert [r.getMessage() for r in caplog.records] == ["'peer' >> b'AUTH PLAIN ********\\r\\n'"]
 
 

@@ -561,6 +561,35 @@ def test_pipelined_commands_get_their_replies_in_order(net, ip):
     assert sink.received[0].rcpt_tos == ("yes@d.test",)
 
 
+def test_data_verdicts_and_the_command_sent_right_after_the_dot(net, ip):
+    """The sink's DATA (relay.testing.sinkdata) answers as aiosmtpd does."""
+    sink = net.farm.add_sink(ip, Behaviour(max_size=5000))
+    client = Raw(ip, net.mx_port)
+    client.reply()
+    client.command(b"EHLO c.test")
+    assert client.command(b"HELP DATA")[0] == 250
+    assert client.command(b"MAIL FROM:<s@src.test>")[0] == 250
+    assert client.command(b"DATA")[0] == 503  # no recipient yet
+    assert client.command(b"RCPT TO:<r@d.test>")[0] == 250
+    assert client.command(b"DATA now")[0] == 501
+    assert client.command(b"DATA")[0] == 354
+    client.sock.sendall(b"x" * 1200 + b"\r\nshort\r\n.\r\n")
+    assert client.reply() == (500, ["Line too long (see RFC5321 4.5.3.1.6)"])
+    client.command(b"MAIL FROM:<s@src.test>")
+    client.command(b"RCPT TO:<r@d.test>")
+    assert client.command(b"DATA")[0] == 354
+    client.sock.sendall((b"y" * 70 + b"\r\n") * 80 + b".\r\n")  # 5,760 bytes: over max_size
+    assert client.reply() == (552, ["Error: Too much mail data"])
+    client.command(b"MAIL FROM:<s@src.test>")
+    client.command(b"RCPT TO:<r@d.test>")
+    assert client.command(b"DATA")[0] == 354
+    client.sock.sendall(b"..kept\r\n.\r\nMAIL FROM:<t@src.test>\r\n")  # the next MAIL with the dot
+    assert client.reply()[0] == 250
+    assert client.reply()[0] == 250  # the MAIL sent with the dot was read as a command
+    client.close()
+    assert [m.data for m in sink.received] == [b".kept\r\n"]
+
+
 # -- the bundle ------------------------------------------------------------------------
 
 
