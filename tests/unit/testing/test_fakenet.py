@@ -555,6 +555,8 @@ def test_pipelined_commands_get_their_replies_in_order(net, ip):
     client.reply()
     client.command(b"EHLO c.test")
     client.sock.sendall(b"MAIL FROM:<s@src.test>\r\nRCPT TO:<no@d.test>\r\nRCPT TO:<yes@d.test>\r\nDATA\r\n")
+    client.buffer = client.sock.recv(65536)
+    assert client.buffer.count(b"\r\n") == 4  # the four replies in one write, as an MX does
     assert [client.reply()[0] for _ in range(4)] == [250, 550, 250, 354]
     assert client.command(b"x\r\n.")[0] == 250
     client.close()
