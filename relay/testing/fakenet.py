@@ -42,9 +42,9 @@ behaviours a handler cannot express are small overrides in ``_SinkSMTP``:
 ``smtp_STARTTLS`` (the abort and 454 modes) and ``smtp_DATA`` (aiosmtpd's
 rules, read a block at a time: relay.testing.sinkdata).  ``push`` also
 holds the replies to pipelined commands and writes them together, as a
-production MX does: the sinks stand in for other machines, and a write
-per reply made them a bottleneck of the benchmarks.  A protocol of our own would
-have duplicated aiosmtpd's parser to gain nothing.
+production MX does: the sinks stand in for other machines, yet share the
+benchmarks' cores.  A protocol of our own would have duplicated aiosmtpd's
+command parser to gain nothing.
 
 Runtime: each service runs either on the caller's event loop
 (``await x.start()`` / ``await x.stop()``, or ``async with``) or on a
