@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import tomli_w
 
-from relay.intake.data import DataReader, whole_lines
+from relay.accel import whole_lines
+from relay.intake.data import DataReader
 from relay.spool import read
 from relay.stats import ring
 

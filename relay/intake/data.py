@@ -2,7 +2,7 @@
 
 Input: the lines the client sends after ``354``, each ending in CRLF as the
 reader split them (``feed_line``), runs of such lines already buffered
-(``feed_block``, sized by ``whole_lines``), and the pieces of lines too long
+(``feed_block``, sized by ``relay.accel.whole_lines``), and the pieces of lines too long
 to buffer (``feed_overrun``).  Output: ``finish()`` -> (reply or None, body).
 
 Theory of operation: the only end of data is CRLF "." CRLF (RFC 5321
@@ -29,12 +29,8 @@ from __future__ import annotations
 
 import re
 
-from relay import accel
 from relay.accel import unstuff_clean
 from relay.intake import replies
-
-# How much of the buffer a block takes (relay._ref.datalines says; in C).
-whole_lines = accel.whole_lines
 
 # RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF.
 MAX_TEXT_LINE = 998

@@ -27,12 +27,13 @@ from typing import Awaitable, Callable
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
+from relay.accel import whole_lines
 from relay.config import Settings
 from relay.errors import RelayError
 from relay.intake import lane, policy, replies
 from relay.intake.auth import Authenticator, FailureLockout
 from relay.intake.clients import ClientView
-from relay.intake.data import DataReader, whole_lines
+from relay.intake.data import DataReader
 from relay.intake.received import protocol_name, received_header
 from relay.model import QueueIds, Transaction
 from relay.stats.ring import Histogram

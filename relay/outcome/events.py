@@ -88,7 +88,7 @@ class EventLog:
 
     def flush(self) -> None:
         """Write the pending lines now."""
-        if not self._pending or self._file is None:
+        if not self._pending:
             return
         data, self._pending = b"".join(self._pending), []
         view = memoryview(data)
