@@ -214,6 +214,7 @@ async def drive(scenario: Scenario, server, farm: Farm, label: str, run_tag: str
                                       else None),
         "outbound_connections": sinks.connections_opened,
         "outbound_transactions": sinks.transactions,
+        "outbound_chunked_transactions": sinks.chunked_transactions,
         "errors": dict(generator.errors.most_common(10)),
     })
     return figures
@@ -302,6 +303,7 @@ async def drive_amqp(scenario: Scenario, server: Relay, farm: Farm, backlog: amq
         "peak_rss_per_worker_bytes": server.peak_rss(),
         "outbound_connections": sinks.connections_opened,
         "outbound_transactions": sinks.transactions,
+        "outbound_chunked_transactions": sinks.chunked_transactions,
         "errors": {},
         "startup_seconds": round(startup, 2),
         # The same figures as injected_per_s and delivered_per_s, by the names
@@ -350,10 +352,11 @@ def run_once(scenario: Scenario, kind: str, args, workdir: str, index: int,
     its mail taken in by ``intake`` (smtp, http or amqp; the last two: relay
     only); ``files``: what --dkim and --tls need (perf.options)."""
     loadavg = os.getloadavg()[0]
-    options = bench_options.Options(dkim=args.dkim, tls=args.tls)
+    options = bench_options.Options(dkim=args.dkim, tls=args.tls, chunking=args.chunking)
     if intake == "amqp":
         return _run_amqp(scenario, args, workdir, index, loadavg, options, files)
-    with Farm(scenario.layout, pki_directory=sinks_pki(workdir, options)) as farm:
+    with Farm(scenario.layout, pki_directory=sinks_pki(workdir, options),
+              chunking=options.chunking) as farm:
         routes = scenario.layout.routes(farm.mx_port) if args.vs_postfix else None
         extra = bench_options.relay_overrides(options, files, farm.ca_path)
         http = None
@@ -425,7 +428,8 @@ def _run_amqp(scenario: Scenario, args, workdir: str, index: int, loadavg: float
     """The AMQP side: fill a queue of this run's own, start the relay on it, time it, delete it."""
     (stream,) = scenario.streams
     queue = f"relay-bench-{uuid.uuid4().hex[:12]}"
-    with Farm(scenario.layout, pki_directory=sinks_pki(workdir, options)) as farm, \
+    with Farm(scenario.layout, pki_directory=sinks_pki(workdir, options),
+              chunking=options.chunking) as farm, \
             asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         backlog = runner.run(amqp_load.Backlog(queue).open())
         server = None
@@ -513,6 +517,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tls", action="store_true",
                         help="STARTTLS on both hops: the server offers it to the generator (test"
                              " certificate), the sinks offer it (test CA) and delivery verifies it")
+    parser.add_argument("--chunking", action="store_true",
+                        help="the sinks offer CHUNKING: the relay sends with BDAT (Postfix's client"
+                             " has none and sends DATA)")
     parser.add_argument("--ceiling", action="store_true",
                         help="also measure smtp-source -> smtp-sink (Postfix's C test tools) at the"
                              " scenario's size and connections; report delivered/s as a fraction")
@@ -560,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         except amqp_load.Unreachable as exc:
             print(f"{scenario.name}: {exc}", file=sys.stderr)
             return 2
-    options = bench_options.Options(dkim=args.dkim, tls=args.tls)
+    options = bench_options.Options(dkim=args.dkim, tls=args.tls, chunking=args.chunking)
     pair, tools = None, None
     if args.ceiling and scenario.intake:
         # Its sides run different streams one at a time: no one pair fits them all.

@@ -56,11 +56,12 @@ class Layout:
 @dataclass
 class Stats:
     connections_opened: int = 0
+    chunked_transactions: int = 0  # of ``transactions``, those sent with BDAT
     transactions: int = 0
     by_site: dict = field(default_factory=dict)  # ip -> connections opened
 
 
-def _serve(layout: Layout, conn, delivered, pki_directory: str | None) -> None:
+def _serve(layout: Layout, conn, delivered, pki_directory: str | None, chunking: bool) -> None:
     """The child: build the fake internet, answer commands until "stop"."""
     import uvloop
 
@@ -70,9 +71,11 @@ def _serve(layout: Layout, conn, delivered, pki_directory: str | None) -> None:
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.receipts: list[tuple[float, tuple[str, ...]]] = []
+            self.chunked = 0
 
         def _record(self, sink, received):
             self.receipts.append((time.time(), received.rcpt_tos))
+            self.chunked += received.chunked
             delivered.value += len(received.rcpt_tos)
             # Received objects are not needed: keep memory flat on big runs.
             return len(self.receipts)
@@ -83,7 +86,7 @@ def _serve(layout: Layout, conn, delivered, pki_directory: str | None) -> None:
         tls = TLS_ON if pki_directory else TLS_OFF
         for site in layout.sites:
             behaviour = Behaviour(reply_delay=site.reply_delay, max_messages=site.max_messages,
-                                  tls=tls)
+                                  tls=tls, chunking=chunking)
             net.add_host(site.name, site.ip, behaviour)
         for domain, site in layout.domains:
             net.dns.add_mx(domain, [(10, layout.sites[site].name)])
@@ -111,6 +114,7 @@ def _serve(layout: Layout, conn, delivered, pki_directory: str | None) -> None:
                 conn.send(Stats(
                     connections_opened=sum(s.connections_opened for s in sinks),
                     transactions=len(net.farm.receipts),
+                    chunked_transactions=net.farm.chunked,
                     by_site={s.ip: s.connections_opened for s in sinks},
                 ))
             elif command == "stop" and not stopped.done():
@@ -131,15 +135,18 @@ class Farm:
     """Start/stop the fake internet process; read its counters and receipts.
 
     With ``pki_directory`` every sink offers STARTTLS with a certificate
-    (its MX name and its IP) from a test CA kept there: ``ca_path``."""
+    (its MX name and its IP) from a test CA kept there: ``ca_path``.  With
+    ``chunking`` every sink offers CHUNKING (BDAT, RFC 3030)."""
 
-    def __init__(self, layout: Layout, pki_directory: str | None = None) -> None:
+    def __init__(self, layout: Layout, pki_directory: str | None = None,
+                 chunking: bool = False) -> None:
         self.layout = layout
         context = multiprocessing.get_context("spawn")
         self.delivered = context.RawValue("q", 0)
         self._conn, child = context.Pipe()
         self.process = context.Process(
-            target=_serve, args=(layout, child, self.delivered, pki_directory), name="perf-farm",
+            target=_serve, args=(layout, child, self.delivered, pki_directory, chunking),
+            name="perf-farm",
             daemon=True,
         )
         self.nameserver = ""

@@ -568,7 +568,8 @@ class Dispatcher:
                 mode = "none"
             for attempt_mode in (mode, "none"):
                 session = SmtpSession(hop, helo_name=self.hostname, source_ip=source_ip,
-                                      timeouts=self.timeouts)
+                                      timeouts=self.timeouts,
+                                      chunking=self.settings.deliver.chunking)
                 try:
                     self.counters["connections_out"] += 1
                     await session.open(attempt_mode, self._verify_context if attempt_mode == "verify" else None)
@@ -662,8 +663,9 @@ class Dispatcher:
                     time.monotonic() - started, body)
         outcomes = self._per_recipient(job, result)
         if job.trace:
-            self._trace(job, "MAIL %s | RCPT %s | DATA %s | end %s", result.mail,
-                        " ; ".join(map(str, result.rcpt)), result.data, result.dot)
+            self._trace(job, "MAIL %s | RCPT %s | %s | end %s", result.mail,
+                        " ; ".join(map(str, result.rcpt)),
+                        "BDAT" if result.chunked else f"DATA {result.data}", result.dot)
         return outcomes, None, time.monotonic() - started, body
 
     @staticmethod
@@ -679,6 +681,8 @@ class Dispatcher:
                 outcomes.append((rcpt, reply, Stage.RCPT))
         if not accepted:
             return outcomes
+        if result.chunked:
+            return outcomes + [(r, result.dot, Stage.DOT) for r in accepted]
         if result.data is None or result.data.code != 354:
             reply = result.data or Reply(0, "4.4.2", "no reply to DATA", None)
             return outcomes + [(r, reply, Stage.DATA) for r in accepted]

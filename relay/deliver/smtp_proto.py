@@ -13,7 +13,10 @@ commands with the same few lines ("250 2.1.5 Ok"), so each parser keeps
 the replies of single lines it has seen and hands the same (immutable)
 Reply out again.  Commands are built by pure
 functions; ``transaction()`` builds MAIL, every RCPT and DATA as one write
-for a PIPELINING server (RFC 2920), whose replies then come in that order.
+for a PIPELINING server (RFC 2920), whose replies then come in that order;
+``chunked_transaction()`` ends it with ``BDAT <size> LAST`` instead, for a
+server that also offers CHUNKING (RFC 3030): the body follows in the same
+write, as it is, and one round trip and the dot-stuffing pass are saved.
 Remote errors (a malformed reply, a line too long) raise
 ``RemoteProtocolError``.
 """
@@ -134,6 +137,16 @@ def transaction(sender: str, recipients: list[str], *, size: int | None, smtputf
     parts = [mail_from(sender, size=size, smtputf8=smtputf8, body8bit=body8bit)]
     parts += [rcpt_to(r) for r in recipients]
     parts.append(b"DATA\r\n")
+    return b"".join(parts)
+
+
+def chunked_transaction(sender: str, recipients: list[str], body_size: int, *, size: int | None,
+                        smtputf8: bool, body8bit: bool) -> bytes:
+    """MAIL, every RCPT and the one BDAT of a body of ``body_size`` bytes
+    (PIPELINING and CHUNKING); the body is written right after it."""
+    parts = [mail_from(sender, size=size, smtputf8=smtputf8, body8bit=body8bit)]
+    parts += [rcpt_to(r) for r in recipients]
+    parts.append(b"BDAT %d LAST\r\n" % body_size)
     return b"".join(parts)
 
 

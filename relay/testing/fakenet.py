@@ -58,7 +58,10 @@ on it and are waited for.  Listening sockets are bound and listening as
 soon as a sink is added, so a connection made right after ``add_sink()``
 is queued in the backlog rather than refused.
 
-Not served: AUTH, BDAT/CHUNKING, IPv6 sinks, CNAME chasing (a CNAME is
+``smtp_BDAT`` serves CHUNKING (RFC 3030) where ``Behaviour.chunking``
+offers it, as the large providers' MXes do; aiosmtpd has no BDAT.
+
+Not served: AUTH, BINARYMIME, IPv6 sinks, CNAME chasing (a CNAME is
 answered as is).  A line over 1000 octets in DATA gets aiosmtpd's
 ``500 Line too long`` after the data, as a strict MX would answer.
 """
@@ -647,6 +650,7 @@ class Behaviour:
     drop_in_data: int | None = None  # drop the connection after reading this many DATA bytes
     tls: str = TLS_OFF  # one of TLS_MODES
     pipelining: bool = True
+    chunking: bool = False  # offer CHUNKING (BDAT); from the next EHLO
     smtputf8: bool = True
     max_size: int | None = DATA_SIZE_DEFAULT  # SIZE; None: no limit, not advertised
 
@@ -696,6 +700,7 @@ class Received:
     sink_ip: str = ""
     helo: str = ""  # the EHLO/HELO name the client gave
     size: int = 0  # len(data), also when the data is not kept
+    chunked: bool = False  # sent with BDAT rather than DATA
 
 
 # -- test PKI --------------------------------------------------------------------
@@ -965,12 +970,17 @@ class _SinkHandler:
         session.host_name = hostname
         # aiosmtpd offers AUTH after STARTTLS; an MX does not.
         keywords = [line[4:] for line in responses if not line[4:].startswith("AUTH")]
-        if self.sink.behaviour.pipelining:
+        behaviour = self.sink.behaviour
+        if behaviour.pipelining:
             keywords.insert(len(keywords) - 1, "PIPELINING")  # before aiosmtpd's closing HELP
+        if behaviour.chunking:
+            keywords.insert(len(keywords) - 1, "CHUNKING")
+        server.chunking = behaviour.chunking
         return [f"250-{k}" for k in keywords[:-1]] + [f"250 {keywords[-1]}"]
 
     async def handle_HELO(self, server, session, envelope, hostname):
         session.host_name = hostname
+        server.chunking = False  # no extensions after HELO
         return f"250 {server.hostname}"
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
@@ -1011,6 +1021,7 @@ class _SinkHandler:
             sink_ip=sink.ip,
             helo=session.host_name or "",
             size=len(data),
+            chunked=server.chunked_message,
         )
         server.messages += 1
         sequence = sink.farm._record(sink, received)
@@ -1049,6 +1060,11 @@ class _SinkSMTP(SMTP):
         self._in_data = False  # between our 354 and the reply to the end of DATA
         self._data_left: int | None = None  # DATA bytes still allowed before the drop
         self._held: list[bytes] = []  # replies to pipelined commands, written together
+        self.chunking = False  # CHUNKING offered in this session's last EHLO
+        self._chunks: list[bytes] = []  # the BDAT chunks of the transaction so far
+        self._chunks_of: object = None  # ... of this envelope (a new one starts afresh)
+        self._chunks_size = 0
+        self.chunked_message = False  # the message the DATA hook sees came by BDAT
 
     # -- connection life ------------------------------------------------------
 
@@ -1187,6 +1203,60 @@ class _SinkSMTP(SMTP):
             return
         self.envelope.content = self.envelope.original_content = collector.content()
         status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
+
+    @syntax("BDAT chunk-size [LAST]")
+    async def smtp_BDAT(self, arg: str) -> None:
+        """RFC 3030's BDAT: read the chunk, whatever the verdict, then
+        answer; the last one ends the transaction as the dot ends DATA."""
+        if not self.chunking:
+            await self.push('500 Error: command "BDAT" not recognized')
+            return
+        words = arg.split()
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or words[1:] not in ([], ["LAST"]):
+            await self.push("501 5.5.4 Syntax: BDAT chunk-size [LAST]")
+            return  # the chunk's size is unknown: what follows is read as commands
+        size, last = int(words[0]), len(words) == 2
+        if self._chunks_of is not self.envelope:
+            self._chunks, self._chunks_of, self._chunks_size = [], self.envelope, 0
+        drop_after = self.sink.behaviour.drop_in_data
+        try:
+            if drop_after is not None and drop_after < size:
+                await self._reader.readexactly(drop_after)
+                self.drop()
+                return
+            chunk = await self._reader.readexactly(size)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self._writer.close()
+            return
+        self._in_data = last  # the end of the message gets data_delay, as the dot does
+        if await self.check_helo_needed():
+            return
+        if self.envelope.mail_from is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("554 5.5.1 Error: no valid recipients")
+            return
+        self._chunks_size += size
+        if self.data_size_limit and self._chunks_size > self.data_size_limit:
+            self._chunks = []
+            if last:
+                self._set_post_data_state()
+            await self.push("552 5.3.4 Error: message too large")
+            return
+        self._chunks.append(chunk)
+        if not last:
+            await self.push(f"250 2.0.0 {size} octets received")
+            return
+        self.envelope.content = self.envelope.original_content = b"".join(self._chunks)
+        self._chunks = []
+        self.chunked_message = True
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            self.chunked_message = False
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
 

@@ -76,6 +76,16 @@ def test_describe_says_the_postfix_figure_is_unsigned(monkeypatch):
     line = bench.summary(both)
     assert "DKIM" in line and "Postfix unsigned" in line and "STARTTLS" in line
     plain = bench.describe(bench.Options(), postfix=False)
-    assert "postfix" not in plain and plain["relay"] == {"dkim": None, "tls": None}
-    assert bench.summary(plain) == "options: none (no DKIM, no TLS)"
-    assert bench.summary(None) == "options: none (no DKIM, no TLS)"  # JSON from before the options
+    assert "postfix" not in plain and plain["relay"] == {"dkim": None, "tls": None, "chunking": None}
+    assert bench.summary(plain) == "options: none (no DKIM, no TLS, no CHUNKING)"
+    assert bench.summary(None) == "options: none (no DKIM, no TLS, no CHUNKING)"  # JSON from before
+
+
+def test_chunking_is_the_sinks_offer_and_says_postfix_keeps_to_data():
+    chunked = bench.Options(chunking=True)
+    assert chunked.names() == ["chunking"]
+    assert bench.relay_overrides(chunked, FILES, SINKS_CA) == {}  # [deliver] chunking is on by default
+    described = bench.describe(chunked, postfix=True)
+    assert described["chunking"] is True and "BDAT" in described["relay"]["chunking"]
+    assert described["postfix"]["chunking"].startswith("DATA")
+    assert "CHUNKING" in bench.summary(described)

@@ -113,7 +113,10 @@ class Raw:
                 return int(line[:3]), lines
 
     def command(self, line: bytes) -> tuple[int, list[str]]:
-        self.sock.sendall(line + b"\r\n")
+        return self.send(line + b"\r\n")
+
+    def send(self, data: bytes) -> tuple[int, list[str]]:
+        self.sock.sendall(data)
         return self.reply()
 
     def closed(self) -> bool:
@@ -591,6 +594,35 @@ def test_data_verdicts_and_the_command_sent_right_after_the_dot(net, ip):
     client.close()
     assert [m.data for m in sink.received] == [b".kept\r\n"]
 
+
+
+def test_bdat_only_where_chunking_is_offered_and_its_chunks_always_read(net, ip, ip2):
+    """RFC 3030: a chunk is read whatever its verdict, so the next command
+    is never taken from the middle of a refused message."""
+    plain = net.farm.add_sink(ip)
+    client = Raw(ip, net.mx_port)
+    client.reply()
+    assert "CHUNKING" not in client.command(b"EHLO c.test")[1]
+    assert client.command(b"BDAT 3 LAST")[0] == 500
+    client.close()
+    sink = net.farm.add_sink(ip2, Behaviour(chunking=True))
+    client = Raw(ip2, net.mx_port)
+    client.reply()
+    assert "CHUNKING" in client.command(b"EHLO c.test")[1]
+    assert client.command(b"HELP BDAT")[0] == 250
+    assert client.send(b"BDAT 3 LAST\r\nQUI")[0] == 503  # no MAIL; "QUI" was the chunk
+    assert client.command(b"BDAT x")[0] == 501
+    assert client.command(b"BDAT 3 FIRST")[0] == 501
+    client.command(b"MAIL FROM:<s@src.test>")
+    assert client.send(b"BDAT 2\r\nno")[0] == 554  # no recipient
+    client.command(b"RCPT TO:<r@d.test>")
+    assert client.send(b"BDAT 6\r\n.dot\r\n")[0] == 250
+    assert client.send(b"BDAT 0 LAST\r\n")[0] == 250  # the message ends with an empty chunk
+    assert client.command(b"HELO c.test")[0] == 250
+    assert client.command(b"BDAT 1 LAST")[0] == 500  # no extensions after HELO
+    client.close()
+    assert [m.data for m in sink.received] == [b".dot\r\n"]
+    assert plain.received == []
 
 # -- the bundle ------------------------------------------------------------------------
 
