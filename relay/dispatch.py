@@ -513,7 +513,7 @@ class Dispatcher:
                     self._trace(job, "421 at MAIL after %d messages: a fresh connection",
                                 session.messages_sent)
                 return
-            if done is None:  # nothing was sent: a body gone, or a dead pooled connection
+            if done is None:  # nothing delivered: a body gone, or a dead pooled connection
                 self.scheduler.on_sent(conn, job, time.time(), [], False, None)
                 if not session.usable:
                     self._lost(conn)
@@ -623,9 +623,11 @@ class Dispatcher:
 
     async def _transact(self, job: Job, session: SmtpSession):
         """One transaction: (outcomes, site failure or None, latency, body),
-        or None when nothing was sent (the message is gone, or a reused
+        or None when nothing was delivered (the message is gone, or a reused
         connection turned out dead before the server said anything about
-        this job: then job.retried is "again" and it should be tried anew)."""
+        this job: then job.retried is "again" and it should be tried anew;
+        with BDAT the body may have gone out, but a server that took it
+        says so before it closes, and a timeout then counts at the dot)."""
         # Fresh mail's first transaction sends the body kept from intake;
         # any later one (next MX, a retry) reads it back from the spool.
         fresh, job.body = job.body, None

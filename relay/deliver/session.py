@@ -11,10 +11,16 @@ Timeouts follow RFC 5321 4.5.3.2 (configurable): connect, each command
 reply, and the reply after the final dot, which may take longest.
 
 A server that offers PIPELINING and CHUNKING (RFC 3030) gets MAIL, the
-RCPTs, ``BDAT <size> LAST`` and the body in one write, and answers them
-all at once: one round trip per message instead of two, and no
-dot-stuffing.  The reply to the BDAT stands where the reply after the dot
-would (``TransactionResult.chunked``).
+RCPTs, ``BDAT <size> LAST`` and the body in one write (as RFC 3030 4.3's
+example pipelines them, and as Exim does), and answers them all at once:
+one round trip per message instead of two, and no dot-stuffing.  The
+reply to the BDAT stands where the reply after the dot would
+(``TransactionResult.chunked``).  The body has gone before any reply is
+read, so a server may answer MAIL only once the message is processed:
+every reply waits as long as the one after the dot, and a timeout counts
+as one after the dot (the server may have the message).  A body over
+``CHUNKED_MAX_BODY`` or over the server's SIZE goes by DATA, which sends
+it only to a server that took the envelope.
 """
 
 from __future__ import annotations
@@ -28,6 +34,12 @@ from relay.errors import DeliveryError, RemoteProtocolError, TlsUnavailable
 from relay.timers import LazyTimer
 from relay.model import Reply, Stage
 from relay.deliver import smtp_proto
+
+
+# Bodies up to this go in the one write of a chunked transaction; a larger
+# one waits for the envelope's replies (DATA): a refused sender or
+# recipients then costs no upload, and its round trip is a small share.
+CHUNKED_MAX_BODY = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -60,11 +72,12 @@ class map_exceptions:
     connection into a DeliveryError with the reply it stands for.  A class,
     not a generator context manager: it wraps every read and write."""
 
-    __slots__ = ("stage", "host")
+    __slots__ = ("stage", "host", "timeout_stage")
 
-    def __init__(self, stage: Stage, host: str) -> None:
+    def __init__(self, stage: Stage, host: str, timeout_stage: Stage | None = None) -> None:
         self.stage = stage
         self.host = host
+        self.timeout_stage = timeout_stage or stage  # where a timeout is reported
 
     def __enter__(self) -> None:
         return None
@@ -74,7 +87,8 @@ class map_exceptions:
             return False
         stage, host = self.stage, self.host
         if isinstance(exc, asyncio.TimeoutError):
-            raise DeliveryError(Reply(0, "4.4.2", f"timeout at {stage.value}", host), stage) from None
+            raise DeliveryError(Reply(0, "4.4.2", f"timeout at {stage.value}", host),
+                                self.timeout_stage) from None
         if isinstance(exc, ssl.SSLError):
             raise TlsUnavailable(
                 Reply(0, "4.7.5", f"TLS handshake failed: {exc.reason or exc}", host), Stage.STARTTLS
@@ -229,7 +243,7 @@ class SmtpSession:
         body8bit = "8BITMIME" in self.extensions and not body.isascii()
         utf8 = smtputf8 and "SMTPUTF8" in self.extensions
         self.usable = False  # until the transaction ends cleanly
-        if self.chunking and "CHUNKING" in self.extensions and "PIPELINING" in self.extensions:
+        if self._chunks(body):
             return await self._send_chunked(result, sender, recipients, body, size, utf8, body8bit)
         if "PIPELINING" in self.extensions:
             self._write(smtp_proto.transaction(sender, recipients, size=size, smtputf8=utf8,
@@ -266,30 +280,58 @@ class SmtpSession:
         self.idle_since = time.monotonic()
         return result
 
+    def _chunks(self, body: bytes) -> bool:
+        """Whether this body goes in one write with its envelope (BDAT)."""
+        if not (self.chunking and "CHUNKING" in self.extensions and "PIPELINING" in self.extensions):
+            return False
+        limit = self.extensions.get("SIZE", "")
+        too_big = limit.isascii() and limit.isdigit() and 0 < int(limit) < len(body)
+        return len(body) <= CHUNKED_MAX_BODY and not too_big
+
     async def _send_chunked(self, result: TransactionResult, sender: str, recipients: list[str],
                             body: bytes, size: int | None, utf8: bool,
                             body8bit: bool) -> TransactionResult:
         """MAIL, RCPTs, ``BDAT <size> LAST`` and the body in one write.  The
-        body goes even if MAIL or every RCPT is refused: the server must
-        read and drop it (RFC 3030 2), and its reply to the BDAT says so."""
+        body goes even if MAIL or every RCPT is refused: a server reads the
+        octets a BDAT announces whatever it answers (RFC 3030 2: the chunk
+        follows the command at once), and its reply to the BDAT says so."""
         result.chunked = True
         commands = smtp_proto.chunked_transaction(sender, recipients, len(body), size=size,
                                                   smtputf8=utf8, body8bit=body8bit)
         self._write_all((commands, body))
-        await self._drain(Stage.DOT)
-        result.mail = await self._read(Stage.MAIL, self.timeouts.command)
+        try:
+            await self._drain(Stage.DOT)
+        except DeliveryError as lost:
+            raise self._said_before_closing() or lost from None
+        wait = self.timeouts.data
+        result.mail = await self._read(Stage.MAIL, wait, timeout_stage=Stage.DOT)
         for _ in recipients:
-            result.rcpt.append(await self._read(Stage.RCPT, self.timeouts.command))
-        result.dot = await self._read(Stage.DOT, self.timeouts.data)
+            result.rcpt.append(await self._read(Stage.RCPT, wait, timeout_stage=Stage.DOT))
+        result.dot = await self._read(Stage.DOT, wait)
+        self.messages_sent += 1
         if result.dot.code // 100 != 2:
             # A refused BDAT ends the transaction, but servers differ on
             # what state it leaves: RSET says for sure.
             await self._reset()
             return result
-        self.messages_sent += 1
         self.usable = True
         self.idle_since = time.monotonic()
         return result
+
+    def _said_before_closing(self) -> DeliveryError | None:
+        """The server's reply to MAIL, if it sent one before it closed the
+        connection under our body (a 421, a refused sender): that reply,
+        not the reset, is the verdict.  A reader whose connection broke
+        raises before it hands out what it holds, hence its buffer."""
+        buffered = bytes(self._reader._buffer)  # noqa: SLF001 - see _parser_has_data
+        try:
+            self._parser.receive_data(buffered)
+        except RemoteProtocolError:
+            return None
+        reply = self._parser.next_reply()
+        if reply is None or reply.code // 100 == 2:  # an accepted sender explains nothing
+            return None
+        return DeliveryError(reply, Stage.MAIL)
 
     async def _reset(self) -> None:
         """RSET after a refused transaction.  Its failure only makes the
@@ -344,7 +386,8 @@ class SmtpSession:
             self._writer.write(data)
 
     def _write_all(self, parts: tuple[bytes, ...]) -> None:
-        """Several buffers in one write (one syscall, no copy into one)."""
+        """Several buffers in one write: uvloop (the workers' loop) sends
+        them with one writev and no copy; asyncio's own loop joins them."""
         with map_exceptions(Stage.LOCAL, self.hop.host):
             if self._writer is None or self._writer.is_closing():
                 raise ConnectionResetError("connection closed")
@@ -358,8 +401,8 @@ class SmtpSession:
             async with asyncio.timeout(self.timeouts.data):
                 await self._writer.drain()
 
-    async def _read(self, stage: Stage, timeout: float) -> Reply:
-        with map_exceptions(stage, self.hop.host):
+    async def _read(self, stage: Stage, timeout: float, timeout_stage: Stage | None = None) -> Reply:
+        with map_exceptions(stage, self.hop.host, timeout_stage):
             deadline = asyncio.get_running_loop().time() + timeout
             while True:
                 reply = self._parser.next_reply()

@@ -1037,6 +1037,22 @@ class _SinkHandler:
         return S451_SINK_ERROR
 
 
+_BDAT_ARGS = re.compile(r"([0-9]{1,18})(?: +(LAST))?", re.IGNORECASE)
+
+
+class _Bdat:
+    """One transaction's BDAT chunks; a new envelope (RSET, MAIL, the
+    end of a message) starts a new one."""
+
+    __slots__ = ("envelope", "chunks", "read", "failed")
+
+    def __init__(self, envelope: object) -> None:
+        self.envelope = envelope
+        self.chunks: list[bytes] = []
+        self.read = 0  # octets of every chunk so far, refused ones too
+        self.failed: str | None = None  # the reply that failed the transaction
+
+
 class _SinkSMTP(SMTP):
     """aiosmtpd's session with the behaviours a handler cannot express."""
 
@@ -1061,9 +1077,7 @@ class _SinkSMTP(SMTP):
         self._data_left: int | None = None  # DATA bytes still allowed before the drop
         self._held: list[bytes] = []  # replies to pipelined commands, written together
         self.chunking = False  # CHUNKING offered in this session's last EHLO
-        self._chunks: list[bytes] = []  # the BDAT chunks of the transaction so far
-        self._chunks_of: object = None  # ... of this envelope (a new one starts afresh)
-        self._chunks_size = 0
+        self._bdat = _Bdat(None)  # the BDAT transaction under way, if its envelope is current
         self.chunked_message = False  # the message the DATA hook sees came by BDAT
 
     # -- connection life ------------------------------------------------------
@@ -1182,6 +1196,9 @@ class _SinkSMTP(SMTP):
         if not self.envelope.rcpt_tos:
             await self.push("503 Error: need RCPT command")
             return
+        if self._bdat.envelope is self.envelope:  # RFC 3030 2: no DATA in a BDAT transaction
+            await self.push("503 5.5.1 Error: BDAT transaction in progress")
+            return
         if arg:
             await self.push("501 Syntax: DATA")
             return
@@ -1206,52 +1223,53 @@ class _SinkSMTP(SMTP):
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
 
-    @syntax("BDAT chunk-size [LAST]")
+    @syntax("BDAT chunk-size [LAST]", when="chunking")
     async def smtp_BDAT(self, arg: str) -> None:
         """RFC 3030's BDAT: read the chunk, whatever the verdict, then
-        answer; the last one ends the transaction as the dot ends DATA."""
+        answer; the last one ends the transaction as the dot ends DATA.
+        A refused chunk fails the transaction: later chunks of it are read
+        and refused the same way until RSET or a new MAIL."""
         if not self.chunking:
             await self.push('500 Error: command "BDAT" not recognized')
             return
-        words = arg.split()
-        if not 1 <= len(words) <= 2 or not words[0].isdigit() or words[1:] not in ([], ["LAST"]):
+        words = _BDAT_ARGS.fullmatch(arg.strip())
+        if words is None:
             await self.push("501 5.5.4 Syntax: BDAT chunk-size [LAST]")
             return  # the chunk's size is unknown: what follows is read as commands
-        size, last = int(words[0]), len(words) == 2
-        if self._chunks_of is not self.envelope:
-            self._chunks, self._chunks_of, self._chunks_size = [], self.envelope, 0
-        drop_after = self.sink.behaviour.drop_in_data
+        size, last = int(words[1]), words[2] is not None
+        bdat = self._bdat if self._bdat.envelope is self.envelope else _Bdat(self.envelope)
+        self._bdat = bdat
+        drop_after = self.sink.behaviour.drop_in_data  # counted over the whole message, as in DATA
         try:
-            if drop_after is not None and drop_after < size:
-                await self._reader.readexactly(drop_after)
+            if drop_after is not None and bdat.read + size >= drop_after:
+                await self._reader.readexactly(drop_after - bdat.read)
                 self.drop()
                 return
             chunk = await self._reader.readexactly(size)
         except (asyncio.IncompleteReadError, ConnectionError):
             self._writer.close()
             return
+        bdat.read += size
         self._in_data = last  # the end of the message gets data_delay, as the dot does
         if await self.check_helo_needed():
             return
-        if self.envelope.mail_from is None:
+        if self.envelope.mail_from is None:  # no transaction to fail
             await self.push("503 5.5.1 Error: need MAIL command")
             return
-        if not self.envelope.rcpt_tos:
-            await self.push("554 5.5.1 Error: no valid recipients")
+        if bdat.failed is None:
+            if not self.envelope.rcpt_tos:
+                bdat.failed = "554 5.5.1 Error: no valid recipients"
+            elif self.data_size_limit and bdat.read > self.data_size_limit:
+                bdat.failed = "552 5.3.4 Error: message too large"
+        if bdat.failed is not None:
+            bdat.chunks = []
+            await self.push(bdat.failed)
             return
-        self._chunks_size += size
-        if self.data_size_limit and self._chunks_size > self.data_size_limit:
-            self._chunks = []
-            if last:
-                self._set_post_data_state()
-            await self.push("552 5.3.4 Error: message too large")
-            return
-        self._chunks.append(chunk)
+        bdat.chunks.append(chunk)
         if not last:
             await self.push(f"250 2.0.0 {size} octets received")
             return
-        self.envelope.content = self.envelope.original_content = b"".join(self._chunks)
-        self._chunks = []
+        self.envelope.content = self.envelope.original_content = b"".join(bdat.chunks)
         self.chunked_message = True
         try:
             status = await self._call_handler_hook("DATA")
@@ -1268,6 +1286,8 @@ class _SinkSMTP(SMTP):
     async def smtp_STARTTLS(self, arg: str) -> None:
         mode = self.sink.behaviour.tls
         if arg or self._tls_protocol is not None or mode in (TLS_ON, TLS_WRONG_CERT):
+            if not arg and self._tls_protocol is None:
+                self.chunking = False  # RFC 3207: nothing from before TLS holds; EHLO again
             await super().smtp_STARTTLS(arg)
         elif mode == TLS_ABORT:
             await self.push(S220_TLS_READY)

@@ -595,7 +595,6 @@ def test_data_verdicts_and_the_command_sent_right_after_the_dot(net, ip):
     assert [m.data for m in sink.received] == [b".kept\r\n"]
 
 
-
 def test_bdat_only_where_chunking_is_offered_and_its_chunks_always_read(net, ip, ip2):
     """RFC 3030: a chunk is read whatever its verdict, so the next command
     is never taken from the middle of a refused message."""
@@ -614,15 +613,34 @@ def test_bdat_only_where_chunking_is_offered_and_its_chunks_always_read(net, ip,
     assert client.command(b"BDAT x")[0] == 501
     assert client.command(b"BDAT 3 FIRST")[0] == 501
     client.command(b"MAIL FROM:<s@src.test>")
-    assert client.send(b"BDAT 2\r\nno")[0] == 554  # no recipient
+    assert client.send(b"BDAT 2\r\nno")[0] == 554  # no recipient: the transaction failed
+    client.command(b"RCPT TO:<r@d.test>")
+    assert client.send(b"BDAT 2 last\r\nno")[0] == 554  # ... until RSET
+    client.command(b"RSET")
+    client.command(b"MAIL FROM:<s@src.test>")
     client.command(b"RCPT TO:<r@d.test>")
     assert client.send(b"BDAT 6\r\n.dot\r\n")[0] == 250
+    assert client.command(b"DATA")[0] == 503  # no DATA in a BDAT transaction
     assert client.send(b"BDAT 0 LAST\r\n")[0] == 250  # the message ends with an empty chunk
     assert client.command(b"HELO c.test")[0] == 250
     assert client.command(b"BDAT 1 LAST")[0] == 500  # no extensions after HELO
     client.close()
     assert [m.data for m in sink.received] == [b".dot\r\n"]
+    assert [m.chunked for m in sink.received] == [True]
     assert plain.received == []
+
+
+def test_drop_in_data_counts_every_chunk_of_a_bdat_message(net, ip):
+    net.farm.add_sink(ip, Behaviour(chunking=True, drop_in_data=10))
+    client = Raw(ip, net.mx_port)
+    client.reply()
+    client.command(b"EHLO c.test")
+    client.command(b"MAIL FROM:<s@src.test>")
+    client.command(b"RCPT TO:<r@d.test>")
+    assert client.send(b"BDAT 6\r\n12345\n")[0] == 250
+    client.sock.sendall(b"BDAT 4 LAST\r\n1234")  # octets 7 to 10: the drop
+    assert client.closed()
+
 
 # -- the bundle ------------------------------------------------------------------------
 
