@@ -361,10 +361,7 @@ class Router:
         parts = {owner: self._part(txn, rcpts, self.worker) for owner, rcpts in groups.items()}
         self.in_flight.add(txn.queue_id)
         try:
-            results = await asyncio.gather(
-                *(self._store(owner, part) for owner, part in parts.items()),
-                return_exceptions=True,
-            )
+            results = await self._store_each(parts)
             failed = [r for r in results if isinstance(r, BaseException)]
             if not failed:
                 try:
@@ -383,6 +380,18 @@ class Router:
             self.in_flight.discard(txn.queue_id)
         for owner in parts:
             self._in_background(self._send(owner, "release", txn.queue_id))
+
+    async def _store_each(self, parts: dict[int, Part]) -> list:
+        """Each owner's store at once: None or the exception, in order."""
+        if len(parts) == 1:  # the usual case: no task for it (gather makes one each)
+            [(owner, part)] = parts.items()
+            try:
+                await self._store(owner, part)
+            except Exception as exc:  # noqa: BLE001 - handed back, as gather's are
+                return [exc]
+            return [None]
+        return await asyncio.gather(*(self._store(owner, part) for owner, part in parts.items()),
+                                    return_exceptions=True)
 
     @staticmethod
     def _part(txn: Transaction, recipients, coordinator: int | None) -> Part:

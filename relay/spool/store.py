@@ -884,17 +884,25 @@ class Spool:
             else:
                 fresh.fresh_stored(due_of(part, suppressed), part.body)
 
-        task = asyncio.ensure_future(self._submit(apply))
-        task.add_done_callback(settle)
-        await asyncio.shield(task)
+        try:
+            committed = self._enqueue(apply)
+        except SpoolError:
+            fresh.fresh_failed(part)
+            raise
+        committed.add_done_callback(settle)
+        await asyncio.shield(committed)
 
     async def _submit(self, apply: Callable[[sqlite3.Connection], Any], wakes: bool = False) -> Any:
+        return await self._enqueue(apply, wakes)
+
+    def _enqueue(self, apply: Callable[[sqlite3.Connection], Any], wakes: bool = False) -> asyncio.Future:
+        """Queue ``apply`` for the next commit; the future is its outcome."""
         if self._writer is None or self._closing:
             raise SpoolError("spool is not open")
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_Op(apply, future, wakes))
         self._wakeup.set()
-        return await future
+        return future
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
