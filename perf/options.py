@@ -18,9 +18,10 @@ generator verifies it); the sinks offer it with certificates from the fake
 internet's CA, and the server delivers with ``verify`` against that CA.
 
 --chunking: the sinks offer CHUNKING (RFC 3030), as the large mailbox
-providers' MXes do.  The relay then sends each message with one BDAT, in
-the same write as its MAIL and RCPTs; Postfix's SMTP client has no BDAT
-and keeps to DATA.  The JSON counts the transactions that came by BDAT.
+providers' MXes do, and the relay is told to use it (``[deliver]
+chunking``, off by default): each message goes with one BDAT, in the same
+write as its MAIL and RCPTs.  Postfix's SMTP client has no BDAT and keeps
+to DATA.  The JSON counts the transactions that came by BDAT.
 
 Everything here but ``make_files`` and ``client_context`` is pure.
 """
@@ -109,6 +110,8 @@ def relay_overrides(options: Options, files: Files, sinks_ca: str) -> dict:
     if options.tls:
         doc["tls"] = {"cert_file": files.intake_cert, "key_file": files.intake_key}
         doc["deliver"] = {"tls": "verify", "ca_file": sinks_ca}
+    if options.chunking:
+        doc.setdefault("deliver", {})["chunking"] = True
     return doc
 
 

@@ -10,17 +10,21 @@ into a ``DeliveryError`` with a made-up reply (code 0) and the stage.
 Timeouts follow RFC 5321 4.5.3.2 (configurable): connect, each command
 reply, and the reply after the final dot, which may take longest.
 
-A server that offers PIPELINING and CHUNKING (RFC 3030) gets MAIL, the
-RCPTs, ``BDAT <size> LAST`` and the body in one write (as RFC 3030 4.3's
-example pipelines them, and as Exim does), and answers them all at once:
-one round trip per message instead of two, and no dot-stuffing.  The
-reply to the BDAT stands where the reply after the dot would
-(``TransactionResult.chunked``).  The body has gone before any reply is
-read, so a server may answer MAIL only once the message is processed:
-every reply waits as long as the one after the dot, and a timeout counts
-as one after the dot (the server may have the message).  A body over
-``CHUNKED_MAX_BODY`` or over the server's SIZE goes by DATA, which sends
-it only to a server that took the envelope.
+With ``chunking`` (opt in, ``[deliver] chunking``), a server that offers
+PIPELINING and CHUNKING (RFC 3030) gets MAIL, the RCPTs, ``BDAT <size>
+LAST`` and the body in one write, and answers them all at once: one round
+trip per message instead of two, and no dot-stuffing.  The reply to the
+BDAT stands where the reply after the dot would
+(``TransactionResult.chunked``).  Why opt in: RFC 3030's own example
+waits for the envelope's replies before the first BDAT; pipelining the
+body relies on the server reading a BDAT's octets even when it refused the
+envelope, which a correct server does (the size is in the command) and a
+broken one might not, reading the body as commands.  The body has gone
+before any reply is read, so a server may answer MAIL only once the
+message is processed: every reply waits as long as the one after the dot,
+and a timeout counts as one after the dot (the server may have the
+message).  A body over ``CHUNKED_MAX_BODY`` or over the server's SIZE
+goes by DATA, which sends it only to a server that took the envelope.
 """
 
 from __future__ import annotations
@@ -148,7 +152,7 @@ class ReadDeadline:
 
 class SmtpSession:
     def __init__(self, hop: Hop, *, helo_name: str, source_ip: str | None,
-                 timeouts: Timeouts, chunking: bool = True) -> None:
+                 timeouts: Timeouts, chunking: bool = False) -> None:
         self.hop = hop
         self.helo_name = helo_name
         self.source_ip = source_ip
@@ -292,9 +296,8 @@ class SmtpSession:
                             body: bytes, size: int | None, utf8: bool,
                             body8bit: bool) -> TransactionResult:
         """MAIL, RCPTs, ``BDAT <size> LAST`` and the body in one write.  The
-        body goes even if MAIL or every RCPT is refused: a server reads the
-        octets a BDAT announces whatever it answers (RFC 3030 2: the chunk
-        follows the command at once), and its reply to the BDAT says so."""
+        body goes even if MAIL or every RCPT is refused: the server reads
+        the octets the BDAT announces and refuses the BDAT too."""
         result.chunked = True
         commands = smtp_proto.chunked_transaction(sender, recipients, len(body), size=size,
                                                   smtputf8=utf8, body8bit=body8bit)

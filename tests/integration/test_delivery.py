@@ -28,14 +28,15 @@ BODY = (
 )
 
 
-@pytest.mark.parametrize("offered, wanted", [(False, True), (True, True), (True, False)],
-                         ids=["data", "bdat", "bdat-turned-off"])
+@pytest.mark.parametrize("offered, wanted", [(False, True), (True, True), (True, None)],
+                         ids=["data", "bdat", "bdat-not-by-default"])
 def test_message_reaches_the_mx_byte_for_byte(relay_factory, net, offered, wanted):
     [sink] = net.add_domain("d1.example", ["127.0.0.10"], behaviour=Behaviour(chunking=offered))
-    relay = deliver_relay(relay_factory, net, deliver={"chunking": wanted})
+    relay = deliver_relay(relay_factory, net,
+                          deliver=None if wanted is None else {"chunking": wanted})
     queue_id = inject(relay, "app@sender.example", ["someone@d1.example"], BODY)
     [received] = sink.wait_received(1)
-    assert received.chunked is (offered and wanted)  # BDAT where CHUNKING is offered, unless off
+    assert received.chunked is (offered and bool(wanted))  # BDAT where offered and turned on
     assert received.mail_from == "app@sender.example"
     assert list(received.rcpt_tos) == ["someone@d1.example"]
     expected = BODY.replace(b"X-Relay-Trace: 1\r\n", b"")  # internal headers stripped

@@ -70,7 +70,7 @@ def test_bdat_under_starttls():
 
 @pytest.mark.parametrize("behaviour, chunking", [
     (Behaviour(chunking=False), True),  # not offered
-    (Behaviour(chunking=True), False),  # offered, turned off ([deliver] chunking = false)
+    (Behaviour(chunking=True), False),  # offered, not wanted ([deliver] chunking = false)
     (Behaviour(chunking=True, pipelining=False), True),  # BDAT only with PIPELINING
 ], ids=["not-offered", "turned-off", "no-pipelining"])
 def test_data_where_bdat_is_not_both_offered_and_wanted(behaviour, chunking):
@@ -120,7 +120,7 @@ def test_a_refused_sender_and_a_refused_message():
         async with SinkFarm() as farm:
             sink = farm.add_sink(IP, behaviour)
             session = SmtpSession(Hop(MX, IP, sink.port), helo_name="relay.test",
-                                  source_ip=None, timeouts=TIMEOUTS)
+                                  source_ip=None, timeouts=TIMEOUTS, chunking=True)
             await session.open("none", None)
             refused_sender = await session.send("blocked@sender.example", ["a@chunks.example"],
                                                 BODY, False)
@@ -185,7 +185,8 @@ def test_the_envelopes_replies_may_take_as_long_as_the_end_of_data():
         server, port = await _holding_server(hold=0.8)
         async with server:
             session = SmtpSession(Hop("slow.example", "127.0.0.1", port), helo_name="relay.test",
-                                  source_ip=None, timeouts=Timeouts(connect=5.0, command=0.3, data=5.0))
+                                  source_ip=None, chunking=True,
+                                  timeouts=Timeouts(connect=5.0, command=0.3, data=5.0))
             await session.open("none", None)
             result = await session.send("a@sender.example", ["b@slow.example"], BODY, False)
             session.close()
@@ -202,7 +203,8 @@ def test_a_timeout_after_the_body_went_counts_as_one_after_the_dot():
         server, port = await _holding_server(hold=5.0)
         async with server:
             session = SmtpSession(Hop("slow.example", "127.0.0.1", port), helo_name="relay.test",
-                                  source_ip=None, timeouts=Timeouts(connect=5.0, command=0.1, data=0.4))
+                                  source_ip=None, chunking=True,
+                                  timeouts=Timeouts(connect=5.0, command=0.1, data=0.4))
             await session.open("none", None)
             started = time.monotonic()
             with pytest.raises(DeliveryError) as caught:
