@@ -135,3 +135,21 @@ def test_claims_keep_room_for_transactional_mail_and_refill_when_bulk_frees_some
     assert loaded == (23, 20)
     assert routed == [("T", "transactional", 3), ("B", "bulk", 20)]
     assert not early and woken
+
+
+def test_the_reply_to_a_bdat_stands_where_the_reply_after_the_dot_would():
+    from types import SimpleNamespace
+
+    from relay.deliver.session import TransactionResult
+    from relay.model import Reply, Stage
+
+    job = SimpleNamespace(recipients=["a@x.example", "b@x.example"])
+    ok, refused = Reply(250, "2.1.5", "ok", "mx"), Reply(550, "5.1.1", "no such user", "mx")
+    spam = Reply(554, "5.7.1", "spam", "mx")
+    chunked = TransactionResult(mail=ok, rcpt=[ok, refused], dot=spam, chunked=True)
+    assert Dispatcher._per_recipient(job, chunked) == [
+        ("b@x.example", refused, Stage.RCPT), ("a@x.example", spam, Stage.DOT)]
+    # The same replies without chunked: no 354 came, so DATA is where it failed.
+    plain = TransactionResult(mail=ok, rcpt=[ok, refused], dot=spam)
+    [_, (address, reply, stage)] = Dispatcher._per_recipient(job, plain)
+    assert (address, reply.text, stage) == ("a@x.example", "no reply to DATA", Stage.DATA)
