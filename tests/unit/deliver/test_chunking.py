@@ -180,14 +180,19 @@ async def _holding_server(hold: float):
     return server, server.sockets[0].getsockname()[1]
 
 
+async def _open_chunking(port: int, *, command: float, data: float) -> SmtpSession:
+    session = SmtpSession(Hop("slow.example", "127.0.0.1", port), helo_name="relay.test",
+                          source_ip=None, chunking=True,
+                          timeouts=Timeouts(connect=5.0, command=command, data=data))
+    await session.open("none", None)
+    return session
+
+
 def test_the_envelopes_replies_may_take_as_long_as_the_end_of_data():
     async def run():
         server, port = await _holding_server(hold=0.8)
         async with server:
-            session = SmtpSession(Hop("slow.example", "127.0.0.1", port), helo_name="relay.test",
-                                  source_ip=None, chunking=True,
-                                  timeouts=Timeouts(connect=5.0, command=0.3, data=5.0))
-            await session.open("none", None)
+            session = await _open_chunking(port, command=0.3, data=5.0)
             result = await session.send("a@sender.example", ["b@slow.example"], BODY, False)
             session.close()
             return result
@@ -202,10 +207,7 @@ def test_a_timeout_after_the_body_went_counts_as_one_after_the_dot():
     async def run():
         server, port = await _holding_server(hold=5.0)
         async with server:
-            session = SmtpSession(Hop("slow.example", "127.0.0.1", port), helo_name="relay.test",
-                                  source_ip=None, chunking=True,
-                                  timeouts=Timeouts(connect=5.0, command=0.1, data=0.4))
-            await session.open("none", None)
+            session = await _open_chunking(port, command=0.1, data=0.4)
             started = time.monotonic()
             with pytest.raises(DeliveryError) as caught:
                 await session.send("a@sender.example", ["b@slow.example"], BODY, False)
