@@ -429,13 +429,19 @@ def test_drop_in_data_after_n_bytes(net, ip):
     assert [m.data for m in sink.received] == [b"short\r\n"]
 
 
-def test_drop_right_after_the_354(net, ip):
-    net.farm.add_sink(ip, Behaviour(drop_in_data=0))
-    client = Raw(ip, net.mx_port)
+def in_transaction(ip: str, port: int, greet: bytes = b"HELO c.test") -> Raw:
+    """A client past the greeting, HELO/EHLO, MAIL and one RCPT."""
+    client = Raw(ip, port)
     client.reply()
-    client.command(b"HELO c.test")
+    client.command(greet)
     client.command(b"MAIL FROM:<s@src.test>")
     client.command(b"RCPT TO:<r@d.test>")
+    return client
+
+
+def test_drop_right_after_the_354(net, ip):
+    net.farm.add_sink(ip, Behaviour(drop_in_data=0))
+    client = in_transaction(ip, net.mx_port)
     assert client.command(b"DATA")[0] == 354
     assert client.closed()
     client.close()
@@ -632,11 +638,7 @@ def test_bdat_only_where_chunking_is_offered_and_its_chunks_always_read(net, ip,
 
 def test_drop_in_data_counts_every_chunk_of_a_bdat_message(net, ip):
     net.farm.add_sink(ip, Behaviour(chunking=True, drop_in_data=10))
-    client = Raw(ip, net.mx_port)
-    client.reply()
-    client.command(b"EHLO c.test")
-    client.command(b"MAIL FROM:<s@src.test>")
-    client.command(b"RCPT TO:<r@d.test>")
+    client = in_transaction(ip, net.mx_port, greet=b"EHLO c.test")  # BDAT needs EHLO
     assert client.send(b"BDAT 6\r\n12345\n")[0] == 250
     client.sock.sendall(b"BDAT 4 LAST\r\n1234")  # octets 7 to 10: the drop
     assert client.closed()
