@@ -518,7 +518,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="STARTTLS on both hops: the server offers it to the generator (test"
                              " certificate), the sinks offer it (test CA) and delivery verifies it")
     parser.add_argument("--chunking", action="store_true",
-                        help="the sinks offer CHUNKING and the relay uses it ([deliver] chunking):"
+                        help="the sinks offer CHUNKING and the relay uses it ([shaping] chunking):"
                              " BDAT in the envelope's write (Postfix's client has none: DATA)")
     parser.add_argument("--ceiling", action="store_true",
                         help="also measure smtp-source -> smtp-sink (Postfix's C test tools) at the"

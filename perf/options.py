@@ -18,7 +18,7 @@ generator verifies it); the sinks offer it with certificates from the fake
 internet's CA, and the server delivers with ``verify`` against that CA.
 
 --chunking: the sinks offer CHUNKING (RFC 3030), as the large mailbox
-providers' MXes do, and the relay is told to use it (``[deliver]
+providers' MXes do, and the relay is told to use it (``[shaping.default]
 chunking``, off by default): each message goes with one BDAT, in the same
 write as its MAIL and RCPTs.  Postfix's SMTP client has no BDAT and keeps
 to DATA.  The JSON counts the transactions that came by BDAT.
@@ -111,7 +111,7 @@ def relay_overrides(options: Options, files: Files, sinks_ca: str) -> dict:
         doc["tls"] = {"cert_file": files.intake_cert, "key_file": files.intake_key}
         doc["deliver"] = {"tls": "verify", "ca_file": sinks_ca}
     if options.chunking:
-        doc.setdefault("deliver", {})["chunking"] = True
+        doc["shaping"] = {"default": {"chunking": True}}
     return doc
 
 

@@ -322,9 +322,6 @@ DELIVER_KEYS = _keys(
         "outbound STARTTLS policy ([tls_policy] overrides it per domain)",
     ),
     Key("ca_file", _optional_path, "", "CA bundle for tls = verify; empty = the system's"),
-    Key("chunking", _bool, False,
-        "send with BDAT (RFC 3030), the envelope and body in one write, to receivers that"
-        " offer CHUNKING and PIPELINING (opt in: the body goes before the envelope's replies)"),
     Key("max_connections_per_destination", _int(1), 20, "open connections per destination, per worker"),
     Key("max_messages_per_connection", _int(1), 100, "transactions before a connection is closed"),
     Key("spawn_after", parse_duration, 0.25,
@@ -416,6 +413,9 @@ SHAPING_KEYS = _keys(
     Key("transactional_share", _share, 0.2,
         "share of the site's connections kept for transactional mail (at least one when above 0);"
         " bulk uses them while no transactional mail waits or is in flight"),
+    Key("chunking", _bool, False,
+        "send with BDAT (RFC 3030), envelope and body in one write, where the site offers"
+        " CHUNKING and PIPELINING (opt in: the body goes before the envelope's replies)"),
 )
 
 RULE_KEYS = _keys(

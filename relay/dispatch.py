@@ -479,7 +479,7 @@ class Dispatcher:
 
     async def _open(self, action: Open) -> None:
         try:
-            session = await self._connect(action.hops, action.site[1])
+            session = await self._connect(action.hops, action.site[1], action.chunking)
         except DeliveryError as exc:
             for then in self.scheduler.on_open_failed(action.conn, exc.reply, exc.stage, time.time()):
                 self._perform(then)
@@ -558,7 +558,7 @@ class Dispatcher:
             session.close()
         self.scheduler.on_lost(conn)
 
-    async def _connect(self, hops, tls_mode: str) -> SmtpSession:
+    async def _connect(self, hops, tls_mode: str, chunking: bool = False) -> SmtpSession:
         """Open a session to the first hop that takes one (RFC 5321 5.1)."""
         source_ip = self.source_ips[next(self._next_source) % len(self.source_ips)]
         last: DeliveryError | None = None
@@ -568,8 +568,7 @@ class Dispatcher:
                 mode = "none"
             for attempt_mode in (mode, "none"):
                 session = SmtpSession(hop, helo_name=self.hostname, source_ip=source_ip,
-                                      timeouts=self.timeouts,
-                                      chunking=self.settings.deliver.chunking)
+                                      timeouts=self.timeouts, chunking=chunking)
                 try:
                     self.counters["connections_out"] += 1
                     await session.open(attempt_mode, self._verify_context if attempt_mode == "verify" else None)

@@ -100,6 +100,7 @@ class Open:
     conn: int
     site: tuple  # the site's key: (destination key, TLS mode)
     hops: tuple  # in the order to try (hosts resting after a 421 last)
+    chunking: bool = False  # the site's [shaping] chunking
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,7 @@ class Site:
             "learned_deliveries_per_connection": self.learned_deliveries,
             "connections": len(self.connections), "queued": sum(len(j.recipients) for j in self.jobs),
             "transactional_share": limits.transactional_share,
+            "chunking": limits.chunking,
             "queued_bulk": sum(len(j.recipients) for j in self.jobs.lanes[BULK]),
             "busy_bulk": self.busy_with(BULK),
         }
@@ -524,7 +526,7 @@ class Scheduler:
             conn = Connection(next(self._ids), site, "opening", now)
             self._conns[conn.id] = conn
             site.connections[conn.id] = conn
-            out.append(Open(conn.id, site.key, self._hop_order(site, now)))
+            out.append(Open(conn.id, site.key, self._hop_order(site, now), site.limits.chunking))
         return min(wake) if wake else None
 
     def _next_lane(self, site: Site) -> str | None:

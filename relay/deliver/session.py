@@ -10,7 +10,7 @@ into a ``DeliveryError`` with a made-up reply (code 0) and the stage.
 Timeouts follow RFC 5321 4.5.3.2 (configurable): connect, each command
 reply, and the reply after the final dot, which may take longest.
 
-With ``chunking`` (opt in, ``[deliver] chunking``), a server that offers
+With ``chunking`` (opt in, per site: ``[shaping] chunking``), a server that offers
 PIPELINING and CHUNKING (RFC 3030) gets MAIL, the RCPTs, ``BDAT <size>
 LAST`` and the body in one write, and answers them all at once: one round
 trip per message instead of two, and no dot-stuffing.  The reply to the

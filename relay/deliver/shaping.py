@@ -63,6 +63,7 @@ class SiteLimits:
     max_deliveries_per_connection: int
     consecutive_connection_failures: int
     transactional_share: float = 0.0  # of the connections, kept for transactional mail
+    chunking: bool = False  # BDAT where offered (deliver.session)
 
 
 def rate_interval(value) -> float | None:
@@ -107,7 +108,7 @@ def limits_for(settings, site_domains, mx_hosts, workers: int, overrides: dict |
     return SiteLimits(connections, message_rate, connection_rate,
                       merged["max_deliveries_per_connection"],
                       merged["consecutive_connection_failures"],
-                      merged.get("transactional_share", 0.0))
+                      merged.get("transactional_share", 0.0), merged.get("chunking", False))
 
 
 class Gcra:

@@ -28,15 +28,18 @@ BODY = (
 )
 
 
-@pytest.mark.parametrize("offered, wanted", [(False, True), (True, True), (True, None)],
-                         ids=["data", "bdat", "bdat-not-by-default"])
-def test_message_reaches_the_mx_byte_for_byte(relay_factory, net, offered, wanted):
+@pytest.mark.parametrize("offered, shaping, chunked", [
+    (False, {"default": {"chunking": True}}, False),  # wanted, not offered: DATA
+    (True, {"default": {"chunking": True}}, True),
+    (True, {"mx:.d1.example": {"chunking": True}}, True),  # for this site only
+    (True, {}, False),  # offered, but off by default
+], ids=["data", "bdat", "bdat-for-the-site", "bdat-not-by-default"])
+def test_message_reaches_the_mx_byte_for_byte(relay_factory, net, offered, shaping, chunked):
     [sink] = net.add_domain("d1.example", ["127.0.0.10"], behaviour=Behaviour(chunking=offered))
-    relay = deliver_relay(relay_factory, net,
-                          deliver=None if wanted is None else {"chunking": wanted})
+    relay = deliver_relay(relay_factory, net, shaping=shaping)
     queue_id = inject(relay, "app@sender.example", ["someone@d1.example"], BODY)
     [received] = sink.wait_received(1)
-    assert received.chunked is (offered and bool(wanted))  # BDAT where offered and turned on
+    assert received.chunked is chunked
     assert received.mail_from == "app@sender.example"
     assert list(received.rcpt_tos) == ["someone@d1.example"]
     expected = BODY.replace(b"X-Relay-Trace: 1\r\n", b"")  # internal headers stripped

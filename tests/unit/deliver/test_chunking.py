@@ -70,7 +70,7 @@ def test_bdat_under_starttls():
 
 @pytest.mark.parametrize("behaviour, chunking", [
     (Behaviour(chunking=False), True),  # not offered
-    (Behaviour(chunking=True), False),  # offered, not wanted ([deliver] chunking = false)
+    (Behaviour(chunking=True), False),  # offered, not wanted (the site's chunking = false)
     (Behaviour(chunking=True, pipelining=False), True),  # BDAT only with PIPELINING
 ], ids=["not-offered", "turned-off", "no-pipelining"])
 def test_data_where_bdat_is_not_both_offered_and_wanted(behaviour, chunking):

@@ -113,6 +113,22 @@ def test_a_spread_domains_own_limits_are_split_between_its_hosts_workers():
     assert [site.limits.connection_limit for site in other.sites.values()] == [8]
 
 
+def test_chunking_is_chosen_per_site_and_rides_on_the_open():
+    clock = Clock()
+    for sections, expected in [
+        ({}, False),  # off by default
+        ({"default": {"chunking": True}}, True),
+        ({"mx:.example.net": {"chunking": True}}, True),  # the MX hosts' suffix
+        ({"default": {"chunking": True}, "example.net": {"chunking": False}}, False),
+    ]:
+        s = scheduler(**sections)
+        s.push(KEY, MX, "example.net", FakeJob("m"), clock.now)
+        [opened] = of(Open, s.actions(clock.now))
+        assert opened.chunking is expected, sections
+        [site] = s.sites.values()
+        assert site.status(clock.now)["chunking"] is expected  # relayctl's view of the site
+
+
 def test_message_rate_wakes_the_queue_when_a_token_is_due():
     clock = Clock()
     s = scheduler(**{"example.net": {"max_message_rate": "20/s", "connection_limit": 1}})

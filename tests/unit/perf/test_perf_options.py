@@ -84,9 +84,9 @@ def test_describe_says_the_postfix_figure_is_unsigned(monkeypatch):
 def test_chunking_is_the_sinks_offer_and_says_postfix_keeps_to_data():
     chunked = bench.Options(chunking=True)
     assert chunked.names() == ["chunking"]
-    assert bench.relay_overrides(chunked, FILES, SINKS_CA) == {"deliver": {"chunking": True}}
+    assert bench.relay_overrides(chunked, FILES, SINKS_CA) == {"shaping": {"default": {"chunking": True}}}
     both = bench.relay_overrides(bench.Options(tls=True, chunking=True), FILES, SINKS_CA)
-    assert both["deliver"] == {"tls": "verify", "ca_file": SINKS_CA, "chunking": True}
+    assert both["deliver"] == {"tls": "verify", "ca_file": SINKS_CA} and "shaping" in both
     described = bench.describe(chunked, postfix=True)
     assert described["chunking"] is True and "BDAT" in described["relay"]["chunking"]
     assert described["postfix"]["chunking"].startswith("DATA")
