@@ -102,7 +102,8 @@ def client_context(files: Files) -> ssl.SSLContext | None:
 
 
 def relay_overrides(options: Options, files: Files, sinks_ca: str) -> dict:
-    """Config tables the options add to the relay's (``[[dkim]]``, ``[tls]``, ``[deliver]``)."""
+    """Config tables the options add to the relay's (``[[dkim]]``, ``[tls]``, ``[deliver]``,
+    ``[shaping.default]``)."""
     doc: dict = {}
     if options.dkim:
         doc["dkim"] = [{"domain": DKIM_DOMAIN, "selector": selector, "key_file": path,

@@ -464,7 +464,7 @@ class Dispatcher:
     def _perform(self, action) -> None:
         if isinstance(action, Send):
             self._sending += 1
-            self._spawn(self._charged(action.job, self._send(action.conn, action.job)))
+            self._spawn(self._charged(action.job, self._send(action.conn, action.job, action.chunking)))
         elif isinstance(action, Open):
             self._spawn(self._open(action))
         elif isinstance(action, Close):
@@ -479,7 +479,7 @@ class Dispatcher:
 
     async def _open(self, action: Open) -> None:
         try:
-            session = await self._connect(action.hops, action.site[1], action.chunking)
+            session = await self._connect(action.hops, action.site[1])
         except DeliveryError as exc:
             for then in self.scheduler.on_open_failed(action.conn, exc.reply, exc.stage, time.time()):
                 self._perform(then)
@@ -488,9 +488,10 @@ class Dispatcher:
             self.scheduler.on_opened(action.conn, session.hop, time.time())
         self._poke.set()
 
-    async def _send(self, conn: int, job: Job) -> None:
+    async def _send(self, conn: int, job: Job, chunking: bool = False) -> None:
         """One transaction on one pooled connection, reported back to the
-        scheduler; its outcome recorded unless the job goes to the next MX."""
+        scheduler; its outcome recorded unless the job goes to the next MX.
+        ``chunking``: the site's setting at this send, not at the open."""
         try:
             session = self.sessions.get(conn)
             if session is None or not session.alive:
@@ -505,6 +506,7 @@ class Dispatcher:
                 self._trace(job, "session %s[%s] from %s, tls=%s, message %d on it",
                             session.hop.host, session.hop.ip, session.source_ip or "any",
                             session.tls, session.messages_sent + 1)
+            session.chunking = chunking
             done = await self._transact(job, session)
             if done == "full":  # 421 at MAIL after messages on this connection: its limit
                 self.sessions.pop(conn, None)
@@ -558,7 +560,7 @@ class Dispatcher:
             session.close()
         self.scheduler.on_lost(conn)
 
-    async def _connect(self, hops, tls_mode: str, chunking: bool = False) -> SmtpSession:
+    async def _connect(self, hops, tls_mode: str) -> SmtpSession:
         """Open a session to the first hop that takes one (RFC 5321 5.1)."""
         source_ip = self.source_ips[next(self._next_source) % len(self.source_ips)]
         last: DeliveryError | None = None
@@ -568,7 +570,7 @@ class Dispatcher:
                 mode = "none"
             for attempt_mode in (mode, "none"):
                 session = SmtpSession(hop, helo_name=self.hostname, source_ip=source_ip,
-                                      timeouts=self.timeouts, chunking=chunking)
+                                      timeouts=self.timeouts)
                 try:
                     self.counters["connections_out"] += 1
                     await session.open(attempt_mode, self._verify_context if attempt_mode == "verify" else None)

@@ -10,8 +10,10 @@ limits (what `deliver.shaping` and the scheduler decided).
 ``--json``: ``{"ok", "effects": [{"id", "site", "kind", "overrides",
 "reason", "source", "since", "expires", "worker"}], "sites": [{"site",
 "domains", "connection_limit", "concurrency", "max_message_rate",
-"max_connection_rate", "max_deliveries_per_connection", "connections",
-"queued", "worker"}]}``; cancel answers ``{"ok", "cancelled": EFFECT}``.
+"max_connection_rate", "max_deliveries_per_connection",
+"learned_deliveries_per_connection", "connections", "queued",
+"transactional_share", "chunking", "queued_bulk", "busy_bulk", "worker"}]}``;
+cancel answers ``{"ok", "cancelled": EFFECT}``.
 """
 
 from __future__ import annotations
@@ -69,5 +71,6 @@ def run(args) -> int:
         rate = site["max_message_rate"] or "unlimited"
         print(f"  {site['site']}: {site['connections']}/{site['connection_limit']} connections"
               f" (concurrency {site['concurrency']}), {rate} messages,"
-              f" {site['queued']} queued, worker {site['worker']}")
+              f" {site['queued']} queued{', BDAT' if site.get('chunking') else ''},"
+              f" worker {site['worker']}")
     return 0

@@ -100,13 +100,13 @@ class Open:
     conn: int
     site: tuple  # the site's key: (destination key, TLS mode)
     hops: tuple  # in the order to try (hosts resting after a 421 last)
-    chunking: bool = False  # the site's [shaping] chunking
 
 
 @dataclass(frozen=True)
 class Send:
     conn: int
     job: object
+    chunking: bool = False  # the site's [shaping] chunking now (a reload or a rule may change it)
 
 
 @dataclass(frozen=True)
@@ -515,7 +515,7 @@ class Scheduler:
             site.messages.take(now)
             conn.state, conn.since = "busy", now
             busy += 1
-            out.append(Send(conn.id, job))
+            out.append(Send(conn.id, job, site.limits.chunking))
         # Open more connections for work the others will not carry soon.
         while site.jobs and self._wants_connection(site, now, wake):
             due = site.opens.due(now)
@@ -526,7 +526,7 @@ class Scheduler:
             conn = Connection(next(self._ids), site, "opening", now)
             self._conns[conn.id] = conn
             site.connections[conn.id] = conn
-            out.append(Open(conn.id, site.key, self._hop_order(site, now), site.limits.chunking))
+            out.append(Open(conn.id, site.key, self._hop_order(site, now)))
         return min(wake) if wake else None
 
     def _next_lane(self, site: Site) -> str | None:

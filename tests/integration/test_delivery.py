@@ -31,9 +31,8 @@ BODY = (
 @pytest.mark.parametrize("offered, shaping, chunked", [
     (False, {"default": {"chunking": True}}, False),  # wanted, not offered: DATA
     (True, {"default": {"chunking": True}}, True),
-    (True, {"mx:.d1.example": {"chunking": True}}, True),  # for this site only
     (True, {}, False),  # offered, but off by default
-], ids=["data", "bdat", "bdat-for-the-site", "bdat-not-by-default"])
+], ids=["data", "bdat", "bdat-not-by-default"])
 def test_message_reaches_the_mx_byte_for_byte(relay_factory, net, offered, shaping, chunked):
     [sink] = net.add_domain("d1.example", ["127.0.0.10"], behaviour=Behaviour(chunking=offered))
     relay = deliver_relay(relay_factory, net, shaping=shaping)
@@ -51,6 +50,21 @@ def test_message_reaches_the_mx_byte_for_byte(relay_factory, net, offered, shapi
     assert event["mx"] == "mx1.d1.example"
     relay.stop()
     assert read_spool(relay.spool_dir) == []  # delivered mail leaves the queue
+
+
+def test_chunking_for_one_site_only_shows_in_relayctl(relay_factory, net):
+    [one] = net.add_domain("d1.example", ["127.0.0.10"], behaviour=Behaviour(chunking=True))
+    [two] = net.add_domain("d2.example", ["127.0.0.11"], behaviour=Behaviour(chunking=True))
+    relay = deliver_relay(relay_factory, net, shaping={"mx:.d1.example": {"chunking": True}})
+    inject(relay, "app@sender.example", ["a@d1.example", "b@d2.example"], BODY)
+    assert [m.chunked for m in one.wait_received(1) + two.wait_received(1)] == [True, False]
+    # The pooled connections keep both sites listed for a while (idle timeout).
+    sites = json.loads(relayctl(relay, "shaping", "--json").stdout)["sites"]
+    assert {s["site"]: s["chunking"] for s in sites} == {"mx1.d1.example": True,
+                                                          "mx1.d2.example": False}
+    [d1_line] = [line for line in relayctl(relay, "shaping").stdout.splitlines()
+                 if "mx1.d1.example" in line]
+    assert "BDAT" in d1_line
 
 
 def test_each_domain_gets_only_its_own_recipients(relay_factory, net):

@@ -113,20 +113,34 @@ def test_a_spread_domains_own_limits_are_split_between_its_hosts_workers():
     assert [site.limits.connection_limit for site in other.sites.values()] == [8]
 
 
-def test_chunking_is_chosen_per_site_and_rides_on_the_open():
+def test_chunking_is_chosen_per_site_and_rides_on_each_send():
     clock = Clock()
     for sections, expected in [
         ({}, False),  # off by default
         ({"default": {"chunking": True}}, True),
         ({"mx:.example.net": {"chunking": True}}, True),  # the MX hosts' suffix
+        ({"mx:.example.org": {"chunking": True}}, False),  # another site's
         ({"default": {"chunking": True}, "example.net": {"chunking": False}}, False),
     ]:
         s = scheduler(**sections)
         s.push(KEY, MX, "example.net", FakeJob("m"), clock.now)
-        [opened] = of(Open, s.actions(clock.now))
-        assert opened.chunking is expected, sections
+        [sent] = of(Send, open_all(s, clock, s.actions(clock.now)))
+        assert sent.chunking is expected, sections
         [site] = s.sites.values()
         assert site.status(clock.now)["chunking"] is expected  # relayctl's view of the site
+
+
+def test_a_reload_turns_chunking_off_for_connections_already_open():
+    clock = Clock()
+    s = scheduler(default={"chunking": True})
+    s.push(KEY, MX, "example.net", FakeJob("m1"), clock.now)
+    [first] = of(Send, open_all(s, clock, s.actions(clock.now)))
+    assert first.chunking
+    s.on_sent(first.conn, first.job, clock.now, [OK], True, None)
+    s.apply(shaping(default={"chunking": False}), 10.0, 0.25, clock.now)
+    s.push(KEY, MX, "example.net", FakeJob("m2"), clock.now)
+    [second] = of(Send, s.actions(clock.now))
+    assert second.conn == first.conn and not second.chunking  # the same pooled connection
 
 
 def test_message_rate_wakes_the_queue_when_a_token_is_due():

@@ -95,6 +95,22 @@ def test_a_failed_store_gives_the_room_back(tmp_path):
     assert taker.failed == ["Q1"] and not taker.stored
 
 
+def test_a_store_into_a_closing_spool_gives_the_room_back(tmp_path):
+    taker = Taker(room=True)
+
+    async def body(spool):
+        spool.fresh = taker
+        spool._closing = True  # as Spool.close sets it before the writer drains
+        try:
+            with pytest.raises(SpoolError):
+                await spool.store(part("Q1", n=1))
+        finally:
+            spool._closing = False
+
+    with_spool(tmp_path, body)
+    assert taker.taken == ["Q1"] and taker.failed == ["Q1"] and not taker.stored
+
+
 def test_a_store_whose_caller_is_cancelled_still_hands_its_commit_over(tmp_path):
     """The client went away while its part was being committed: the commit
     happens anyway, so its claimed recipients must reach the taker (or
