@@ -247,7 +247,7 @@ class SmtpSession:
         body8bit = "8BITMIME" in self.extensions and not body.isascii()
         utf8 = smtputf8 and "SMTPUTF8" in self.extensions
         self.usable = False  # until the transaction ends cleanly
-        if self._chunks(body):
+        if self._goes_chunked(body):
             return await self._send_chunked(result, sender, recipients, body, size, utf8, body8bit)
         if "PIPELINING" in self.extensions:
             self._write(smtp_proto.transaction(sender, recipients, size=size, smtputf8=utf8,
@@ -284,7 +284,7 @@ class SmtpSession:
         self.idle_since = time.monotonic()
         return result
 
-    def _chunks(self, body: bytes) -> bool:
+    def _goes_chunked(self, body: bytes) -> bool:
         """Whether this body goes in one write with its envelope (BDAT)."""
         if not (self.chunking and "CHUNKING" in self.extensions and "PIPELINING" in self.extensions):
             return False
