@@ -54,7 +54,7 @@ from perf import deferred as deferred_spool
 from perf.http_load import HttpGenerator
 from perf.farm import Farm
 from perf.loadgen import Generator, sources
-from perf.mta import Cluster, Postfix, Relay, free_port, postfix_path
+from perf.mta import Cluster, OpenDkim, Postfix, Relay, free_port, postfix_path
 from perf.scenarios import Scenario
 
 GENERATOR_SOURCES = 8  # 127.0.1.1 .. 127.0.1.8
@@ -148,10 +148,11 @@ class PySpy:
 
 async def drive(scenario: Scenario, server, farm: Farm, label: str, run_tag: str,
                 py_spy: str | None, py_spy_gil: bool = False, http: tuple[int, str] | None = None,
-                tls=None) -> dict:
+                tls=None, dkim_files: bench_options.Files | None = None) -> dict:
     """Inject (over SMTP, or over HTTP when ``http`` is (port, token)), wait
     for the deliveries, and measure; returns the run's figures.  ``tls``:
-    the generator's STARTTLS context (SMTP only)."""
+    the generator's STARTTLS context (SMTP only); ``dkim_files``: the keys
+    to verify a signed message with (--dkim)."""
     if http is None:
         generator = Generator("127.0.0.1", server.port, sources=sources(GENERATOR_SOURCES),
                               run_tag=run_tag, ports=getattr(server, "ports", ()), tls=tls,
@@ -215,9 +216,40 @@ async def drive(scenario: Scenario, server, farm: Farm, label: str, run_tag: str
         "outbound_connections": sinks.connections_opened,
         "outbound_transactions": sinks.transactions,
         "outbound_chunked_transactions": sinks.chunked_transactions,
+        **dkim_figures(sinks, dkim_files),
         "errors": dict(generator.errors.most_common(10)),
     })
     return figures
+
+
+def dkim_figures(sinks, files: bench_options.Files | None) -> dict:
+    """What the sinks saw of DKIM: signed transactions, signatures, and the
+    check of the first signed message's signatures (with ``files``' keys;
+    None when nothing was signed or no keys were given)."""
+    verified = None
+    if files is not None and files.dkim_keys and sinks.signed_sample:
+        verified = bench_options.verify_sample(sinks.signed_sample, files)
+    return {"outbound_signed_transactions": sinks.signed_transactions,
+            "outbound_dkim_signatures": sinks.signatures,
+            "dkim_sample_verified": verified}
+
+
+def dkim_lines(runs: dict[str, list[dict]]) -> list[str]:
+    """One line per side: its signatures over all runs, and each run's check
+    of a signed message (``ok``: every signature verified)."""
+    lines = []
+    for label, found in runs.items():
+        transactions = sum(run.get("outbound_transactions") or 0 for run in found)
+        signed = sum(run.get("outbound_signed_transactions") or 0 for run in found)
+        signatures = sum(run.get("outbound_dkim_signatures") or 0 for run in found)
+        checks = []
+        for run in found:
+            verified = run.get("dkim_sample_verified")
+            checks.append("none signed" if not verified else
+                          "ok" if all(verified) else f"{verified.count(False)} of {len(verified)} failed")
+        lines.append(f"{label}: {signed:,} of {transactions:,} messages signed, {signatures:,}"
+                     f" signatures; first signed message of each run: {', '.join(checks)}")
+    return lines
 
 
 async def drive_amqp(scenario: Scenario, server: Relay, farm: Farm, backlog: amqp_load.Backlog,
@@ -304,6 +336,7 @@ async def drive_amqp(scenario: Scenario, server: Relay, farm: Farm, backlog: amq
         "outbound_connections": sinks.connections_opened,
         "outbound_transactions": sinks.transactions,
         "outbound_chunked_transactions": sinks.chunked_transactions,
+        **dkim_figures(sinks, None),
         "errors": {},
         "startup_seconds": round(startup, 2),
         # The same figures as injected_per_s and delivered_per_s, by the names
@@ -336,6 +369,23 @@ def wait_listening(port: int, timeout: float = 30.0) -> None:
             time.sleep(0.05)
 
 
+def opendkim(workdir: str, options: bench_options.Options,
+             files: bench_options.Files) -> list[OpenDkim]:
+    """The signing milters of the Postfix under test with --dkim, one per
+    key, where OpenDKIM is installed (none: Postfix runs unsigned, as the
+    report says)."""
+    command = bench_options.opendkim_path()
+    if not options.dkim or command is None:
+        return []
+    milters = []
+    for algorithm, selector, key_file in files.dkim_keys:
+        directory = os.path.join(workdir, f"opendkim-{selector}")
+        port = free_port()
+        milters.append(OpenDkim(command, directory, port, bench_options.opendkim_files(
+            algorithm, selector, key_file, directory, port)))
+    return milters
+
+
 def sinks_pki(workdir: str, options: bench_options.Options) -> str | None:
     """Where the sinks' test CA lives with --tls (None: the sinks are plaintext)."""
     if not options.tls:
@@ -366,11 +416,15 @@ def run_once(scenario: Scenario, kind: str, args, workdir: str, index: int,
                              overrides=bench_options.merge(scenario.relay_overrides, extra),
                              tree=args.relay_tree)
         elif kind == "postfix":
+            milters = opendkim(workdir, options, files)
             server = Postfix(workdir, routes=routes,
                              concurrency=RELAY_CONNECTIONS_PER_DESTINATION,
                              messages_per_connection=100,
-                             main_cf={**bench_options.postfix_main_cf(options, files, farm.ca_path),
+                             main_cf={**bench_options.postfix_main_cf(
+                                          options, files, farm.ca_path,
+                                          tuple(milter.port for milter in milters)),
                                       **({"defer_transports": "smtp"} if scenario.held else {})},
+                             milters=milters,
                              tls_policy=(bench_options.postfix_tls_policy(
                                  routes, scenario.layout.mx_names()) if options.tls else ""))
         else:
@@ -407,7 +461,8 @@ def run_once(scenario: Scenario, kind: str, args, workdir: str, index: int,
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 figures = runner.run(drive(scenario, server, farm, label, f"{kind}{index}", spy,
                                            args.py_spy_gil, http,
-                                           bench_options.client_context(files)))
+                                           bench_options.client_context(files),
+                                           files if options.dkim else None))
         finally:
             server.stop()
         if deferred_template:
@@ -655,6 +710,10 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(columns))
     if ceiling_runs:
         print(f"{report.CEILING}: {result['ceiling']['source_command']} (plaintext, unsigned)")
+    if options.dkim:
+        print("\nDKIM, as the sinks saw it:")
+        for line in dkim_lines(runs):
+            print(f"  {line}")
     if scenario.cluster:
         print("\ncluster: CPU per delivered message (every instance's process tree):")
         for label, figures in medians.items():

@@ -5,7 +5,8 @@ recipient domain's MX record points to).  Output: a running FakeDNS and
 SinkFarm (relay.testing.fakenet) on uvloop in a child process, a shared
 counter of recipients received (for the progress bar) and, on request, the
 receipts — (time received, recipients) for each accepted transaction —
-and the count of connections the sinks accepted.
+the count of connections the sinks accepted, the DKIM-Signature fields
+they saw and the first signed message (for the harness to verify).
 
 Why a process: the sinks' SMTP work is a third of a benchmark's CPU; in
 the generator's process it would compete for that process's GIL and skew
@@ -58,6 +59,9 @@ class Stats:
     connections_opened: int = 0
     chunked_transactions: int = 0  # of ``transactions``, those sent with BDAT
     transactions: int = 0
+    signed_transactions: int = 0  # of ``transactions``, those whose message had a DKIM-Signature
+    signatures: int = 0  # DKIM-Signature fields, over every message
+    signed_sample: bytes = b""  # the first signed message, as received
     by_site: dict = field(default_factory=dict)  # ip -> connections opened
 
 
@@ -65,6 +69,7 @@ def _serve(layout: Layout, conn, delivered, pki_directory: str | None, chunking:
     """The child: build the fake internet, answer commands until "stop"."""
     import uvloop
 
+    from perf.options import count_signatures
     from relay.testing.fakenet import TLS_OFF, TLS_ON, Behaviour, FakeInternet, SinkFarm
 
     class TimedFarm(SinkFarm):
@@ -72,17 +77,27 @@ def _serve(layout: Layout, conn, delivered, pki_directory: str | None, chunking:
             super().__init__(*args, **kwargs)
             self.receipts: list[tuple[float, tuple[str, ...]]] = []
             self.chunked = 0
+            self.signed = 0
+            self.signatures = 0
+            self.signed_sample = b""
 
         def _record(self, sink, received):
             self.receipts.append((time.time(), received.rcpt_tos))
             self.chunked += received.chunked
+            signatures = count_signatures(received.data)
+            if signatures:
+                self.signed += 1
+                self.signatures += signatures
+                self.signed_sample = self.signed_sample or received.data
             delivered.value += len(received.rcpt_tos)
             # Received objects are not needed: keep memory flat on big runs.
             return len(self.receipts)
 
     async def main() -> None:
         net = FakeInternet(apexes=layout.apexes, keep_data=False)
-        net.farm = TimedFarm(keep_data=False, pki_directory=pki_directory)
+        # keep_data: each message reaches _record, which counts its
+        # signatures and keeps none but the first signed one.
+        net.farm = TimedFarm(keep_data=True, pki_directory=pki_directory)
         tls = TLS_ON if pki_directory else TLS_OFF
         for site in layout.sites:
             behaviour = Behaviour(reply_delay=site.reply_delay, max_messages=site.max_messages,
@@ -115,6 +130,9 @@ def _serve(layout: Layout, conn, delivered, pki_directory: str | None, chunking:
                     connections_opened=sum(s.connections_opened for s in sinks),
                     transactions=len(net.farm.receipts),
                     chunked_transactions=net.farm.chunked,
+                    signed_transactions=net.farm.signed,
+                    signatures=net.farm.signatures,
+                    signed_sample=net.farm.signed_sample,
                     by_site={s.ip: s.connections_opened for s in sinks},
                 ))
             elif command == "stop" and not stopped.done():

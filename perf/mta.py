@@ -8,9 +8,11 @@ its process ids (for CPU and memory), and a clean stop.
 Both are started the way an operator would start them: the relay as
 ``python -m relay.supervisor -c FILE`` with a generated config, Postfix as
 ``postfix -c DIR start`` with its own config_directory, queue_directory and
-data_directory (nothing of the system's Postfix is read or touched).  The
-harness never installs anything: ``postfix_path()`` is None when Postfix is
-absent and the caller skips the comparison.
+data_directory (nothing of the system's Postfix is read or touched), and
+with --dkim its signing milters, OpenDKIM, as ``opendkim -f -x FILE``
+(their CPU and memory count as Postfix's).  The harness never installs anything:
+``postfix_path()`` is None when Postfix is absent and the caller skips the
+comparison; without OpenDKIM, Postfix runs unsigned.
 """
 
 from __future__ import annotations
@@ -212,6 +214,62 @@ tlsproxy  unix  -       -       n       -       0       tlsproxy
 """
 
 
+class OpenDkim:
+    """OpenDKIM in the foreground, the milter that signs for the Postfix
+    under test; ``files``: its config files (name -> text, perf.options'
+    ``opendkim_files``), written under ``directory``."""
+
+    def __init__(self, command: str, directory: str, port: int, files: dict[str, str]) -> None:
+        self.command = command
+        self.directory = directory
+        self.port = port
+        self.log_path = os.path.join(directory, "opendkim.log")
+        self.proc: subprocess.Popen | None = None
+        os.makedirs(directory, exist_ok=True)
+        for name, text in files.items():
+            with open(os.path.join(directory, name), "w") as file:
+                file.write(text)
+
+    def start(self) -> "OpenDkim":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.command, "-f", "-x", os.path.join(self.directory, "opendkim.conf")],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"opendkim exited at start: {self.log()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"opendkim does not listen on port {self.port}") from None
+                time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, "rb") as file:
+                return file.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
 class Postfix:
     """A Postfix instance of its own under ``directory`` (root only)."""
 
@@ -219,11 +277,15 @@ class Postfix:
 
     def __init__(self, directory: str, *, routes: dict[str, tuple[str, int]],
                  concurrency: int, messages_per_connection: int, processes: int = 500,
-                 main_cf: dict[str, str] | None = None, tls_policy: str = "") -> None:
+                 main_cf: dict[str, str] | None = None, tls_policy: str = "",
+                 milters: list[OpenDkim] | tuple[OpenDkim, ...] = ()) -> None:
         """``main_cf``: parameters added to (or replacing) the harness's;
         ``tls_policy``: the text of an smtp_tls_policy_maps table (with
-        STARTTLS on, tlsmgr and tlsproxy run too)."""
+        STARTTLS on, tlsmgr and tlsproxy run too); ``milters``: started
+        before Postfix and stopped after it, their CPU and memory counted in
+        Postfix's (``main_cf`` must name them in smtpd_milters)."""
         self.directory = directory
+        self.milters = tuple(milters)
         self.port = free_port()
         self.config_dir = os.path.join(directory, "etc")
         self.queue_dir = os.path.join(directory, "queue")
@@ -299,13 +361,19 @@ class Postfix:
         )
 
     def start(self) -> "Postfix":
+        for milter in self.milters:
+            milter.start()
         try:
             self._postfix("start")
+            wait_greeting(self.port, READY_TIMEOUT)
         except subprocess.CalledProcessError as exc:
+            self.stop()
             raise RuntimeError(
                 f"postfix did not start: {exc.stderr.strip()}\n{self.log()[-2000:]}"
             ) from None
-        wait_greeting(self.port, READY_TIMEOUT)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     @property
@@ -314,10 +382,13 @@ class Postfix:
             return int(file.read().strip())
 
     def worker_pids(self) -> list[int]:
-        return procstat.tree(self.root_pid)
+        """Every process of this Postfix, and its milters'."""
+        milters = [pid for milter in self.milters if milter.pid for pid in procstat.tree(milter.pid)]
+        return procstat.tree(self.root_pid) + milters
 
     def cpu_seconds(self) -> float:
-        return procstat.tree_cpu_seconds(self.root_pid)
+        milters = sum(procstat.tree_cpu_seconds(milter.pid) for milter in self.milters if milter.pid)
+        return procstat.tree_cpu_seconds(self.root_pid) + milters
 
     def rss_bytes(self) -> int:
         return sum(procstat.rss_bytes(pid) for pid in self.worker_pids())
@@ -337,16 +408,23 @@ class Postfix:
 
     def stop(self, timeout: float = 60.0) -> int:
         try:
+            self._stop_postfix(timeout)
+        finally:
+            for milter in self.milters:
+                milter.stop()
+        return 0
+
+    def _stop_postfix(self, timeout: float) -> None:
+        try:
             master = self.root_pid
         except (FileNotFoundError, ValueError):
-            return 0
+            return
         self._postfix("stop", check=False)
         deadline = time.monotonic() + timeout
         while os.path.exists(f"/proc/{master}") and time.monotonic() < deadline:
             time.sleep(0.1)
         if os.path.exists(f"/proc/{master}"):
             self._postfix("abort", check=False)
-        return 0
 
 
 # -- a cluster of relays ----------------------------------------------------------

@@ -4,13 +4,19 @@ Input: which options are on, a directory for the run's files and, for
 TLS, the fake internet's test CA (which signs the sinks' certificates).
 Output: the files the options need (two DKIM keys, the intake's test CA
 and certificate), the settings they add to the relay's config and to
-Postfix's main.cf, the TLS policy table Postfix needs to verify the sinks,
-the generator's client context, and what the report says about them.
+Postfix's main.cf, OpenDKIM's config, the TLS policy table Postfix needs
+to verify the sinks, the generator's client context, the check of a signed
+sample, and what the report says about them.
 
 --dkim: the relay signs every message with two identities of the sender's
 domain, an Ed25519 and an RSA-2048 key (RFC 8463: two signatures per
-message).  Postfix signs only through a milter (OpenDKIM); the harness has
-none to run, so its figure is unsigned, and the JSON and the report say so.
+message).  Postfix signs through milters: where Debian's ``opendkim`` is
+installed, the harness runs two beside the Postfix under test, one per key
+(relaxed/relaxed, From over-signed, as the relay signs), and counts their
+CPU as Postfix's; where it is not, Postfix's
+figure is unsigned, and the JSON and the report say so.  The sinks count
+the DKIM-Signature fields of every message they take, and one signed
+message of each run is verified against the public keys, on both sides.
 
 --tls: STARTTLS on both hops.  The server under test offers it to the
 generator with a certificate for ``relay.test`` from a CA of this run (the
@@ -23,7 +29,8 @@ chunking``, off by default): each message goes with one BDAT, in the same
 write as its MAIL and RCPTs.  Postfix's SMTP client has no BDAT and keeps
 to DATA.  The JSON counts the transactions that came by BDAT.
 
-Everything here but ``make_files`` and ``client_context`` is pure.
+Everything here but ``make_files``, ``client_context``, ``opendkim_path``
+and ``verify_sample`` is pure.
 """
 
 from __future__ import annotations
@@ -131,11 +138,22 @@ def merge(base: dict, extra: dict) -> dict:
 # -- Postfix ---------------------------------------------------------------------
 
 
-def postfix_main_cf(options: Options, files: Files, sinks_ca: str) -> dict[str, str]:
-    """main.cf parameters for --tls (--dkim adds none: see postfix_signs)."""
+def postfix_main_cf(options: Options, files: Files, sinks_ca: str,
+                    milter_ports: tuple[int, ...] = ()) -> dict[str, str]:
+    """main.cf parameters for --tls, and for --dkim when OpenDKIM instances
+    listen on ``milter_ports`` (none: Postfix does not sign)."""
+    settings = {}
+    if options.dkim and milter_ports:
+        settings.update({
+            "smtpd_milters": ", ".join(f"inet:127.0.0.1:{port}" for port in milter_ports),
+            # A milter that fails must not let unsigned mail through and
+            # count it: the client is told to try again.
+            "milter_default_action": "tempfail",
+            "milter_protocol": "6",
+        })
     if not options.tls:
-        return {}
-    return {
+        return settings
+    return {**settings,
         "smtpd_tls_cert_file": files.intake_cert,
         "smtpd_tls_key_file": files.intake_key,
         "smtpd_tls_security_level": "may",
@@ -155,11 +173,80 @@ def postfix_tls_policy(routes: dict[str, tuple[str, int]], names: dict[str, str]
     return "".join(f"[{ip}]:{port} verify match={names[ip]}\n" for ip, port in hops)
 
 
+def opendkim_path() -> str | None:
+    """The opendkim command (Debian's ``opendkim`` package), or None."""
+    return shutil.which("opendkim") or ("/usr/sbin/opendkim" if os.path.exists("/usr/sbin/opendkim")
+                                        else None)
+
+
 def postfix_signs() -> tuple[bool, str]:
-    """(whether the Postfix side signs, why not): it never does in this harness."""
-    if shutil.which("opendkim") or os.path.exists("/usr/sbin/opendkim"):
-        return False, "unsigned: OpenDKIM is installed but this harness does not run it as a milter"
-    return False, "unsigned: OpenDKIM is not installed"
+    """(whether the Postfix side signs, how, or why not)."""
+    if opendkim_path():
+        return True, "signed by OpenDKIM (two milters: the same ed25519 and rsa-2048 keys)"
+    return False, "unsigned: OpenDKIM is not installed (apt-get install opendkim)"
+
+
+def opendkim_files(algorithm: str, selector: str, key_file: str, directory: str,
+                   port: int) -> dict[str, str]:
+    """One OpenDKIM's config (file name under ``directory`` -> text): it
+    signs every message from the sender's domain with one key.
+
+    One instance per key, chained in smtpd_milters: Debian's OpenDKIM
+    (2.11.0 beta 2) takes the signing algorithm from a global setting, so
+    one instance cannot sign with an Ed25519 and an RSA key (its KeyTable
+    learnt a per-key algorithm only later).  Relaxed/relaxed and From
+    over-signed, as the relay signs; mail from any loopback address is
+    internal, so the generator's sources are signed."""
+    conf = "\n".join([
+        "Mode s",
+        f"Socket inet:{port}@127.0.0.1",
+        f"Domain {DKIM_DOMAIN}",
+        f"Selector {selector}",
+        f"KeyFile {key_file}",
+        f"SignatureAlgorithm {algorithm}",
+        "Canonicalization relaxed/relaxed",
+        "OversignHeaders From",
+        "InternalHosts 127.0.0.0/8",
+        # The run's keys are under the temp directory, whose world-writable
+        # parent OpenDKIM's safe-key check refuses.
+        "RequireSafeKeys no",
+        "Syslog no",
+        f"PidFile {os.path.join(directory, 'opendkim.pid')}",
+        "",
+    ])
+    return {"opendkim.conf": conf}
+
+
+def count_signatures(message: bytes) -> int:
+    """How many DKIM-Signature fields the header of ``message`` has."""
+    end = message.find(b"\r\n\r\n")
+    header = b"\r\n" + (message if end < 0 else message[:end]).lower()
+    return header.count(b"\r\ndkim-signature:")
+
+
+def verify_sample(message: bytes, files: Files) -> list[bool]:
+    """Each DKIM signature of ``message`` checked (dkimpy) against this
+    run's public keys: one boolean per signature, in header order."""
+    import dkim
+
+    from relay.dkim.keys import load_private_key, public_key_txt
+
+    records = {}
+    for algorithm, selector, path in files.dkim_keys:
+        key = load_private_key(path, algorithm)
+        records[f"{selector}._domainkey.{DKIM_DOMAIN}."] = public_key_txt(key).encode()
+
+    def dns(name, timeout=5):
+        name = name.decode() if isinstance(name, bytes) else name
+        return records.get(name if name.endswith(".") else name + ".", b"")
+
+    def verified(index: int) -> bool:
+        try:
+            return bool(dkim.DKIM(message).verify(idx=index, dnsfunc=dns))
+        except dkim.DKIMException:  # a body hash mismatch is raised, not returned
+            return False
+
+    return [verified(index) for index in range(count_signatures(message))]
 
 
 def describe(options: Options, postfix: bool) -> dict:
@@ -176,9 +263,9 @@ def describe(options: Options, postfix: bool) -> dict:
         },
     }
     if postfix:
-        signs, why = postfix_signs()
+        _, why = postfix_signs()
         out["postfix"] = {
-            "dkim": (True if signs else why) if options.dkim else None,
+            "dkim": why if options.dkim else None,
             "tls": ("smtpd_tls_security_level = may; smtp_tls_security_level = verify"
                     if options.tls else None),
             "chunking": "DATA: Postfix's SMTP client has no BDAT" if options.chunking else None,

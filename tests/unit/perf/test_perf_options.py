@@ -91,3 +91,70 @@ def test_chunking_is_the_sinks_offer_and_says_postfix_keeps_to_data():
     assert described["chunking"] is True and "BDAT" in described["relay"]["chunking"]
     assert described["postfix"]["chunking"].startswith("DATA")
     assert "CHUNKING" in bench.summary(described)
+
+
+def test_postfix_signs_through_the_milters_it_is_given():
+    main_cf = bench.postfix_main_cf(bench.Options(dkim=True), FILES, SINKS_CA, (10025, 10026))
+    assert main_cf == {"smtpd_milters": "inet:127.0.0.1:10025, inet:127.0.0.1:10026",
+                       "milter_default_action": "tempfail", "milter_protocol": "6"}
+    assert bench.postfix_main_cf(bench.Options(), FILES, SINKS_CA, (10025,)) == {}  # no --dkim
+    both = bench.postfix_main_cf(bench.Options(dkim=True, tls=True), FILES, SINKS_CA, (10025,))
+    assert both["smtpd_milters"] == "inet:127.0.0.1:10025" and both["smtp_tls_security_level"] == "verify"
+
+
+def test_each_opendkim_signs_with_one_key_of_the_sender_domain():
+    conf = bench.opendkim_files("ed25519-sha256", "bench-ed25519", "/run/ed.pem", "/run/odk", 10025)
+    assert list(conf) == ["opendkim.conf"]
+    lines = dict(line.split(" ", 1) for line in conf["opendkim.conf"].splitlines())
+    assert lines["Mode"] == "s"
+    assert lines["Socket"] == "inet:10025@127.0.0.1"
+    assert (lines["Domain"], lines["Selector"], lines["KeyFile"]) == ("sender.example", "bench-ed25519",
+                                                                      "/run/ed.pem")
+    assert lines["SignatureAlgorithm"] == "ed25519-sha256"
+    assert lines["Canonicalization"] == "relaxed/relaxed" and lines["OversignHeaders"] == "From"
+    assert lines["InternalHosts"] == "127.0.0.0/8"  # the generator's sources
+    assert lines["PidFile"] == "/run/odk/opendkim.pid"
+
+
+def test_describe_says_how_postfix_signs_when_opendkim_is_there(monkeypatch):
+    monkeypatch.setattr(bench, "opendkim_path", lambda: "/usr/sbin/opendkim")
+    signs, how = bench.postfix_signs()
+    assert signs and "OpenDKIM" in how
+    described = bench.describe(bench.Options(dkim=True), postfix=True)
+    assert described["postfix"]["dkim"] == how
+    assert f"Postfix {how}" in bench.summary(described)
+    monkeypatch.setattr(bench, "opendkim_path", lambda: None)
+    signs, why = bench.postfix_signs()
+    assert not signs and why.startswith("unsigned") and "apt-get install opendkim" in why
+
+
+def test_signatures_are_counted_in_the_header_only():
+    message = (b"dkim-signature: v=1; a=rsa-sha256\r\nDKIM-Signature: v=1\r\n\tb=x\r\n"
+               b"From: a@sender.example\r\n\r\nDKIM-Signature: in the body\r\n")
+    assert bench.count_signatures(message) == 2
+    assert bench.count_signatures(b"From: a@b\r\n\r\nbody\r\n") == 0
+    assert bench.count_signatures(b"X-DKIM-Signature: no\r\n\r\n") == 0
+    assert bench.count_signatures(b"DKIM-Signature: v=1\r\n") == 1  # all header, no body
+
+
+def test_a_signed_sample_is_verified_against_the_runs_keys(tmp_path):
+    from relay.dkim import Signer
+
+    files = bench.make_files(str(tmp_path), bench.Options(dkim=True))
+    assert [a for a, _, _ in files.dkim_keys] == ["ed25519-sha256", "rsa-sha256"]
+    signer = Signer.from_identities(_identities(files))
+    message = (b"From: bench@sender.example\r\nTo: r@d0000.example\r\nSubject: s\r\n"
+               b"Date: Wed, 02 Dec 2026 10:00:00 +0000\r\nMessage-ID: <1@sender.example>\r\n"
+               b"\r\nbody\r\n")
+    signed = signer.sign(message, "bench@sender.example") + message
+    assert bench.count_signatures(signed) == 2
+    assert bench.verify_sample(signed, files) == [True, True]
+    assert bench.verify_sample(signed.replace(b"body", b"bodY"), files) == [False, False]
+    assert bench.verify_sample(message, files) == []
+
+
+def _identities(files):
+    from relay.config import DkimIdentity
+
+    return [DkimIdentity(domain=bench.DKIM_DOMAIN, selector=selector, key_file=path, algorithm=algorithm)
+            for algorithm, selector, path in files.dkim_keys]
