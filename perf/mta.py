@@ -39,6 +39,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def read_log(path: str) -> str:
+    """A server's log so far ("" before it has written one)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
 def wait_greeting(port: int, timeout: float, alive=lambda: True) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -133,11 +142,7 @@ class Relay:
         return done.stdout
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, "rb") as file:
-                return file.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     @property
     def root_pid(self) -> int:
@@ -253,11 +258,7 @@ class OpenDkim:
         return self.proc.pid if self.proc else 0
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, "rb") as file:
-                return file.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -400,11 +401,7 @@ class Postfix:
         return [procstat.peak_rss_bytes(pid) for pid in self.worker_pids()]
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, "rb") as file:
-                return file.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def stop(self, timeout: float = 60.0) -> int:
         try:
