@@ -250,6 +250,7 @@ class OpenDkim:
                 return self
             except OSError:
                 if time.monotonic() > deadline:
+                    self.stop()
                     raise RuntimeError(f"opendkim does not listen on port {self.port}") from None
                 time.sleep(0.05)
 
@@ -362,9 +363,9 @@ class Postfix:
         )
 
     def start(self) -> "Postfix":
-        for milter in self.milters:
-            milter.start()
         try:
+            for milter in self.milters:
+                milter.start()
             self._postfix("start")
             wait_greeting(self.port, READY_TIMEOUT)
         except subprocess.CalledProcessError as exc:

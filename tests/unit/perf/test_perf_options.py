@@ -158,3 +158,27 @@ def _identities(files):
 
     return [DkimIdentity(domain=bench.DKIM_DOMAIN, selector=selector, key_file=path, algorithm=algorithm)
             for algorithm, selector, path in files.dkim_keys]
+
+
+def test_a_malformed_signature_fails_the_check_instead_of_the_run(tmp_path):
+    from relay.dkim import Signer
+
+    files = bench.make_files(str(tmp_path), bench.Options(dkim=True))
+    message = b"From: bench@sender.example\r\nSubject: s\r\n\r\nbody\r\n"
+    signed = Signer.from_identities(_identities(files)).sign(message, "") + message
+    broken = signed.replace(b"b=", b"b=!!not base64!!", 1)
+    assert bench.verify_sample(broken, files) == [False, True]
+
+
+def test_the_dkim_line_flags_a_missing_signature_and_an_unchecked_side():
+    from perf.bench import dkim_lines
+
+    run = {"outbound_transactions": 10, "outbound_signed_transactions": 10, "outbound_dkim_signatures": 20}
+    lines = dkim_lines({"relay": [{**run, "dkim_sample_verified": [True, True]}],
+                        "postfix": [{**run, "dkim_sample_verified": [True]}],
+                        "amqp": [{**run, "dkim_sample_verified": None}],
+                        "plain": [{"outbound_transactions": 10, "dkim_sample_verified": None}]})
+    assert lines[0] == ("relay: 10 of 10 transactions signed, 20 signatures;"
+                        " first signed message of each run: ok (2 of 2)")
+    assert lines[1].endswith("1 of 2 signatures verified")
+    assert lines[2].endswith("not checked") and lines[3].endswith("none signed")
