@@ -1,18 +1,20 @@
 """perf/bench: run one scenario against the relay (and Postfix), report the figures.
 
 Input: ``--scenario NAME`` (perf.scenarios), ``--quick``, ``--runs N``,
-``--vs-postfix``, ``--dkim``, ``--tls`` (perf.options), ``--ceiling``
+``--vs-postfix``, ``--dkim``, ``--tls``, ``--chunking`` (perf.options), ``--ceiling``
 (perf.ceiling), ``--json FILE``, ``--connections N`` (idle-connections).
 Output: a progress bar on stderr, a table on stdout (medians over the
-runs, and the ratio relay/Postfix or 1M-deferred/empty), and the same as
-JSON: every run's figures, the medians, the ratios and the machine.
+runs, and the ratio relay/Postfix or 1M-deferred/empty; with --dkim, what
+the sinks saw of each side's signatures), and the same as JSON: every
+run's figures, the medians, the ratios and the machine.
 
 One run: the fake internet starts in its own process (perf.farm), then the
 server under test in a temp dir (perf.mta), then the generator (perf.loadgen)
 injects every stream from this process until each stream's count is sent
 or the scenario's time limit; the run ends when the sinks hold every
 accepted recipient or the drain limit passes.  CPU seconds come from /proc
-(the server's whole process tree, the sinks' process, this process); RSS
+(the server's whole process tree, with Postfix's signing milters, the
+sinks' process, this process); RSS
 is sampled every 250 ms.  With several variants (relay and Postfix, or an
 empty and a full spool, or SMTP and HTTP or AMQP intake) the runs
 alternate pair by pair, so load from other users of the machine hits both
@@ -373,8 +375,8 @@ def wait_listening(port: int, timeout: float = 30.0) -> None:
             time.sleep(0.05)
 
 
-def opendkim(workdir: str, options: bench_options.Options,
-             files: bench_options.Files) -> list[OpenDkim]:
+def signing_milters(workdir: str, options: bench_options.Options,
+                    files: bench_options.Files) -> list[OpenDkim]:
     """The signing milters of the Postfix under test with --dkim, one per
     key, where OpenDKIM is installed (none: Postfix runs unsigned, as the
     report says)."""
@@ -420,7 +422,7 @@ def run_once(scenario: Scenario, kind: str, args, workdir: str, index: int,
                              overrides=bench_options.merge(scenario.relay_overrides, extra),
                              tree=args.relay_tree)
         elif kind == "postfix":
-            milters = opendkim(workdir, options, files)
+            milters = signing_milters(workdir, options, files)
             server = Postfix(workdir, routes=routes,
                              concurrency=RELAY_CONNECTIONS_PER_DESTINATION,
                              messages_per_connection=100,
