@@ -179,9 +179,15 @@ class Relay:
 # -- Postfix ----------------------------------------------------------------------
 
 
+def system_command(name: str) -> str | None:
+    """Where a Debian package's daemon command is: on PATH, or in /usr/sbin
+    (which a non-login root shell may not have on PATH); None if absent."""
+    return shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+
+
 def postfix_path() -> str | None:
     """The postfix command, or None when Debian's postfix is not installed."""
-    found = shutil.which("postfix") or ("/usr/sbin/postfix" if os.path.exists("/usr/sbin/postfix") else None)
+    found = system_command("postfix")
     if found is None or os.geteuid() != 0:
         return None  # a throwaway instance needs root (it drops to the postfix user)
     return found

@@ -37,11 +37,11 @@ and what looks for OpenDKIM (``opendkim_path``, ``postfix_signs``,
 from __future__ import annotations
 
 import os
-import shutil
 import ssl
 from dataclasses import dataclass
 
 from perf.loadgen import SENDER
+from perf.mta import system_command
 
 DKIM_DOMAIN = SENDER.rpartition("@")[2]  # the From: domain of every generated message
 # (algorithm, selector, RSA bits): one signature of each per message
@@ -176,8 +176,7 @@ def postfix_tls_policy(routes: dict[str, tuple[str, int]], names: dict[str, str]
 
 def opendkim_path() -> str | None:
     """The opendkim command (Debian's ``opendkim`` package), or None."""
-    return shutil.which("opendkim") or ("/usr/sbin/opendkim" if os.path.exists("/usr/sbin/opendkim")
-                                        else None)
+    return system_command("opendkim")
 
 
 def postfix_signs() -> tuple[bool, str]:
