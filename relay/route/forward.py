@@ -12,7 +12,8 @@ a two-phase commit with this worker as coordinator:
 1. every owner stores its part *held* (durable, but not deliverable);
 2. when all have acked, the coordinator records its decision in its own
    spool (group committed like any write) and only then may intake say 250;
-3. the coordinator tells the owners to release their parts (best effort);
+3. the coordinator tells the owners to release their parts (best effort:
+   one frame that asks no answer);
 4. an owner with a part held for long asks the coordinator: decided ->
    release; still in flight -> wait; otherwise (the coordinator crashed
    before deciding, so no 250 was sent) -> drop the part.
@@ -185,7 +186,7 @@ class FrameWriter:
 
     def _flush(self) -> None:
         chunks, self._chunks = self._chunks, []
-        if not self._writer.is_closing():
+        if chunks and not self._writer.is_closing():
             self._writer.writelines(chunks)
 
     async def drain(self) -> None:
@@ -196,6 +197,7 @@ class FrameWriter:
         return self._writer.is_closing()
 
     def close(self) -> None:
+        self._flush()  # the frames of this turn (a last release) go before the close
         self._writer.close()
 
 
@@ -242,6 +244,15 @@ class PeerClient:
             raise OwnerUnavailable(f"worker {self.owner} did not answer") from None
         finally:
             self._pending.pop(request_id, None)
+
+    def notify(self, header: dict) -> bool:
+        """Send a frame that asks no answer, on the open connection; False
+        when there is none (the caller makes it a request instead)."""
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            return False
+        writer.send(header)
+        return True
 
     async def connected(self) -> None:
         """Connect now if not connected (OwnerUnavailable if it cannot)."""
@@ -379,7 +390,7 @@ class Router:
         finally:
             self.in_flight.discard(txn.queue_id)
         for owner in parts:
-            self._in_background(self._send(owner, "release", txn.queue_id))
+            self._release(owner, txn.queue_id)
 
     async def _store_each(self, parts: dict[int, Part]) -> list:
         """Each owner's store at once: None or the exception, in order."""
@@ -418,6 +429,15 @@ class Router:
         )
         if not reply.get("ok"):
             raise SpoolError(f"worker {owner} could not store its part")
+
+    def _release(self, owner: int, queue_id: str) -> None:
+        """Tell an owner its part may go out.  To a peer, one frame that
+        asks no answer, on the connection its store went out on: no task,
+        no reply, no timer per message.  A release lost with that connection
+        is settled by the owner's held-part check, as a failed request was."""
+        peer = self.peers.get(owner)
+        if peer is None or not peer.notify({"op": "release", "id": queue_id}):
+            self._in_background(self._send(owner, "release", queue_id))
 
     async def _send(self, owner: int, op: str, queue_id: str) -> str | None:
         """release / abort / status of a transaction at a worker (maybe this one)."""
@@ -500,6 +520,9 @@ class Router:
         try:
             while True:
                 header, body = await _read_frame(reader)
+                if "rid" not in header:  # asks no answer: a coordinator's release
+                    self._noted(header)
+                    continue
                 task = asyncio.create_task(self._answer(writer, header, body))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -511,6 +534,13 @@ class Router:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
             writer.close()
+
+    def _noted(self, header: dict) -> None:
+        queue_id = header.get("id")
+        if header.get("op") == "release" and isinstance(queue_id, str):
+            self._in_background(self.spool.release(queue_id))
+        else:
+            log.warning("a peer's frame %r without a request id ignored", header.get("op"))
 
     async def _answer(self, writer: FrameWriter, header: dict, body: bytes) -> None:
         reply = {"rid": header.get("rid"), "ok": True}

@@ -288,6 +288,13 @@ def test_only_remote_recipients_with_owner_down(run_dir):
 # -- two workers, a live peer in the same loop ----------------------------------------
 
 
+async def _until(condition, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
 async def _pair(run_dir, local: FakeStore, remote: FakeStore):
     peer = Router(1, 2, remote, run_dir)
     await peer.serve()
@@ -304,8 +311,8 @@ def test_two_owners_two_phase_commit(run_dir):
         await router.submit(txn("Q6", recipients))
         # 250 may be sent now: the decision is durable before submit returns.
         assert "Q6" in local.decided
-        await router.close()  # waits for the background releases
-        await asyncio.sleep(0.05)
+        await router.close()  # waits for the background releases (its own)
+        await _until(lambda: "Q6" not in remote.held)  # the peer's asks no answer
         await peer.close()
         return local, remote
 
@@ -331,6 +338,7 @@ def test_only_remote_recipients_still_go_through_the_decision(run_dir):
         router, peer = await _pair(run_dir, local, remote)
         await router.submit(txn("Q10", [f"u@{d}" for d in OWNER1]))
         await router.close()
+        await _until(lambda: "Q10" not in remote.held)  # the release asks no answer
         await peer.close()
         return local, remote
 
@@ -421,6 +429,95 @@ def test_status_answers(run_dir):
         return answers
 
     assert asyncio.run(main()) == ["decided", "pending", "aborted", "decided"]
+
+
+def test_a_release_to_a_peer_is_one_frame_that_asks_no_answer(run_dir):
+    answers = []
+
+    async def main():
+        local, remote = FakeStore(), FakeStore()
+        router, peer = await _pair(run_dir, local, remote)
+        await router.submit(txn("Q20", [f"u@{OWNER1[0]}"]))
+        # No task, no pending request: the frame is queued for this turn's write.
+        assert router._background == set() and router.peers[1]._pending == {}
+
+        class Counting(dict):  # _read_replies looks each answer up here
+            def get(self, rid, default=None):
+                answers.append(rid)
+                return super().get(rid, default)
+
+        router.peers[1]._pending = Counting()
+        await _until(lambda: "Q20" not in remote.held)
+        await asyncio.sleep(0.05)  # an answer, were one sent, would have arrived
+        await router.close()
+        await peer.close()
+        return remote
+
+    remote = asyncio.run(main())
+    assert remote.ops("release") == ["Q20"]
+    assert answers == []
+
+
+def test_a_release_without_a_connection_becomes_a_request(run_dir):
+    async def main():
+        local, remote = FakeStore(), FakeStore()
+        router, peer = await _pair(run_dir, local, remote)
+        client = router.peers[1]
+        assert client.notify({"op": "release", "id": "Q21"}) is False  # never connected
+        remote.parts["Q21"] = make_part(coordinator=0)
+        remote.held.add("Q21")
+        router._release(1, "Q21")
+        assert len(router._background) == 1  # the request's task
+        await router.close()  # waits for it: answered, so the release was done
+        released = "Q21" not in remote.held
+        await peer.close()
+        return released
+
+    assert asyncio.run(main()) is True
+
+
+def test_a_frame_without_a_request_id_that_is_not_a_release_is_ignored(run_dir):
+    async def main():
+        local, remote = FakeStore(), FakeStore()
+        router, peer = await _pair(run_dir, local, remote)
+        await router.peers[1].connected()
+        remote.parts["Q22"] = make_part(coordinator=0)
+        remote.held.add("Q22")
+        assert router.peers[1].notify({"op": "abort", "id": "Q22"}) is True
+        status = await router._send(1, "status", "Q22")  # the connection still serves
+        await router.close()
+        await peer.close()
+        return status, remote
+
+    status, remote = asyncio.run(main())
+    assert status == "aborted" and remote.ops("abort") == [] and "Q22" in remote.held
+
+
+def test_closing_a_frame_writer_writes_the_frames_of_this_turn_first():
+    class Recording:
+        def __init__(self) -> None:
+            self.log: list = []
+
+        def writelines(self, chunks) -> None:
+            self.log.append(("write", b"".join(chunks)))
+
+        def is_closing(self) -> bool:
+            return False
+
+        def close(self) -> None:
+            self.log.append(("close",))
+
+    async def run():
+        stream = Recording()
+        writer = forward.FrameWriter(stream)
+        writer.send({"op": "release", "id": "Q"})
+        writer.close()
+        await asyncio.sleep(0)  # the turn's scheduled flush finds nothing left
+        return stream.log
+
+    log = asyncio.run(run())
+    assert [entry[0] for entry in log] == ["write", "close"]
+    assert b'"release"' in log[0][1]
 
 
 def test_routed_recipient_matches_shard():
