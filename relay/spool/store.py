@@ -7,11 +7,12 @@ acknowledgement only once the commit that holds them has been fsynced
 
 Theory of operation: every write is an operation queued to a single writer
 thread that owns the database connection.  The writer takes everything that
-queued up while the previous commit was running, applies each operation in
-its own SAVEPOINT (so one bad operation fails alone) and commits them all at
-once: many concurrent transactions share one fsync (group commit).  If the
-commit itself fails (disk full, I/O error) every operation in the batch
-fails and the transaction is rolled back, so nothing is half written.
+queued up while the previous commit was running, applies the operations
+and commits them all at once: many concurrent transactions share one fsync
+(group commit).  One bad operation fails alone: the batch is then applied
+again with each operation in its own SAVEPOINT.  If the commit itself fails
+(disk full, I/O error) every operation in the batch fails and the
+transaction is rolled back, so nothing is half written.
 
 The tables are declared in relay.spool.schema.
 """
@@ -94,9 +95,9 @@ def connect(path: str) -> sqlite3.Connection:
             version = schema.check_version(conn, path)  # before anything is written
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            # Each operation's SAVEPOINT keeps the pages it changes in a
-            # sub-journal, a temp file by default: two writes per page, four
-            # times the WAL's, for a journal no crash ever needs.
+            # A savepoint (and a statement that changes several rows) keeps
+            # the pages it changes in a sub-journal, a temp file by default:
+            # two writes per page, for a journal no crash ever needs.
             conn.execute("PRAGMA temp_store=MEMORY")
             schema.upgrade(conn, version)
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('slot_count', ?)", (str(SLOT_COUNT),))
@@ -212,8 +213,9 @@ def insert_events(conn: sqlite3.Connection, events: list) -> None:
     for event in events:
         if event.campaign:
             campaigns[event.campaign] = max(campaigns.get(event.campaign, 0.0), event.time)
-    conn.executemany("UPDATE campaign SET last = max(last, ?) WHERE name = ?",
-                     [(when, name) for name, when in campaigns.items()])
+    if campaigns:
+        conn.executemany("UPDATE campaign SET last = max(last, ?) WHERE name = ?",
+                         [(when, name) for name, when in campaigns.items()])
 
 
 def delete_message(conn: sqlite3.Connection, queue_id: str) -> None:
@@ -484,10 +486,11 @@ class Spool:
         now = time.time()
 
         def apply(conn: sqlite3.Connection) -> None:
-            conn.executemany(
-                "INSERT OR REPLACE INTO suppression VALUES (?, ?, ?)",
-                [(address, now, reply) for address, reply in suppress],
-            )
+            if suppress:  # an empty executemany is still a statement
+                conn.executemany(
+                    "INSERT OR REPLACE INTO suppression VALUES (?, ?, ?)",
+                    [(address, now, reply) for address, reply in suppress],
+                )
             conn.executemany(
                 "UPDATE recipient SET state = ?, attempts = ?, next_attempt = ?, last_reply = ?"
                 " WHERE message_id = ? AND idx = ?",
@@ -939,7 +942,38 @@ class Spool:
                         op.future.set_exception(value)
 
     def _commit(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
-        """Writer thread: apply a batch in one transaction and commit it."""
+        """Writer thread: apply a batch in one transaction and commit it.
+
+        The operations run bare first: a SAVEPOINT each, there only so
+        that one can fail alone, costs two more statements per operation.
+        When one fails, the transaction is rolled back and the batch is
+        applied again with a savepoint per operation.  Operations only
+        write the database and return values, so running one again after
+        a rollback is the same as running it once."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            results = []
+            for op in batch:
+                try:
+                    value = op.apply(conn)
+                except sqlite3.Error as exc:
+                    if _is_disk_full(exc) or not conn.in_transaction:
+                        raise
+                    conn.execute("ROLLBACK")
+                    if len(batch) == 1:
+                        log.error("spool operation failed: %s", exc)
+                        return [(False, SpoolError("spool write failed"))]
+                    return self._commit_each(batch)
+                results.append((True, None if isinstance(value, sqlite3.Cursor) else value))
+            conn.execute("COMMIT")
+        except BaseException:
+            self._roll_back()
+            raise
+        return results
+
+    def _commit_each(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
+        """``_commit``'s second try: each operation in its own savepoint."""
         conn = self._conn
         results: list[tuple[bool, Any]] = []
         conn.execute("BEGIN IMMEDIATE")
@@ -962,10 +996,14 @@ class Spool:
                     results.append((True, None if isinstance(value, sqlite3.Cursor) else value))
             conn.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error as exc:  # the commit's own failure is what matters
-                    log.error("spool rollback failed: %s", exc)
+            self._roll_back()
             raise
         return results
+
+    def _roll_back(self) -> None:
+        conn = self._conn
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:  # the commit's own failure is what matters
+                log.error("spool rollback failed: %s", exc)

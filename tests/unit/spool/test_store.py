@@ -291,6 +291,34 @@ def test_a_failed_operation_is_rolled_back_alone(tmp_path):
     assert rows(tmp_path, "SELECT id FROM txn") == [("WHOLE",)]
 
 
+def test_a_batch_runs_bare_and_only_a_failure_brings_savepoints(tmp_path):
+    runs = []
+
+    def counted(conn):
+        runs.append(1)
+        conn.execute("INSERT INTO txn VALUES (?, 1.0)", (f"T{len(runs)}",))
+
+    async def body(spool):
+        statements: list[str] = []
+        spool._conn.set_trace_callback(statements.append)
+        await asyncio.gather(spool.store(part("A1")), spool._submit(counted), spool.store(part("A2")))
+        clean, statements[:] = list(statements), []
+        results = await asyncio.gather(
+            spool._submit(counted),
+            spool._submit(lambda conn: conn.execute("INSERT INTO no_such_table VALUES (1)")),
+            return_exceptions=True,
+        )
+        spool._conn.set_trace_callback(None)
+        return clean, statements, results
+
+    clean, retried, results = with_spool(tmp_path, body)
+    assert not any("SAVEPOINT" in s for s in clean) and clean.count("COMMIT") == 1
+    assert sum("SAVEPOINT" in s for s in retried) == 2 and retried.count("ROLLBACK") == 1
+    assert results[0] is None and isinstance(results[1], SpoolError)
+    # The good operation ran again after the rollback, and counts once.
+    assert len(runs) == 3 and rows(tmp_path, "SELECT id FROM txn ORDER BY id") == [("T1",), ("T3",)]
+
+
 def test_an_invalid_part_is_refused_not_half_stored(tmp_path):
     async def body(spool):
         return await asyncio.gather(spool.store(part("BAD", sender=None)), return_exceptions=True)
