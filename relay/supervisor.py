@@ -17,6 +17,7 @@ can be writing.  Workers die with their supervisor (PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import importlib.metadata
 import logging
@@ -65,9 +66,47 @@ class LogFormatter(logging.Formatter):
         return self.default_msec_format % (dated[1], record.msecs)
 
 
+class TurnHandler(logging.StreamHandler):
+    """A worker's log to stderr, the lines of one turn of its event loop in
+    one write at the turn's end: intake and delivery log a line per
+    message, each a write of its own before.  A warning or worse goes out
+    at once with what came before it, as does a line logged outside the
+    loop (the spool's writer thread, start-up)."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._lines: list[str] = []
+        self._flush_scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.append(self.format(record))
+            if record.levelno >= logging.WARNING:
+                self.flush()
+                return
+            if not self._flush_scheduled:
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:  # not the loop's thread
+                    self.flush()
+                    return
+                loop.call_soon(self.flush)
+                self._flush_scheduled = True
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
+
+    def flush(self) -> None:
+        with self.lock:
+            self._flush_scheduled = False
+            if self._lines:
+                lines, self._lines = self._lines, []
+                self.stream.write("\n".join(lines) + "\n")
+            super().flush()
+
+
 def setup_logging(level: str, worker: int | None = None) -> None:
     who = "supervisor" if worker is None else f"worker {worker}"
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr) if worker is None else TurnHandler(sys.stderr)
     handler.setFormatter(LogFormatter(f"%(asctime)s relay[{who}] %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
     # The format uses none of these; the logging HOWTO's "Optimization" says to
