@@ -18,10 +18,17 @@ BUDGET = 64 * 1024 * 1024  # bytes of bodies per worker (max_loaded bounds the r
 
 
 class FreshBody:
-    __slots__ = ("body", "__weakref__")
+    """A body and its reservation, which ends when the last job lets go."""
 
-    def __init__(self, body: bytes) -> None:
+    __slots__ = ("body", "_size", "_bodies", "__weakref__")
+
+    def __init__(self, body: bytes, bodies: FreshBodies) -> None:
         self.body: bytes | None = body
+        self._size = len(body)
+        self._bodies = bodies
+
+    def __del__(self) -> None:  # cheaper than a weakref.finalize per message
+        self._bodies.unreserve(self._size)
 
 
 class FreshBodies:
@@ -41,8 +48,7 @@ class FreshBodies:
 
     def keep(self, queue_id: str, body: bytes) -> FreshBody:
         """The holder of a reserved body; the reservation ends with it."""
-        holder = FreshBody(body)
-        weakref.finalize(holder, self.unreserve, len(body))
+        holder = FreshBody(body, self)
         self._by_queue_id[queue_id] = holder
         return holder
 

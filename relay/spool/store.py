@@ -20,6 +20,7 @@ The tables are declared in relay.spool.schema.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -195,7 +196,12 @@ def labels_of(conn: sqlite3.Connection, queue_id: str) -> tuple[str, str]:
 
 def day_of(when: float) -> str:
     """The UTC day of a time, as the daily roll-up keys it."""
-    return time.strftime("%Y-%m-%d", time.gmtime(when))
+    return _day_named(int(when // 86400))
+
+
+@functools.lru_cache(maxsize=64)  # an event per recipient, nearly all of them today's
+def _day_named(day: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(day * 86400))
 
 
 def insert_events(conn: sqlite3.Connection, events: list) -> None:
