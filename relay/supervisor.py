@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import gc
 import importlib.metadata
 import logging
 import os
 import resource
+import select
 import selectors
 import signal
 import sys
@@ -67,41 +69,61 @@ class LogFormatter(logging.Formatter):
 
 
 class TurnHandler(logging.StreamHandler):
-    """A worker's log to stderr, the lines of one turn of its event loop in
-    one write at the turn's end: intake and delivery log a line per
+    """A worker's log to stderr, the lines of one turn of its event loop
+    written together at the turn's end: intake and delivery log a line per
     message, each a write of its own before.  A warning or worse goes out
     at once with what came before it, as does a line logged outside the
-    loop (the spool's writer thread, start-up)."""
+    loop (the spool's writer thread, start-up).  Each write stays within
+    PIPE_BUF and ends a line: the workers share the supervisor's stderr,
+    often a pipe, which keeps only such writes whole."""
 
     def __init__(self, stream) -> None:
         super().__init__(stream)
         self._lines: list[str] = []
-        self._flush_scheduled = False
+        self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is due on
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self._lines.append(self.format(record))
-            if record.levelno >= logging.WARNING:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # another thread, or no loop
                 self.flush()
                 return
-            if not self._flush_scheduled:
-                try:
-                    loop = asyncio.get_running_loop()
-                except RuntimeError:  # not the loop's thread
-                    self.flush()
-                    return
+            if record.levelno >= logging.WARNING:
+                self.flush()
+            elif self._flush_on is not loop:  # (a loop that stopped before it flushed: again)
                 loop.call_soon(self.flush)
-                self._flush_scheduled = True
+                self._flush_on = loop
+        except RecursionError:  # as logging.StreamHandler.emit
+            raise
         except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
             self.handleError(record)
 
     def flush(self) -> None:
         with self.lock:
-            self._flush_scheduled = False
-            if self._lines:
-                lines, self._lines = self._lines, []
-                self.stream.write("\n".join(lines) + "\n")
-            super().flush()
+            self._flush_on = None
+            lines, self._lines = self._lines, []
+            for piece in _pieces(lines, self.terminator):
+                self.stream.write(piece)
+                super().flush()  # a write of its own
+
+
+def _pieces(lines: list[str], terminator: str, limit: int = select.PIPE_BUF):
+    """The lines joined into pieces of at most ``limit`` bytes, each ending a
+    line (a longer line goes alone)."""
+    piece: list[str] = []
+    size = 0
+    for line in lines:
+        length = (len(line) if line.isascii() else len(line.encode("utf-8", "backslashreplace"))
+                  ) + len(terminator)
+        if piece and size + length > limit:
+            yield terminator.join(piece) + terminator
+            piece, size = [], 0
+        piece.append(line)
+        size += length
+    if piece:
+        yield terminator.join(piece) + terminator
 
 
 def setup_logging(level: str, worker: int | None = None) -> None:
@@ -236,6 +258,9 @@ class Supervisor:
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child
+            # What the supervisor made is never garbage here: no collection
+            # may touch (and so copy) its pages.  worker.quiet_gc does the rest.
+            gc.freeze()
             code = 2
             try:
                 die_with_parent(parent)

@@ -432,9 +432,10 @@ class Router:
 
     def _release(self, owner: int, queue_id: str) -> None:
         """Tell an owner its part may go out.  To a peer, one frame that
-        asks no answer, on the connection its store went out on: no task,
-        no reply, no timer per message.  A release lost with that connection
-        is settled by the owner's held-part check, as a failed request was."""
+        asks no answer, on the open connection (the one its store went out
+        on, unless that broke since): no task, reply or timer per message.
+        A release lost with its connection is settled by the owner's
+        held-part check, as a failed request was."""
         peer = self.peers.get(owner)
         if peer is None or not peer.notify({"op": "release", "id": queue_id}):
             self._in_background(self._send(owner, "release", queue_id))
@@ -540,7 +541,7 @@ class Router:
         if header.get("op") == "release" and isinstance(queue_id, str):
             self._in_background(self.spool.release(queue_id))
         else:
-            log.warning("a peer's frame %r without a request id ignored", header.get("op"))
+            log.warning("a peer's frame that asks no answer ignored: %r", header)
 
     async def _answer(self, writer: FrameWriter, header: dict, body: bytes) -> None:
         reply = {"rid": header.get("rid"), "ok": True}

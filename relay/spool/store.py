@@ -96,10 +96,6 @@ def connect(path: str) -> sqlite3.Connection:
             version = schema.check_version(conn, path)  # before anything is written
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            # A savepoint (and a statement that changes several rows) keeps
-            # the pages it changes in a sub-journal, a temp file by default:
-            # two writes per page, for a journal no crash ever needs.
-            conn.execute("PRAGMA temp_store=MEMORY")
             schema.upgrade(conn, version)
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('slot_count', ?)", (str(SLOT_COUNT),))
             slots = conn.execute("SELECT value FROM meta WHERE key = 'slot_count'").fetchone()[0]

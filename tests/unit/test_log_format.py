@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
+import threading
+import weakref
 
-from relay.supervisor import LogFormatter, TurnHandler
+from relay.supervisor import LogFormatter, TurnHandler, _pieces
 
 FORMAT = "%(asctime)s relay[worker 0] %(levelname)s %(name)s: %(message)s"
 
@@ -82,12 +85,56 @@ def test_outside_a_running_loop_a_line_goes_out_at_once():
     assert stream.writes == ["INFO from the writer thread\n"]
 
 
-def test_lines_still_waiting_are_written_when_logging_shuts_down():
-    logger, handler, stream = turn_logger("shutdown")
+def test_a_line_from_another_thread_goes_out_at_once_with_those_waiting():
+    logger, _, stream = turn_logger("thread-while-due")
 
     async def main():
-        logger.info("the last line")
-        handler.flush()  # what logging.shutdown() does before the loop's turn ends
+        logger.info("from the loop")
+        thread = threading.Thread(target=logger.info, args=("from the writer thread",))
+        thread.start()
+        thread.join()
+        return list(stream.writes)
 
-    asyncio.run(main())
+    assert asyncio.run(main()) == ["INFO from the loop\nINFO from the writer thread\n"]
+
+
+def _log_as_the_loop_stops(logger, text: str) -> None:
+    """Log in a loop's last turn: the flush it schedules never runs."""
+    loop = asyncio.new_event_loop()
+
+    def last_words():
+        logger.info(text)
+        loop.stop()  # callbacks scheduled in this turn do not run
+
+    loop.call_soon(last_words)
+    loop.run_forever()
+    loop.close()
+
+
+def test_lines_still_waiting_when_the_loop_ends_are_written_at_shutdown():
+    logger, handler, stream = turn_logger("shutdown")
+    _log_as_the_loop_stops(logger, "the last line")
+    assert stream.writes == []
+    logging.shutdown([weakref.ref(handler)])
     assert stream.writes == ["INFO the last line\n"]
+
+
+def test_a_flush_due_on_a_loop_that_stopped_is_scheduled_again_on_the_next():
+    logger, _, stream = turn_logger("two-loops")
+    _log_as_the_loop_stops(logger, "one")
+
+    async def log(text):
+        logger.info(text)
+
+    asyncio.run(log("two"))  # its own flush, though the first loop's never ran
+    assert stream.writes == ["INFO one\nINFO two\n"]
+
+
+def test_each_write_stays_within_pipe_buf_and_ends_a_line():
+    lines = [f"line {i:04} " + "x" * 90 for i in range(200)] + ["é" * 3000, "y" * 5000]
+    pieces = list(_pieces(lines, "\n"))
+    assert "".join(pieces) == "\n".join(lines) + "\n"
+    assert all(piece.endswith("\n") for piece in pieces)
+    assert all(len(piece.encode()) <= select.PIPE_BUF for piece in pieces[:-2])
+    assert pieces[-1] == "y" * 5000 + "\n"  # a longer line goes alone
+    assert pieces[-2] == "é" * 3000 + "\n"  # 6,000 bytes, 3,000 characters: alone too

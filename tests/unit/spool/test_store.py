@@ -78,15 +78,6 @@ def test_open_creates_the_database_with_its_meta(tmp_path):
     assert meta == {"version": str(FORMAT_VERSION), "slot_count": str(SLOT_COUNT)}
 
 
-def test_the_writer_keeps_its_savepoints_journal_in_memory(tmp_path):
-    # A file-backed sub-journal costs two writes per changed page per operation.
-    conn = connect(str(tmp_path / "worker-0.db"))
-    try:
-        assert conn.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
-    finally:
-        conn.close()
-
-
 def test_a_spool_with_another_slot_count_is_refused(tmp_path):
     path = spool_path(str(tmp_path), 0)
     connect(path).close()
