@@ -963,11 +963,8 @@ class Spool:
                     if _is_disk_full(exc) or not conn.in_transaction:
                         raise
                     conn.execute("ROLLBACK")
-                    if len(batch) == 1:
-                        log.error("spool operation failed: %s", exc)
-                        return [(False, SpoolError("spool write failed"))]
                     return self._commit_each(batch)
-                results.append((True, None if isinstance(value, sqlite3.Cursor) else value))
+                results.append(_succeeded(value))
             conn.execute("COMMIT")
         except BaseException:
             self._roll_back()
@@ -995,7 +992,7 @@ class Spool:
                     results.append((False, SpoolError("spool write failed")))
                 else:
                     conn.execute("RELEASE op")
-                    results.append((True, None if isinstance(value, sqlite3.Cursor) else value))
+                    results.append(_succeeded(value))
             conn.execute("COMMIT")
         except BaseException:
             self._roll_back()
@@ -1009,3 +1006,8 @@ class Spool:
                 conn.execute("ROLLBACK")
             except sqlite3.Error as exc:  # the commit's own failure is what matters
                 log.error("spool rollback failed: %s", exc)
+
+
+def _succeeded(value: Any) -> tuple[bool, Any]:
+    """An operation's result: what it returned (a cursor is not a value)."""
+    return True, None if isinstance(value, sqlite3.Cursor) else value
