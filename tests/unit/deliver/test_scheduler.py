@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from relay import config
 from relay.deliver.resolve import Destination
-from relay.deliver.scheduler import (BOUNCE, INITIAL_CONCURRENCY, RECORD, RETRY, Close, Fail, Hold,
-                                     Open, Scheduler, Send)
+from relay.deliver.scheduler import (BOUNCE, DRAIN_HORIZON, INITIAL_CONCURRENCY, RECORD, RETRY, Close,
+                                     Fail, Hold, Open, Scheduler, Send)
 from relay.deliver.session import Hop
 from relay.deliver.shaping import Effects
 from relay.model import Reply, Stage
@@ -500,8 +500,8 @@ def test_an_operator_suspension_takes_every_waiting_job_of_the_sites_serving_the
 
 
 def test_connections_follow_the_measured_transaction_time():
-    """Little's law: as many connections as carry the waiting jobs within a
-    second — few for a fast receiver, up to the limit for a slow one."""
+    """Little's law: as many connections as carry the waiting jobs within
+    DRAIN_HORIZON — few for a fast receiver, up to the limit for a slow one."""
     def connections_after_timing(took: float) -> int:
         clock = Clock()
         s = scheduler(**{"example.net": {"connection_limit": 10}})
@@ -517,8 +517,10 @@ def test_connections_follow_the_measured_transaction_time():
                 s.on_opened(action.conn, action.hops[0], clock.now)
         return s.connection_count()
 
-    fast, slow = connections_after_timing(0.005), connections_after_timing(2.0)
-    assert fast == 1  # 59 jobs x 5 ms: one connection carries them within the second
+    fast, slow = connections_after_timing(DRAIN_HORIZON / 100), connections_after_timing(2.0)
+    assert fast == 1  # 59 jobs x a hundredth of the horizon: one connection carries them
+    # 59 jobs x a twentieth of it: three connections carry them within the horizon
+    assert connections_after_timing(DRAIN_HORIZON / 20) == 3
     # 59 jobs x 2 s: as many as the slow start allows so far (5, one more per success)
     assert slow == INITIAL_CONCURRENCY + 1
 
