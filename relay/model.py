@@ -78,6 +78,12 @@ class QueueIds:
         micros = time.time_ns() // 1000
         return f"{micros:013X}{self._worker:02X}{next(self._counter) & 0xFFF:03X}"
 
+    @staticmethod
+    def made_at(queue_id: str) -> float:
+        """When an id was made (epoch seconds): intake makes one when a
+        message has arrived, before it is signed and stored."""
+        return int(queue_id[:13], 16) / 1e6
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:

@@ -28,9 +28,10 @@ transaction) and its connections, each opening, busy or idle.
   before a bulk one, and within a lane campaigns in turn (deliver.lanes);
 * a connection opens (``Open``) when jobs wait that the connections in use
   will not carry soon — more jobs than they carry per connection, or more
-  than they finish within ``DRAIN_HORIZON`` at the site's measured
-  transaction time (Little's law: a fast receiver behind a busy worker
-  needs few connections, a slow one many), or, before any transaction
+  than they finish within ``DRAIN_HORIZON`` (or the time a connection
+  takes to open, if longer) at the site's measured transaction time
+  (Little's law: a fast receiver behind a busy worker needs few
+  connections, a slow one many), or, before any transaction
   was timed, the oldest has waited ``spawn_after``, or a transactional job
   finds every connection busy with bulk mail — within the site's
   connection limit, its adaptive concurrency and ``max_connection_rate``.
@@ -77,10 +78,12 @@ INITIAL_CONCURRENCY = 5  # a new site starts here and grows with successes (Post
 HOP_REST = 30.0  # a host that answered 421 gets no new connection for this long
 MAX_RECIPIENTS_PER_TRANSACTION = 100  # RFC 5321 4.5.3.1.8: servers take at least 100
 HOLD_IN_MEMORY = 60.0  # a suspension longer than this hands its jobs back to the spool
-# Connections are opened to carry the waiting jobs within this many seconds:
-# the longest a message waits behind its site's connections while the site
-# allows more.  At 1 s a busy site's mail waited 0.3-0.7 s (a tenth of
-# transactional's); at 0.1 s a few more connections carry it at no more CPU.
+# Connections are opened so that a site's waiting jobs would be carried
+# within about this many seconds at its measured transaction time (a target,
+# not a bound), or within the time a connection takes to open if that is
+# longer: a connection ready only after the busy ones have drained the queue
+# carries nothing (perf/RESULTS.md: 1 s kept a busy site's mail waiting
+# 0.3-0.7 s).
 DRAIN_HORIZON = 0.1
 TIMING_WEIGHT = 0.2  # of the newest transaction in the site's moving average
 # A site whose transactions take QUEUEING_FACTOR times its baseline (the
@@ -176,6 +179,7 @@ class Site:
     learned_deliveries: int | None = None
     resting: dict = field(default_factory=dict)  # host -> until (after a 421)
     transaction_time: float | None = None  # seconds per transaction, moving average
+    open_time: float | None = None  # seconds from Open to a ready connection, moving average
     fastest: float | None = None  # the fastest transaction lately, and when
     fastest_at: float = 0.0
 
@@ -184,6 +188,10 @@ class Site:
 
     def busy_with(self, lane: str) -> int:
         return sum(1 for c in self.connections.values() if c.state == "busy" and c.lane == lane)
+
+    def time_open(self, took: float) -> None:
+        self.open_time = took if self.open_time is None else (
+            (1 - TIMING_WEIGHT) * self.open_time + TIMING_WEIGHT * took)
 
     def time_transaction(self, took: float, now: float) -> None:
         self.transaction_time = took if self.transaction_time is None else (
@@ -331,6 +339,7 @@ class Scheduler:
         conn = self._conns.get(conn_id)
         if conn is None:
             return
+        conn.site.time_open(max(now - conn.since, 0.0))
         conn.state, conn.since, conn.hop = "idle", now, hop
         conn.site.failures = 0
         self.effects.on_connected(conn.site.name)
@@ -568,7 +577,8 @@ class Scheduler:
         if opening >= waiting:
             return False
         if site.transaction_time is not None:
-            return working < math.ceil(waiting * site.transaction_time / DRAIN_HORIZON)
+            horizon = max(DRAIN_HORIZON, site.open_time or 0.0)
+            return working < math.ceil(waiting * site.transaction_time / horizon)
         ready_at = site.jobs.oldest(lanes) + self.spawn_after
         if now >= ready_at:
             return True

@@ -502,12 +502,14 @@ def test_an_operator_suspension_takes_every_waiting_job_of_the_sites_serving_the
 def test_connections_follow_the_measured_transaction_time():
     """Little's law: as many connections as carry the waiting jobs within
     DRAIN_HORIZON — few for a fast receiver, up to the limit for a slow one."""
-    def connections_after_timing(took: float) -> int:
+    def connections_after_timing(took: float, opening_takes: float = 0.0, jobs: int = 60) -> int:
         clock = Clock()
-        s = scheduler(**{"example.net": {"connection_limit": 10}})
-        for i in range(60):
+        # spawn_after out of the way: only the timed rule opens connections here
+        s = scheduler(spawn_after=60.0, **{"example.net": {"connection_limit": 10}})
+        for i in range(jobs):
             s.push(KEY, MX, "example.net", FakeJob(f"m{i}"), clock.now)
         [opened] = of(Open, s.actions(clock.now))  # one connection until a transaction is timed
+        clock.advance(opening_takes)
         s.on_opened(opened.conn, opened.hops[0], clock.now)
         [send] = of(Send, s.actions(clock.now))[:1]
         clock.advance(took)
@@ -523,6 +525,14 @@ def test_connections_follow_the_measured_transaction_time():
     assert connections_after_timing(DRAIN_HORIZON / 20) == 3
     # 59 jobs x 2 s: as many as the slow start allows so far (5, one more per success)
     assert slow == INITIAL_CONCURRENCY + 1
+    # Connections that take a second to open: one opened now would be ready
+    # only after the busy one had carried those three connections' worth.
+    assert connections_after_timing(DRAIN_HORIZON / 20, opening_takes=1.0) == 1
+    # A receiver at 0.3 s a transaction, two jobs waiting behind the one
+    # sent next: one more connection when opening takes 0.5 s (2 x 0.3 s
+    # > 0.5 s), none when it takes 1 s (the busy one carries both first).
+    assert connections_after_timing(0.3, opening_takes=0.5, jobs=4) == 2
+    assert connections_after_timing(0.3, opening_takes=1.0, jobs=4) == 1
 
 
 def test_a_receiver_that_queues_gets_fewer_connections_and_one_at_its_pace_keeps_them():
