@@ -159,6 +159,11 @@ class Connection:
     lane: str | None = None  # the lane of the job it carries (busy)
 
 
+def _moving_average(average: float | None, sample: float) -> float:
+    """TIMING_WEIGHT of the newest sample; the first sample alone."""
+    return sample if average is None else (1 - TIMING_WEIGHT) * average + TIMING_WEIGHT * sample
+
+
 @dataclass
 class Site:
     key: tuple
@@ -190,12 +195,10 @@ class Site:
         return sum(1 for c in self.connections.values() if c.state == "busy" and c.lane == lane)
 
     def time_open(self, took: float) -> None:
-        self.open_time = took if self.open_time is None else (
-            (1 - TIMING_WEIGHT) * self.open_time + TIMING_WEIGHT * took)
+        self.open_time = _moving_average(self.open_time, took)
 
     def time_transaction(self, took: float, now: float) -> None:
-        self.transaction_time = took if self.transaction_time is None else (
-            (1 - TIMING_WEIGHT) * self.transaction_time + TIMING_WEIGHT * took)
+        self.transaction_time = _moving_average(self.transaction_time, took)
         baseline = self.baseline(now)
         if baseline is None or took <= baseline:
             self.fastest, self.fastest_at = took, now
